@@ -1,0 +1,129 @@
+"""What this host is: CPU, cores, memory, OS, ONNX Runtime; and how its devices are named."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+from agent import __version__
+from agent.protocol import PROTOCOL_VERSION, Capabilities
+
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def cpu_model() -> str:
+    """Best-effort CPU model name: /proc/cpuinfo, then sysctl (macOS), then `platform`."""
+    info = _read_text("/proc/cpuinfo")
+    if info:
+        fields: dict[str, str] = {}
+        for line in info.splitlines():
+            key, sep, value = line.partition(":")
+            if sep and value.strip():
+                fields.setdefault(key.strip().lower(), value.strip())
+        # x86 "model name"; ARM kernels expose "Hardware", "Model" or only "CPU part".
+        for key in ("model name", "hardware", "model", "cpu model", "processor"):
+            value = fields.get(key, "")
+            if value and not value.isdigit():
+                return value
+        if "cpu part" in fields:
+            return f"{platform.machine()} cpu part {fields['cpu part']}"
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5, check=False
+            ).stdout.strip()
+            if out:
+                return out
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def usable_cpus() -> list[int]:
+    """CPUs this process may run on (the affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        try:
+            return sorted(os.sched_getaffinity(0))
+        except OSError:
+            pass
+    return list(range(os.cpu_count() or 1))
+
+
+def cpu_cores() -> int:
+    return max(1, len(usable_cpus()))
+
+
+def memory_bytes() -> int:
+    """Physical memory: MemTotal from /proc/meminfo, else page size x page count, else 0."""
+    info = _read_text("/proc/meminfo")
+    if info:
+        match = re.search(r"^MemTotal:\s+(\d+)\s*kB", info, re.MULTILINE)
+        if match:
+            return int(match.group(1)) * 1024
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def onnxruntime_info() -> tuple[str, list[str]]:
+    """(version, available providers); ("", []) when onnxruntime cannot be imported."""
+    try:
+        import onnxruntime as ort
+    except Exception:  # noqa: BLE001 - a broken install must not stop the agent from reporting it
+        return "", []
+    return str(ort.__version__), list(ort.get_available_providers())
+
+
+def detect_capabilities() -> Capabilities:
+    ort_version, providers = onnxruntime_info()
+    return Capabilities(
+        hostname=socket.gethostname() or "unknown",
+        cpu_model=cpu_model(),
+        cpu_cores=cpu_cores(),
+        memory_bytes=memory_bytes(),
+        os=platform.platform(),
+        python=platform.python_version(),
+        agent_version=__version__,
+        protocol_version=PROTOCOL_VERSION,
+        runtimes={"onnxruntime": ort_version} if ort_version else {},
+        onnxruntime_providers=providers,
+    )
+
+
+def _slug(text: str) -> str:
+    """Fit text to the device-name pattern `^[A-Za-z0-9][A-Za-z0-9._/-]*$`."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")
+    return slug or "host"
+
+
+def default_device_name(threads: int, hostname: str | None = None) -> str:
+    """`<hostname>-ort-<threads>t-b1`, e.g. `bench01-ort-4t-b1`."""
+    host = _slug((hostname or socket.gethostname() or "host").split(".")[0])
+    return f"{host}-ort-{threads}t-b1"
+
+
+def device_attributes(
+    capabilities: Capabilities, threads: int, provider: str = CPU_PROVIDER
+) -> dict[str, str | int | float | bool | None]:
+    """Attributes of a device this agent serves; the server keys comparability on them."""
+    return {
+        "hardware": capabilities.cpu_model,
+        "runtime": "onnxruntime",
+        "runtime_version": capabilities.runtimes.get("onnxruntime", ""),
+        "threads": threads,
+        "batch_size": 1,
+        "precision": "fp32",
+        "provider": provider,
+    }

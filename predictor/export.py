@@ -1,0 +1,57 @@
+"""ONNX export of search-space architectures, byte-identical for a given key.
+
+Artifacts are content-addressed (sha256 of the bytes), so the same key must always give the
+same file: weights come from a fixed seed, and the TorchScript exporter writes nodes and
+initializers in a deterministic order. Bytes can still differ between torch versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Iterator
+
+from predictor.spaces import SearchSpace
+
+OPSET = 17
+WEIGHT_SEED = 0
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+
+
+def export_onnx(space: SearchSpace, key: str) -> bytes:
+    """The ONNX model of `key`: batch size 1, static shapes, input "input", output "output".
+
+    Not thread-safe: torch's exporter keeps global state, so serialise concurrent calls.
+    """
+    import torch
+
+    key = space.canonical(key)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(WEIGHT_SEED)
+        model = space.build(key)
+    example = torch.zeros(1, *space.input_shape_of(key))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), _single_threaded():
+        # The torch.export-based exporter (the default) needs onnxscript and is much slower;
+        # the TorchScript one is deprecated but exact and fast for these plain CNNs.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (example,), buffer, dynamo=False, opset_version=OPSET,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+        )
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _single_threaded() -> Iterator[None]:
+    """Run torch on one thread: export traces a batch-1 forward pass, which gains nothing from
+    more threads, and on a busy machine their synchronisation made it up to 10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

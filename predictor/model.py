@@ -1,0 +1,293 @@
+"""The latency predictor: a multi-device network pre-trained on reference devices, adapted by ridge.
+
+Pre-training fits an ensemble of MLPs mapping an architecture's encoding to its standardised
+log-latency on every reference device at once. A new device is then expressed as a linear
+combination of the reference devices' predicted latencies, fitted on its few measured samples
+with ridge regression (regularisation chosen by leave-one-out), bootstrapped for uncertainty.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from predictor.reference import LatencyTable, Row
+from predictor.spaces import SearchSpace, get_space
+
+CHECKPOINT_FORMAT = "latfarm.predictor/1"
+ProgressCallback = Callable[[int, int], None]
+
+
+class MultiDeviceNet(nn.Module):
+    """Encoding -> standardised log-latency on each reference device."""
+
+    def __init__(self, in_dim: int, n_devices: int, hidden: int, depth: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.GELU()]
+            width = hidden
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.Linear(hidden, n_devices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.trunk(x))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    members: int = 3
+    hidden: int = 128
+    depth: int = 3
+    epochs: int = 25
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
+class DeviceFit:
+    """A target device as bootstrapped ridge fits on the reference devices' predictions."""
+
+    name: str
+    coef: np.ndarray  # (n_boot, n_reference)
+    intercept: np.ndarray  # (n_boot,)
+    alpha: float
+    samples: dict[str, float]
+
+
+class LatencyPredictor:
+    def __init__(
+        self,
+        space: SearchSpace,
+        reference_devices: list[str],
+        members: list[MultiDeviceNet],
+        feature_mean: np.ndarray,
+        feature_std: np.ndarray,
+        log_mean: np.ndarray,
+        log_std: np.ndarray,
+        config: TrainConfig,
+        target: DeviceFit | None = None,
+    ) -> None:
+        self.space = space
+        self.reference_devices = reference_devices
+        self.members = members
+        self.feature_mean = feature_mean
+        self.feature_std = feature_std
+        self.log_mean = log_mean
+        self.log_std = log_std
+        self.config = config
+        self.target = target
+
+    # ---- pre-training -----------------------------------------------------------------------
+
+    @classmethod
+    def pretrain(
+        cls,
+        space: SearchSpace | str,
+        table: Iterable[Row] | LatencyTable,
+        *,
+        seed: int = 0,
+        config: TrainConfig = TrainConfig(),
+        progress: ProgressCallback | None = None,
+    ) -> "LatencyPredictor":
+        """Fit a base predictor on (arch key, device, ms) rows of reference devices only."""
+        space = get_space(space) if isinstance(space, str) else space
+        if not isinstance(table, LatencyTable):
+            table = LatencyTable.from_rows(space, table)
+        features = space.features(table.keys).astype(np.float32)
+        feature_mean = features.mean(axis=0)
+        feature_std = features.std(axis=0) + 1e-6
+        log_mean = np.nanmean(table.log_ms, axis=0)
+        log_std = np.nanstd(table.log_ms, axis=0) + 1e-6
+        x = torch.from_numpy((features - feature_mean) / feature_std)
+        y = torch.from_numpy(((table.log_ms - log_mean) / log_std).astype(np.float32))
+        steps_per_member = config.epochs * max(1, -(-len(x) // config.batch_size))
+        members = []
+        for member in range(config.members):
+            members.append(
+                _train_member(x, y, config, seed * 1000 + member, progress, member * steps_per_member,
+                              config.members * steps_per_member)
+            )
+        return cls(space, table.devices, members, feature_mean, feature_std, log_mean, log_std, config)
+
+    # ---- inference --------------------------------------------------------------------------
+
+    def reference_log_ms(self, keys: Sequence[str]) -> np.ndarray:
+        """Predicted standardised log-latency on every reference device: (members, len(keys), n_ref)."""
+        features = self.space.features([self.space.canonical(k) for k in keys]).astype(np.float32)
+        x = torch.from_numpy((features - self.feature_mean) / self.feature_std)
+        with torch.inference_mode():
+            return np.stack([member(x).numpy() for member in self.members])
+
+    def embed(self, keys: Sequence[str]) -> np.ndarray:
+        """The architectures as seen by the reference devices (ensemble mean), for samplers."""
+        return self.reference_log_ms(keys).mean(axis=0)
+
+    def predict(self, keys: Sequence[str], device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Latency (ms) and its uncertainty (ms, one standard deviation) for each key.
+
+        An adapted predictor answers for its target device; a base predictor for any of its
+        reference devices, named by `device`.
+        """
+        if len(keys) == 0:
+            return np.zeros(0), np.zeros(0)
+        standardised = self.reference_log_ms(keys)
+        if device is None or (self.target is not None and device == self.target.name):
+            if self.target is None:
+                raise ValueError("a base predictor needs `device`: one of its reference devices")
+            z = standardised.mean(axis=0)
+            log_ms = z @ self.target.coef.T + self.target.intercept  # (n, n_boot)
+        else:
+            if device not in self.reference_devices:
+                raise ValueError(f"{device!r} is not a reference device of this predictor")
+            col = self.reference_devices.index(device)
+            log_ms = (standardised[:, :, col] * self.log_std[col] + self.log_mean[col]).T  # (n, members)
+        ms = np.exp(log_ms)
+        return ms.mean(axis=1), ms.std(axis=1)
+
+    # ---- few-shot adaptation ----------------------------------------------------------------
+
+    def adapt(self, samples: Mapping[str, float], name: str = "target", *, seed: int = 0,
+              n_boot: int = 64) -> "LatencyPredictor":
+        """A predictor for a new device from a few measured {arch key: ms} samples."""
+        if len(samples) < 2:
+            raise ValueError("adaptation needs at least 2 measured architectures")
+        keys = [self.space.canonical(k) for k in samples]
+        y = np.log(np.asarray([samples[k] for k in samples], dtype=np.float64))
+        if not np.all(np.isfinite(y)):
+            raise ValueError("sample latencies must be positive finite numbers")
+        z = self.embed(keys).astype(np.float64)
+        alpha = _loo_alpha(z, y)
+        rng = np.random.default_rng(seed)
+        fits = [_ridge(z, y, alpha)]
+        for _ in range(n_boot - 1):
+            pick = rng.integers(0, len(y), len(y))
+            fits.append(_ridge(z[pick], y[pick], alpha))
+        coef = np.stack([c for c, _ in fits])
+        intercept = np.asarray([b for _, b in fits])
+        fit = DeviceFit(name, coef, intercept, alpha, dict(zip(keys, map(float, np.exp(y)))))
+        return LatencyPredictor(
+            self.space, self.reference_devices, self.members, self.feature_mean, self.feature_std,
+            self.log_mean, self.log_std, self.config, fit,
+        )
+
+    # ---- persistence ------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        target = None
+        if self.target is not None:
+            target = {
+                "name": self.target.name,
+                "coef": torch.from_numpy(self.target.coef),
+                "intercept": torch.from_numpy(self.target.intercept),
+                "alpha": self.target.alpha,
+                "samples": self.target.samples,
+            }
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "space": self.space.name,
+            "reference_devices": self.reference_devices,
+            "config": self.config.__dict__,
+            "feature_mean": torch.from_numpy(self.feature_mean),
+            "feature_std": torch.from_numpy(self.feature_std),
+            "log_mean": torch.from_numpy(np.asarray(self.log_mean, dtype=np.float32)),
+            "log_std": torch.from_numpy(np.asarray(self.log_std, dtype=np.float32)),
+            "members": [member.state_dict() for member in self.members],
+            "target": target,
+        }
+
+    def save(self, file: str | PathLike[str] | BinaryIO) -> None:
+        torch.save(self.state(), file)
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        self.save(buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def load(cls, file: str | PathLike[str] | BinaryIO | bytes) -> "LatencyPredictor":
+        """Load a checkpoint; only tensors and plain data are unpickled (`weights_only=True`)."""
+        if isinstance(file, bytes):
+            file = io.BytesIO(file)
+        state = torch.load(file, weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a latfarm predictor checkpoint (format {state.get('format')!r})")
+        space = get_space(state["space"])
+        config = TrainConfig(**state["config"])
+        members = []
+        for member_state in state["members"]:
+            in_dim = member_state["trunk.0.weight"].shape[1]
+            member = MultiDeviceNet(in_dim, len(state["reference_devices"]), config.hidden, config.depth)
+            member.load_state_dict(member_state)
+            members.append(member.eval())
+        target = state["target"]
+        fit = None
+        if target is not None:
+            fit = DeviceFit(target["name"], target["coef"].numpy(), target["intercept"].numpy(),
+                            float(target["alpha"]), dict(target["samples"]))
+        return cls(space, list(state["reference_devices"]), members, state["feature_mean"].numpy(),
+                   state["feature_std"].numpy(), state["log_mean"].numpy(), state["log_std"].numpy(), config, fit)
+
+
+def _train_member(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    seed: int,
+    progress: ProgressCallback | None,
+    step_offset: int,
+    total_steps: int,
+) -> MultiDeviceNet:
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = MultiDeviceNet(x.shape[1], y.shape[1], config.hidden, config.depth)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    batches = max(1, -(-len(x) // config.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=config.epochs * batches)
+    observed = ~torch.isnan(y)
+    targets = torch.nan_to_num(y)
+    step = 0
+    for _ in range(config.epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for batch in order.split(config.batch_size):
+            mask = observed[batch]
+            loss = (((net(x[batch]) - targets[batch]) ** 2) * mask).sum() / mask.sum().clamp(min=1)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            step += 1
+            if progress is not None:
+                progress(step_offset + step, total_steps)
+    return net.eval()
+
+
+def _ridge(z: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    z_mean, y_mean = z.mean(axis=0), y.mean()
+    zc = z - z_mean
+    coef = np.linalg.solve(zc.T @ zc + alpha * np.eye(z.shape[1]), zc.T @ (y - y_mean))
+    return coef, float(y_mean - z_mean @ coef)
+
+
+def _loo_alpha(z: np.ndarray, y: np.ndarray, grid: Sequence[float] = tuple(np.logspace(-3, 3, 13))) -> float:
+    """The ridge penalty with the smallest leave-one-out squared error (closed form via the hat matrix)."""
+    zc = z - z.mean(axis=0)
+    yc = y - y.mean()
+    n = len(y)
+    best_alpha, best_error = grid[0], np.inf
+    for alpha in grid:
+        hat = zc @ np.linalg.solve(zc.T @ zc + alpha * np.eye(z.shape[1]), zc.T) + 1.0 / n
+        residual = (yc - (hat - 1.0 / n) @ yc) / np.clip(1 - np.diag(hat), 1e-6, None)
+        error = float(np.mean(residual**2))
+        if error < best_error:
+            best_alpha, best_error = float(alpha), error
+    return best_alpha

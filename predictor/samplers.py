@@ -1,0 +1,111 @@
+"""Samplers: which few architectures to measure on a new device."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+from predictor.model import LatencyPredictor
+from predictor.spaces import SearchSpace
+
+#: candidates considered for spaces too large to enumerate
+CANDIDATE_POOL = 5000
+
+
+class Sampler(ABC):
+    name: str
+
+    @abstractmethod
+    def select(
+        self,
+        space: SearchSpace,
+        k: int,
+        seed: int = 0,
+        predictor: LatencyPredictor | None = None,
+        candidates: Sequence[str] | None = None,
+    ) -> list[str]:
+        """`k` distinct canonical keys to measure, reproducible from `seed`."""
+
+
+def candidate_keys(space: SearchSpace, seed: int, candidates: Sequence[str] | None) -> list[str]:
+    if candidates is not None:
+        return [space.canonical(key) for key in candidates]
+    try:
+        return list(space.enumerate())
+    except NotImplementedError:
+        return space.sample(CANDIDATE_POOL, seed)
+
+
+class RandomSampler(Sampler):
+    name = "random"
+
+    def select(self, space, k, seed=0, predictor=None, candidates=None):  # type: ignore[no-untyped-def]
+        pool = candidate_keys(space, seed, candidates)
+        _check_k(k, len(pool))
+        picks = np.random.default_rng(seed).choice(len(pool), size=k, replace=False)
+        return [pool[i] for i in picks]
+
+
+class KMeansSampler(Sampler):
+    """Cluster the candidates in the predictor's reference-latency embedding, take the medoids.
+
+    Each pick stands for a distinct region of how the reference devices see the space, so the
+    few samples span the latency range and its device-specific quirks rather than its dense middle.
+    """
+
+    name = "kmeans"
+    iterations = 25
+
+    def select(self, space, k, seed=0, predictor=None, candidates=None):  # type: ignore[no-untyped-def]
+        pool = candidate_keys(space, seed, candidates)
+        _check_k(k, len(pool))
+        embedding = predictor.embed(pool) if predictor is not None else space.features(pool)
+        embedding = (embedding - embedding.mean(axis=0)) / (embedding.std(axis=0) + 1e-6)
+        rng = np.random.default_rng(seed)
+        centres = _kmeans_plus_plus(embedding, k, rng)
+        for _ in range(self.iterations):
+            assignment = _nearest(embedding, centres)
+            for c in range(k):
+                members = embedding[assignment == c]
+                if len(members):
+                    centres[c] = members.mean(axis=0)
+        chosen: list[int] = []
+        for centre in centres:
+            distances = ((embedding - centre) ** 2).sum(axis=1)
+            distances[chosen] = np.inf
+            chosen.append(int(distances.argmin()))
+        return [pool[i] for i in chosen]
+
+
+def _kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    centres = [points[rng.integers(len(points))]]
+    closest = ((points - centres[0]) ** 2).sum(axis=1)
+    for _ in range(k - 1):
+        weights = closest / closest.sum() if closest.sum() > 0 else None
+        centres.append(points[rng.choice(len(points), p=weights)])
+        closest = np.minimum(closest, ((points - centres[-1]) ** 2).sum(axis=1))
+    return np.stack(centres).astype(np.float64)
+
+
+def _nearest(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    distances = (points**2).sum(axis=1)[:, None] - 2 * points @ centres.T + (centres**2).sum(axis=1)[None, :]
+    return distances.argmin(axis=1)
+
+
+def _check_k(k: int, pool_size: int) -> None:
+    if not 1 <= k <= pool_size:
+        raise ValueError(f"k must be between 1 and {pool_size}, got {k}")
+
+
+SAMPLERS: dict[str, type[Sampler]] = {"random": RandomSampler, "kmeans": KMeansSampler}
+DEFAULT_SAMPLER = "kmeans"
+
+
+def get_sampler(name: str) -> Sampler:
+    """A sampler by name; "default" is the best one measured."""
+    resolved = DEFAULT_SAMPLER if name == "default" else name
+    if resolved not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of: default, {', '.join(SAMPLERS)}")
+    return SAMPLERS[resolved]()

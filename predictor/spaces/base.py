@@ -1,0 +1,112 @@
+"""The search-space interface every space implements, and small helpers the spaces share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class InvalidArchitecture(ValueError):
+    """A key that is not a member of the space; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class ArchGraph:
+    """An architecture as a DAG of operations, for graph encoders.
+
+    `ops[i]` is the index of node i's operation in the space's `op_names`;
+    `adjacency[i, j] == 1` means an edge from node i to node j (i < j, topological order).
+    The first node is the input, the last the output.
+    """
+
+    ops: np.ndarray  # (n_nodes,) int64
+    adjacency: np.ndarray  # (n_nodes, n_nodes) float32
+
+
+class SearchSpace(ABC):
+    """A family of architectures, each named by a canonical key."""
+
+    name: str
+    #: operation vocabulary of the graph encoding (includes "input" and "output")
+    op_names: tuple[str, ...]
+    #: (channels, height, width) of one input sample, for the default resolution
+    input_shape: tuple[int, int, int]
+    #: length of a `features()` row
+    feature_dim: int
+
+    @abstractmethod
+    def canonical(self, key: str) -> str:
+        """The canonical key of `key`; raises InvalidArchitecture if it is not in the space."""
+
+    @abstractmethod
+    def size(self) -> int:
+        """How many architectures the space holds."""
+
+    @abstractmethod
+    def sample(self, n: int, seed: int) -> list[str]:
+        """`n` distinct canonical keys drawn uniformly, reproducibly from `seed`."""
+
+    def enumerate(self) -> Iterator[str]:
+        """Every canonical key, in a fixed order; only for spaces small enough to list."""
+        raise NotImplementedError(f"the {self.name} space is too large to enumerate")
+
+    @abstractmethod
+    def graph(self, key: str) -> ArchGraph:
+        """The operation graph of `key`."""
+
+    @abstractmethod
+    def features(self, keys: Sequence[str]) -> np.ndarray:
+        """A fixed-length float32 vector per key, shape (len(keys), feature_dim)."""
+
+    @abstractmethod
+    def build(self, key: str) -> "torch.nn.Module":  # noqa: F821 - torch is imported lazily
+        """A PyTorch module of the architecture, in eval mode, taking `example_input()`."""
+
+    def example_input(self, key: str, batch_size: int = 1) -> "torch.Tensor":  # noqa: F821
+        import torch
+
+        return torch.randn(batch_size, *self.input_shape_of(key))
+
+    def input_shape_of(self, key: str) -> tuple[int, int, int]:
+        """Input shape for `key` (spaces with a searchable resolution override this)."""
+        return self.input_shape
+
+    def is_valid(self, key: str) -> bool:
+        try:
+            self.canonical(key)
+        except InvalidArchitecture:
+            return False
+        return True
+
+
+def check_sample_count(n: int, size: int) -> None:
+    if not 0 <= n <= size:
+        raise ValueError(f"cannot draw {n} distinct architectures from a space of {size}")
+
+
+def sample_distinct(draw: Callable[[np.random.Generator], str], n: int, seed: int, size: int) -> list[str]:
+    """`n` distinct keys from repeated uniform draws, in draw order.
+
+    Rejection sampling: meant for spaces far larger than `n`, where repeats are rare.
+    """
+    check_sample_count(n, size)
+    rng = np.random.default_rng(seed)
+    keys: dict[str, None] = {}  # an ordered set
+    while len(keys) < n:
+        keys.setdefault(draw(rng))
+    return list(keys)
+
+
+def one_hot(ids: Sequence[int] | np.ndarray, depth: int) -> np.ndarray:
+    """float32 one-hot rows, shape (len(ids), depth)."""
+    return np.eye(depth, dtype=np.float32)[np.asarray(ids, dtype=np.int64)]
+
+
+def chain_graph(block_ops: Sequence[int], input_op: int, output_op: int) -> ArchGraph:
+    """input -> block_ops[0] -> ... -> block_ops[-1] -> output."""
+    ops = np.array([input_op, *block_ops, output_op], dtype=np.int64)
+    return ArchGraph(ops=ops, adjacency=np.eye(len(ops), k=1, dtype=np.float32))
+

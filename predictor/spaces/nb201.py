@@ -1,0 +1,154 @@
+"""NAS-Bench-201: a 4-node cell with 5 candidate operations on each of its 6 edges."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from .base import ArchGraph, InvalidArchitecture, SearchSpace, check_sample_count, one_hot
+
+#: operation ids are positions here; they match the `op_vec` digits of the NB201 dataset
+OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
+NONE = 0
+#: the cell's edges as (source node, target node), in arch-string order
+EDGES = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))
+OUTPUT_NODE = 3
+#: node index of graph() by role: input, one node per edge, output
+_GRAPH_INPUT, _GRAPH_OUTPUT = 0, len(EDGES) + 1
+
+
+def _op_graph_adjacency() -> np.ndarray:
+    """The fixed operation-graph adjacency: edge i->j's op feeds every op on an edge j->k."""
+    n = len(EDGES) + 2
+    adjacency = np.zeros((n, n), dtype=np.float32)
+    for node, (source, target) in enumerate(EDGES, start=1):
+        if source == 0:
+            adjacency[_GRAPH_INPUT, node] = 1
+        for upstream, (_, upstream_target) in enumerate(EDGES, start=1):
+            if upstream_target == source:
+                adjacency[upstream, node] = 1
+        if target == OUTPUT_NODE:
+            adjacency[node, _GRAPH_OUTPUT] = 1
+    return adjacency
+
+
+_ADJACENCY = _op_graph_adjacency()
+
+
+def live_edges(ops: Sequence[int]) -> tuple[bool, ...]:
+    """Per edge: whether it lies on a path of non-`none` edges from the cell input to its output.
+
+    Other edges cannot change the cell's output: they are dead code or act on zeros.
+    """
+    present = [op != NONE for op in ops]
+    from_input = {0}
+    for (source, target), on in zip(EDGES, present):  # EDGES is in topological order
+        if on and source in from_input:
+            from_input.add(target)
+    to_output = {OUTPUT_NODE}
+    for (source, target), on in reversed(list(zip(EDGES, present))):
+        if on and target in to_output:
+            to_output.add(source)
+    return tuple(on and s in from_input and t in to_output for (s, t), on in zip(EDGES, present))
+
+
+def _parse(key: str) -> tuple[int, ...]:
+    """The op id of each edge of an arch string like `|nor_conv_3x3~0|+|none~0|skip_connect~1|+|...|`."""
+    if not isinstance(key, str):
+        raise InvalidArchitecture(f"an NB201 key is a string, not {type(key).__name__}")
+    nodes = key.split("+")
+    if len(nodes) != OUTPUT_NODE:
+        raise InvalidArchitecture(f"expected {OUTPUT_NODE} nodes separated by '+', got {len(nodes)} in {key!r}")
+    ops: list[int] = []
+    for target, node in enumerate(nodes, start=1):
+        if len(node) < 2 or node[0] != "|" or node[-1] != "|":
+            raise InvalidArchitecture(f"node {target} must be written '|op~input|...|', got {node!r}")
+        edges = node[1:-1].split("|")
+        if len(edges) != target:
+            raise InvalidArchitecture(
+                f"node {target} must have {target} input edge(s), from nodes 0..{target - 1}, got {len(edges)}: {node!r}"
+            )
+        for source, edge in enumerate(edges):
+            op, _, named_source = edge.partition("~")
+            if named_source != str(source):
+                raise InvalidArchitecture(
+                    f"edge {source + 1} of node {target} must be 'op~{source}', got {edge!r}"
+                )
+            if op not in OPS:
+                raise InvalidArchitecture(f"unknown operation {op!r} on edge {source}->{target}; known: {', '.join(OPS)}")
+            ops.append(OPS.index(op))
+    return tuple(ops)
+
+
+class NB201Space(SearchSpace):
+    """NAS-Bench-201 cells in the CIFAR-10 macro-architecture (15,625 architectures)."""
+
+    name = "nb201"
+    op_names = (*OPS, "input", "output")
+    input_shape = (3, 32, 32)
+    feature_dim = 40
+
+    def canonical(self, key: str) -> str:
+        return self.from_op_vec(_parse(key))
+
+    def op_vec(self, key: str) -> tuple[int, ...]:
+        """The op id (position in OPS) of each edge, in EDGES order."""
+        return _parse(key)
+
+    def from_op_vec(self, op_vec: Sequence[int]) -> str:
+        if len(op_vec) != len(EDGES) or not all(op in range(len(OPS)) for op in op_vec):
+            raise InvalidArchitecture(f"an op vector is {len(EDGES)} ids in 0..{len(OPS) - 1}, got {list(op_vec)}")
+        nodes = (
+            "|" + "|".join(f"{OPS[op]}~{source}" for op, (source, t) in zip(op_vec, EDGES) if t == target) + "|"
+            for target in range(1, OUTPUT_NODE + 1)
+        )
+        return "+".join(nodes)
+
+    def size(self) -> int:
+        return len(OPS) ** len(EDGES)
+
+    def enumerate(self) -> Iterator[str]:
+        """All keys, in the order of their op vectors read as base-5 numbers."""
+        return (self.from_op_vec(ops) for ops in itertools.product(range(len(OPS)), repeat=len(EDGES)))
+
+    def _key_at(self, index: int) -> str:
+        digits = np.unravel_index(index, (len(OPS),) * len(EDGES))
+        return self.from_op_vec([int(d) for d in digits])
+
+    def sample(self, n: int, seed: int) -> list[str]:
+        check_sample_count(n, self.size())
+        indices = np.random.default_rng(seed).choice(self.size(), size=n, replace=False)
+        return [self._key_at(int(i)) for i in indices]
+
+    def is_connected(self, key: str) -> bool:
+        """Whether any path of non-`none` edges joins the cell input to its output."""
+        return any(live_edges(_parse(key)))
+
+    def graph(self, key: str) -> ArchGraph:
+        """One node per edge operation (`none` included), between an input and an output node."""
+        ops = [self.op_names.index("input"), *_parse(key), self.op_names.index("output")]
+        return ArchGraph(ops=np.array(ops, dtype=np.int64), adjacency=_ADJACENCY.copy())
+
+    def features(self, keys: Sequence[str]) -> np.ndarray:
+        """Per key: one-hot op of each edge (30), share of edges per op (5), share of live edges
+        per non-`none` op (4, see `live_edges`) and whether the cell is connected (1): 40 dims."""
+        rows = [self._features(_parse(key)) for key in keys]
+        return np.asarray(rows, dtype=np.float32).reshape(len(rows), self.feature_dim)
+
+    @staticmethod
+    def _features(ops: tuple[int, ...]) -> np.ndarray:
+        edges = one_hot(ops, len(OPS))
+        live = np.array(live_edges(ops), dtype=np.float32)
+        return np.concatenate([
+            edges.ravel(),
+            edges.mean(axis=0),
+            (edges * live[:, None]).mean(axis=0)[NONE + 1:],
+            [float(live.any())],
+        ]).astype(np.float32)
+
+    def build(self, key: str) -> "torch.nn.Module":  # noqa: F821
+        from ._nb201_net import nb201_network
+
+        return nb201_network([OPS[op] for op in _parse(key)]).eval()

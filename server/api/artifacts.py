@@ -1,0 +1,42 @@
+"""Model artifacts, content-addressed by sha256."""
+
+from __future__ import annotations
+
+import onnx
+from fastapi import APIRouter, Path, Request, status
+from fastapi.responses import FileResponse
+
+from server.api.deps import Db, ServicesDep
+from server.errors import Invalid, NotFound
+from server.models import Artifact
+from server.schemas import ArtifactOut
+
+router = APIRouter(prefix="/api/v1/artifacts", tags=["artifacts"])
+Sha256 = Path(pattern=r"^[0-9a-f]{64}$")
+
+
+@router.get("/{sha256}", response_class=FileResponse, responses={200: {"content": {"application/octet-stream": {}}}})
+def download_artifact(session: Db, services: ServicesDep, sha256: str = Sha256) -> FileResponse:
+    artifact = session.get(Artifact, sha256)
+    path = services.store.path(sha256)
+    if artifact is None or not path.exists():
+        raise NotFound(f"no artifact {sha256}", "sha256")
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{sha256}.{artifact.format}")
+
+
+@router.post("", status_code=status.HTTP_201_CREATED,
+             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
+async def upload_artifact(request: Request, session: Db, services: ServicesDep) -> ArtifactOut:
+    """Upload an ONNX model (raw bytes); it is checked with onnx.checker before it is stored."""
+    data = await request.body()
+    try:
+        onnx.checker.check_model(onnx.load_from_string(data))
+    except Exception as exc:  # onnx raises several unrelated types for malformed bytes
+        raise Invalid(f"not a valid ONNX model: {exc}", "body") from exc
+    sha256 = services.store.put(data)
+    artifact = session.get(Artifact, sha256)
+    if artifact is None:
+        artifact = Artifact(sha256=sha256, format="onnx", size_bytes=len(data))
+        session.add(artifact)
+        session.flush()
+    return ArtifactOut.model_validate(artifact)

@@ -1,0 +1,72 @@
+"""Devices: latency targets (hardware + runtime + settings)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Response, status
+from sqlalchemy import exists, select
+
+from server.api.deps import Db, ServicesDep
+from server.api.onboardings import onboarding_out
+from server.errors import Conflict
+from server.models import Architecture, Device, Job, Measurement
+from server.schemas import DeviceIn, DeviceOut, DevicePatch, OnboardIn, OnboardingOut
+from server.services import onboarding as onboarding_service
+from server.services.catalog import get_device, resolve_space, space_row
+
+router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+
+
+@router.get("")
+def list_devices(session: Db, space: str | None = Query(None, description="only devices measured in this space")) -> list[DeviceOut]:
+    query = select(Device).order_by(Device.name)
+    if space is not None:
+        space_id = space_row(session, resolve_space(space)).id
+        query = query.where(
+            exists()
+            .where(Measurement.device_id == Device.id)
+            .where(Measurement.architecture_id.in_(select(Architecture.id).where(Architecture.space_id == space_id)))
+        )
+    return [DeviceOut.model_validate(device) for device in session.scalars(query)]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def create_device(body: DeviceIn, session: Db) -> DeviceOut:
+    if session.scalar(select(Device).where(Device.name == body.name)) is not None:
+        raise Conflict(f"device {body.name!r} already exists", "name")
+    device = Device(**body.model_dump(), source="user")
+    session.add(device)
+    session.flush()
+    return DeviceOut.model_validate(device)
+
+
+@router.post("/{name:path}/onboard", status_code=status.HTTP_202_ACCEPTED)
+def onboard(name: str, body: OnboardIn, session: Db, services: ServicesDep) -> OnboardingOut:
+    """Measure sampler-chosen architectures on the device, then adapt a predictor to it."""
+    device = get_device(session, name)
+    started = onboarding_service.start(session, services.predictors, device, resolve_space(body.space), body.samples,
+                                       body.sampler, body.preset.value, body.seed)
+    return onboarding_out(session, started)
+
+
+@router.get("/{name:path}")
+def read_device(name: str, session: Db) -> DeviceOut:
+    return DeviceOut.model_validate(get_device(session, name, "name"))
+
+
+@router.patch("/{name:path}")
+def update_device(name: str, body: DevicePatch, session: Db) -> DeviceOut:
+    device = get_device(session, name, "name")
+    for field, value in body.model_dump(exclude_unset=True).items():
+        setattr(device, field, value)
+    return DeviceOut.model_validate(device)
+
+
+@router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_device(name: str, session: Db) -> Response:
+    device = get_device(session, name, "name")
+    if session.scalar(select(exists().where(Measurement.device_id == device.id))) or session.scalar(
+        select(exists().where(Job.device_id == device.id))
+    ):
+        raise Conflict(f"device {name!r} has jobs or measurements; set its state to 'retired' instead", "name")
+    session.delete(device)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,94 @@
+"""A small HTTP client of the farm's API, for the CLI, the demo and NAS code."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+from rich.progress import Progress
+
+TERMINAL_JOB_STATES = {"done", "failed", "cancelled"}
+TERMINAL_ONBOARDING_STATES = {"ready", "failed"}
+
+
+class FarmError(RuntimeError):
+    """The server refused a request; the message is the server's."""
+
+
+class FarmClient:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 120.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/") + "/api/v1", headers=headers, timeout=timeout)
+
+    def __enter__(self) -> "FarmClient":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        if response.is_error:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise FarmError(f"{method} {path}: {response.status_code} {detail}")
+        return response.json() if response.content else None
+
+    def device(self, name: str) -> dict[str, Any] | None:
+        response = self.http.get(f"/devices/{name}")
+        return response.json() if response.status_code == 200 else None
+
+    def wait_for_device(self, name: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while (device := self.device(name)) is None or device["agent_id"] is None:
+            if time.monotonic() > deadline:
+                raise FarmError(f"no agent registered device {name!r} within {timeout_s:.0f} s")
+            time.sleep(0.2)
+        return device
+
+    def submit(self, device: str, space: str, architectures: Sequence[str], preset: str = "standard") -> list[int]:
+        return [
+            self.request("POST", "/jobs", json={"device": device, "space": space, "architecture": key, "preset": preset})["id"]
+            for key in architectures
+        ]
+
+    def wait_for_jobs(self, job_ids: Sequence[int], progress: Progress | None = None, label: str = "measure",
+                      poll_s: float = 0.5) -> list[dict[str, Any]]:
+        task = progress.add_task(label, total=len(job_ids)) if progress is not None else None
+        pending = {job_id: None for job_id in job_ids}
+        finished: dict[int, dict[str, Any]] = {}
+        while pending:
+            # jobs run roughly in submission order: stop at the first unfinished one
+            for job_id in list(pending):
+                job = self.request("GET", f"/jobs/{job_id}")
+                if job["status"] not in TERMINAL_JOB_STATES:
+                    break
+                finished[job_id] = job
+                del pending[job_id]
+            if progress is not None and task is not None:
+                progress.update(task, completed=len(finished))
+            if pending:
+                time.sleep(poll_s)
+        return [finished[job_id] for job_id in job_ids]
+
+    def onboard(self, device: str, space: str, samples: int, sampler: str = "default",
+                progress: Progress | None = None, seed: int = 0) -> dict[str, Any]:
+        """Start an onboarding and wait until its predictor is ready (or it failed)."""
+        onboarding = self.request("POST", f"/devices/{device}/onboard",
+                                  json={"space": space, "samples": samples, "sampler": sampler, "seed": seed})
+        task = progress.add_task(f"onboard {device}", total=onboarding["jobs_total"]) if progress is not None else None
+        while onboarding["status"] not in TERMINAL_ONBOARDING_STATES:
+            time.sleep(0.5)
+            onboarding = self.request("GET", f"/onboardings/{onboarding['id']}")
+            if progress is not None and task is not None:
+                progress.update(task, completed=onboarding["jobs_done"] + onboarding["jobs_failed"])
+        if onboarding["status"] == "failed":
+            raise FarmError(f"onboarding {onboarding['id']} failed: {onboarding['error']}")
+        return onboarding
+
+    def predict(self, device: str, space: str, architectures: Sequence[str] | str) -> dict[str, Any]:
+        return self.request("POST", "/predict", json={"device": device, "space": space, "architectures": architectures})

@@ -1,0 +1,20 @@
+"""The long-lived objects a request handler needs, built once per application."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.services.artifacts import ArtifactStore
+from server.services.predictors import PredictorCache
+from server.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: ArtifactStore
+    predictors: PredictorCache
+    admin_token: str

@@ -1,0 +1,220 @@
+"""Database schema: SQLAlchemy 2 typed models."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class DeviceState(str, enum.Enum):
+    online = "online"
+    busy = "busy"
+    paused = "paused"
+    degraded = "degraded"
+    offline = "offline"
+    retired = "retired"
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class PredictorKind(str, enum.Enum):
+    base = "base"
+    adapted = "adapted"
+
+
+class OnboardingStatus(str, enum.Enum):
+    measuring = "measuring"
+    adapting = "adapting"
+    ready = "ready"
+    failed = "failed"
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    return Enum(cls, native_enum=False, length=16, validate_strings=True)
+
+
+class SearchSpaceRow(Base):
+    __tablename__ = "search_spaces"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+
+
+class Architecture(Base):
+    __tablename__ = "architectures"
+    __table_args__ = (UniqueConstraint("space_id", "key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    space_id: Mapped[int] = mapped_column(ForeignKey("search_spaces.id"))
+    key: Mapped[str] = mapped_column(Text)
+    #: index of the architecture in the published dataset it came from, if any
+    dataset_index: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    space: Mapped[SearchSpaceRow] = relationship(lazy="joined")
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    architecture_id: Mapped[int | None] = mapped_column(ForeignKey("architectures.id"), index=True)
+    format: Mapped[str] = mapped_column(String(16), default="onnx")
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    capabilities: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime | None]
+
+
+class RegistrationToken(Base):
+    __tablename__ = "registration_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    used_at: Mapped[datetime | None]
+    used_by_agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id"))
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    hardware: Mapped[str] = mapped_column(String(256), default="")
+    category: Mapped[str] = mapped_column(String(64), default="")
+    runtime: Mapped[str] = mapped_column(String(64), default="")
+    threads: Mapped[int | None]
+    batch_size: Mapped[int | None]
+    precision: Mapped[str] = mapped_column(String(16), default="")
+    #: where the device's numbers come from: "imported" (a published table) or "agent"
+    source: Mapped[str] = mapped_column(String(16), default="agent")
+    attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[DeviceState] = mapped_column(_enum(DeviceState), default=DeviceState.offline)
+    agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id"))
+    last_seen: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_claim", "status", "device_id", "priority", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
+    architecture_id: Mapped[int | None] = mapped_column(ForeignKey("architectures.id"))
+    artifact_sha256: Mapped[str | None] = mapped_column(ForeignKey("artifacts.sha256"))
+    preset: Mapped[str] = mapped_column(String(16), default="standard")
+    priority: Mapped[int] = mapped_column(default=0)
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)
+    agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id"))
+    lease_id: Mapped[str | None] = mapped_column(String(36))
+    lease_expires_at: Mapped[datetime | None]
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    attempts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    failure_class: Mapped[str | None] = mapped_column(String(64))
+    onboarding_id: Mapped[int | None] = mapped_column(ForeignKey("onboardings.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    device: Mapped[Device] = relationship(lazy="joined")
+    architecture: Mapped[Architecture | None] = relationship(lazy="joined")
+
+
+class Measurement(Base):
+    __tablename__ = "measurements"
+    __table_args__ = (Index("ix_measurements_device_arch", "device_id", "architecture_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
+    architecture_id: Mapped[int | None] = mapped_column(ForeignKey("architectures.id"))
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    #: the training label: median of the timed runs (or the published value)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    samples_ms: Mapped[list[Any] | None] = mapped_column(JSON)
+    flags: Mapped[list[Any] | None] = mapped_column(JSON)
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(16), default="measured")
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Predictor(Base):
+    __tablename__ = "predictors"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    space_id: Mapped[int] = mapped_column(ForeignKey("search_spaces.id"))
+    kind: Mapped[PredictorKind] = mapped_column(_enum(PredictorKind))
+    version: Mapped[int] = mapped_column(default=1)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("predictors.id"))
+    device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"))
+    training_devices: Mapped[list[Any]] = mapped_column(default=list)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: a `torch.save` state dict, loaded only with `weights_only=True`
+    checkpoint: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    space: Mapped[SearchSpaceRow] = relationship(lazy="joined")
+
+
+class Onboarding(Base):
+    __tablename__ = "onboardings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
+    space_id: Mapped[int] = mapped_column(ForeignKey("search_spaces.id"))
+    sampler: Mapped[str] = mapped_column(String(32))
+    samples: Mapped[int]
+    status: Mapped[OnboardingStatus] = mapped_column(_enum(OnboardingStatus), default=OnboardingStatus.measuring)
+    predictor_id: Mapped[int | None] = mapped_column(ForeignKey("predictors.id"))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    device: Mapped[Device] = relationship(lazy="joined")
+    space: Mapped[SearchSpaceRow] = relationship(lazy="joined")

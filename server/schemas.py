@@ -1,0 +1,229 @@
+"""Request and response bodies of the HTTP API (agent wire schemas live in agent.protocol)."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from agent.protocol import Preset
+from server.models import DeviceState, JobStatus, OnboardingStatus, PredictorKind
+
+
+def _finite_positive(value: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("latency must be a finite number of milliseconds greater than 0")
+    return value
+
+
+LatencyMs = Annotated[float, AfterValidator(_finite_positive)]
+ArchKey = Annotated[str, Field(min_length=1, max_length=4096)]
+DeviceName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: int | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class DeviceIn(Strict):
+    name: DeviceName
+    hardware: str = ""
+    category: str = ""
+    runtime: str = ""
+    threads: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    precision: str = ""
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class DevicePatch(Strict):
+    hardware: str | None = None
+    category: str | None = None
+    state: DeviceState | None = None
+    attributes: dict[str, Any] | None = None
+
+
+class DeviceOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    hardware: str
+    category: str
+    runtime: str
+    threads: int | None
+    batch_size: int | None
+    precision: str
+    source: str
+    attributes: dict[str, Any]
+    state: DeviceState
+    agent_id: int | None
+    last_seen: datetime | None
+
+
+class ArchitectureIn(Strict):
+    space: str
+    key: ArchKey
+
+
+class ArchitectureOut(BaseModel):
+    id: int
+    space: str
+    key: str
+    dataset_index: int | None
+
+
+class ArtifactOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    sha256: str
+    format: str
+    size_bytes: int
+    architecture_id: int | None
+
+
+class MeasurementRow(Strict):
+    architecture: ArchKey
+    latency_ms: LatencyMs
+
+
+class MeasurementImport(Strict):
+    device: DeviceName
+    space: str
+    rows: list[MeasurementRow] = Field(min_length=1, max_length=100_000)
+
+
+class ImportSummary(BaseModel):
+    device: str
+    space: str
+    inserted: int
+    architectures_created: int
+
+
+class MeasurementOut(BaseModel):
+    id: int
+    device: str
+    space: str | None
+    architecture: str | None
+    artifact_sha256: str | None
+    latency_ms: float
+    source: str
+    stats: dict[str, Any] | None
+    flags: list[Any] | None
+    provenance: dict[str, Any] | None
+    job_id: int | None
+    created_at: datetime | None
+
+
+class JobIn(Strict):
+    device: DeviceName
+    space: str | None = None
+    architecture: ArchKey | None = None
+    artifact: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    preset: Preset = Preset.standard
+    priority: int = Field(default=0, ge=-1000, le=1000)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "JobIn":
+        if (self.architecture is None) == (self.artifact is None):
+            raise ValueError("give exactly one of `architecture` (with `space`) or `artifact`")
+        if self.architecture is not None and self.space is None:
+            raise ValueError("`architecture` needs `space`")
+        return self
+
+
+class JobOut(BaseModel):
+    id: int
+    device: str
+    space: str | None
+    architecture: str | None
+    artifact_sha256: str | None
+    preset: str
+    priority: int
+    status: JobStatus
+    attempts: int
+    error: str | None
+    failure_class: str | None
+    measurement_id: int | None
+    latency_ms: float | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RegistrationTokenOut(BaseModel):
+    token: str
+
+
+class PredictIn(Strict):
+    device: DeviceName
+    space: str
+    architectures: list[ArchKey] | Literal["all"] = Field(
+        description='canonical keys, or "all" for every architecture of an enumerable space'
+    )
+    predictor_id: int | None = None
+
+
+class PredictOut(BaseModel):
+    device: str
+    space: str
+    predictor_id: int
+    predictor_version: int
+    predictor_kind: PredictorKind
+    architectures: list[str]
+    latency_ms: list[float]
+    uncertainty_ms: list[float]
+
+
+class PredictorOut(BaseModel):
+    id: int
+    space: str
+    kind: PredictorKind
+    version: int
+    parent_id: int | None
+    device: str | None
+    training_devices: list[str]
+    metrics: dict[str, Any]
+    created_at: datetime
+
+
+class PretrainIn(Strict):
+    space: str
+    devices: list[DeviceName] | None = Field(
+        default=None, description="reference devices to train on; default: every imported device of the space"
+    )
+    seed: int = 0
+
+
+class OnboardIn(Strict):
+    space: str = "nb201"
+    samples: int = Field(default=20, ge=2, le=1000)
+    sampler: str = "default"
+    preset: Preset = Preset.standard
+    seed: int = 0
+
+
+class OnboardingOut(BaseModel):
+    id: int
+    device: str
+    space: str
+    sampler: str
+    samples: int
+    status: OnboardingStatus
+    jobs_total: int
+    jobs_done: int
+    jobs_failed: int
+    predictor_id: int | None
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+

@@ -1,0 +1,92 @@
+"""Onboarding: sampler-chosen jobs on a new device, then adaptation once they are measured."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from predictor import get_sampler
+from predictor.spaces import SearchSpace, get_space
+from server.db import session_scope
+from server.errors import Conflict, Invalid
+from server.models import Architecture, Device, Job, JobStatus, Measurement, Onboarding, OnboardingStatus, utcnow
+from server.services import predictors
+from server.services.catalog import ensure_architecture, space_row
+
+log = logging.getLogger(__name__)
+FINISHED = (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
+
+
+def start(session: Session, cache: predictors.PredictorCache, device: Device, space: SearchSpace, samples: int,
+          sampler_name: str, preset: str, seed: int) -> Onboarding:
+    base = predictors.latest_base(session, space)
+    if base is None:
+        raise Conflict(f"no base predictor for {space.name!r}: pre-train one first (POST /api/v1/predictors/pretrain)",
+                       "space")
+    try:
+        sampler = get_sampler(sampler_name)
+    except ValueError as exc:
+        raise Invalid(str(exc), "sampler") from exc
+    keys = sampler.select(space, samples, seed=seed, predictor=cache.get(base))
+    onboarding = Onboarding(device_id=device.id, space_id=space_row(session, space).id, sampler=sampler.name,
+                            samples=samples)
+    session.add(onboarding)
+    session.flush()
+    for key in keys:
+        arch = ensure_architecture(session, space, key)
+        session.add(Job(device_id=device.id, architecture_id=arch.id, preset=preset, onboarding_id=onboarding.id))
+    session.flush()
+    return onboarding
+
+
+def progress(session: Session, onboarding: Onboarding) -> dict[str, int]:
+    counts = dict(
+        session.execute(
+            select(Job.status, func.count()).where(Job.onboarding_id == onboarding.id).group_by(Job.status)
+        ).all()
+    )
+    return {
+        "jobs_total": sum(counts.values()),
+        "jobs_done": counts.get(JobStatus.done, 0),
+        "jobs_failed": counts.get(JobStatus.failed, 0) + counts.get(JobStatus.cancelled, 0),
+    }
+
+
+def finish_if_measured(factory: sessionmaker[Session], cache: predictors.PredictorCache, onboarding_id: int) -> None:
+    """Adapt the base predictor once every job of the onboarding has finished (runs once)."""
+    with session_scope(factory) as session:
+        unfinished = session.scalar(
+            select(func.count()).where(Job.onboarding_id == onboarding_id, Job.status.not_in(FINISHED))
+        )
+        if unfinished:
+            return
+        claimed = session.execute(
+            update(Onboarding)
+            .where(Onboarding.id == onboarding_id, Onboarding.status == OnboardingStatus.measuring)
+            .values(status=OnboardingStatus.adapting)
+        ).rowcount
+    if claimed != 1:
+        return
+    with session_scope(factory) as session:
+        onboarding = session.get_one(Onboarding, onboarding_id)
+        try:
+            samples = dict(
+                session.execute(
+                    select(Architecture.key, Measurement.latency_ms)
+                    .join(Job, Job.id == Measurement.job_id)
+                    .join(Architecture, Architecture.id == Job.architecture_id)
+                    .where(Job.onboarding_id == onboarding_id)
+                ).all()
+            )
+            base = predictors.latest_base(session, get_space(onboarding.space.name))
+            if base is None or len(samples) < 2:
+                raise ValueError(f"{len(samples)} successful measurements; adaptation needs at least 2")
+            adapted = predictors.adapt(session, cache, base, onboarding.device, samples)
+            onboarding.predictor_id = adapted.id
+            onboarding.status = OnboardingStatus.ready
+        except Exception as exc:  # the onboarding records why it failed; the server goes on
+            log.exception("onboarding %s failed", onboarding_id)
+            onboarding.status, onboarding.error = OnboardingStatus.failed, str(exc)
+        onboarding.finished_at = utcnow()

@@ -1,0 +1,38 @@
+"""Server configuration from `LATFARM_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_datasets() -> Path | None:
+    for candidate in (Path("../shared/datasets"), Path(__file__).resolve().parents[2] / "shared" / "datasets"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LATFARM_", extra="ignore")
+
+    database_url: str = "sqlite:///./latfarm.db"
+    datasets: Path | None = Field(default_factory=_default_datasets)
+    artifact_dir: Path = Path(".latfarm/artifacts")
+    admin_token: str | None = None
+    max_body_bytes: int = 64 * 1024 * 1024
+    poll_wait_s: float = 20.0
+    heartbeat_s: float = 10.0
+    lease_ttl_s: float = 120.0
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,80 @@
+"""Shared fixtures: a real database per backend (SQLite file, fresh Postgres database) and a real
+uvicorn server on a free port in front of it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from server.db import upgrade
+from server.local import running_server
+from server.settings import Settings
+
+POSTGRES_ADMIN_URL = os.environ.get("LATFARM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+DATASETS = Path(os.environ.get("LATFARM_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+ADMIN_TOKEN = "test-admin-token"
+
+needs_datasets = pytest.mark.skipif(not (DATASETS / "devices.csv").is_file(), reason="reference datasets not found")
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated, empty database; Postgres gets a database of its own, dropped afterwards."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'latfarm.db'}"
+        upgrade(url)
+        yield url
+        return
+    name = f"latfarm_test_{secrets.token_hex(4)}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
+    url = f"{base}/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        database_url=database_url,
+        datasets=DATASETS,
+        artifact_dir=tmp_path_factory.mktemp("artifacts"),
+        admin_token=ADMIN_TOKEN,
+        max_body_bytes=2 * 1024 * 1024,
+        poll_wait_s=2.0,
+        heartbeat_s=1.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def server_url(settings: Settings) -> Iterator[str]:
+    with running_server(settings) as url:
+        yield url
+
+
+@pytest.fixture
+def api(server_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{server_url}/api/v1", timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def imported(settings: Settings) -> Settings:
+    """The database with the full reference datasets imported (once per backend)."""
+    if not (DATASETS / "devices.csv").is_file():
+        pytest.skip("reference datasets not found")
+    from server.services.runtime import import_reference_datasets
+
+    import_reference_datasets(settings, DATASETS)
+    return settings

@@ -1,0 +1,194 @@
+"""The HTTP API against a real server on a port, on SQLite and on Postgres."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.conftest import ADMIN_TOKEN
+
+NB201_KEY = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
+
+
+def assert_json_error(response: httpx.Response, status: int, field: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert isinstance(body["detail"], str) and body["detail"]
+    if field is not None:
+        assert field in body["field"], body
+    return body
+
+
+def tiny_onnx() -> bytes:
+    node = helper.make_node("Relu", ["input"], ["output"])
+    graph = helper.make_graph(
+        [node], "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_healthz(server_url: str) -> None:
+    assert httpx.get(f"{server_url}/healthz").json()["status"] == "ok"
+
+
+def test_openapi_docs_served(server_url: str) -> None:
+    schema = httpx.get(f"{server_url}/openapi.json").json()
+    assert "/api/v1/predict" in schema["paths"]
+    assert httpx.get(f"{server_url}/docs").status_code == 200
+
+
+def test_device_lifecycle(api: httpx.Client) -> None:
+    created = api.post("/devices", json={"name": "lifecycle-dev", "hardware": "test board", "threads": 2})
+    assert created.status_code == 201, created.text
+    assert created.json()["state"] == "offline"
+    assert_json_error(api.post("/devices", json={"name": "lifecycle-dev"}), 409, "name")
+    patched = api.patch("/devices/lifecycle-dev", json={"state": "paused"})
+    assert patched.json()["state"] == "paused"
+    assert api.delete("/devices/lifecycle-dev").status_code == 204
+    assert_json_error(api.get("/devices/lifecycle-dev"), 404, "name")
+
+
+def test_architecture_is_canonicalised_and_idempotent(api: httpx.Client) -> None:
+    first = api.post("/architectures", json={"space": "nb201", "key": NB201_KEY})
+    again = api.post("/architectures", json={"space": "nb201", "key": NB201_KEY})
+    assert first.status_code == 201 and again.status_code == 200
+    assert first.json()["id"] == again.json()["id"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "field"),
+    [
+        ("post", "/predict", {"device": "x", "space": "nope", "architectures": "all"}, 422, "space"),
+        ("post", "/architectures", {"space": "nope", "key": "k"}, 422, "space"),
+        ("post", "/architectures", {"space": "nb201", "key": "|conv~0|"}, 422, "key"),
+        ("post", "/architectures", {"space": "fbnet", "key": "k3_e1|skip"}, 422, "key"),
+        ("post", "/architectures", {"space": "ofa", "key": "{\"ks\": 3}"}, 422, "key"),
+        ("post", "/predict", {"device": "no-such-device", "space": "nb201", "architectures": "all"}, 404, "device"),
+        ("post", "/jobs", {"device": "no-such-device", "space": "nb201", "architecture": NB201_KEY}, 404, "device"),
+        ("post", "/jobs", {"device": "x", "space": "nb201"}, 422, "body"),
+        ("post", "/measurements", {"device": "no-such-device", "space": "nb201",
+                                   "rows": [{"architecture": NB201_KEY, "latency_ms": 1.0}]}, 404, "device"),
+        ("post", "/measurements", {"device": "x", "space": "nb201",
+                                   "rows": [{"architecture": NB201_KEY, "latency_ms": -1.0}]}, 422, "latency_ms"),
+        ("post", "/measurements", {"device": "x", "space": "nb201", "rows": []}, 422, "rows"),
+        ("get", "/measurements?space=nb201&architecture=garbage", None, 422, "architecture"),
+        ("get", "/devices/no-such-device", None, 404, "name"),
+        ("get", "/jobs/987654", None, 404, "job_id"),
+        ("get", "/artifacts/not-a-sha", None, 422, "sha256"),
+        ("post", "/agents/registration-tokens", None, 401, None),
+    ],
+)
+def test_bad_input_gets_a_4xx_json_error(api: httpx.Client, method: str, path: str, body: dict | None,
+                                          status: int, field: str | None) -> None:
+    assert_json_error(api.request(method, path, json=body), status, field)
+
+
+def test_nan_latency_is_rejected(api: httpx.Client) -> None:
+    api.post("/devices", json={"name": "nan-dev"})
+    payload = '{"device": "nan-dev", "space": "nb201", "rows": [{"architecture": "%s", "latency_ms": NaN}]}' % NB201_KEY
+    response = api.post("/measurements", content=payload, headers={"content-type": "application/json"})
+    assert_json_error(response, 422, "latency_ms")
+
+
+def test_malformed_json_is_a_4xx(api: httpx.Client) -> None:
+    response = api.post("/devices", content=b"{not json", headers={"content-type": "application/json"})
+    assert_json_error(response, 422)
+
+
+def test_oversized_body_is_413(api: httpx.Client) -> None:
+    rows = [{"architecture": NB201_KEY, "latency_ms": 1.0}] * 60_000  # > 2 MiB limit of the test server
+    assert_json_error(api.post("/measurements", json={"device": "x", "space": "nb201", "rows": rows}), 413)
+
+
+def test_oversized_chunked_body_is_413(api: httpx.Client) -> None:
+    chunks = (b"x" * 65536 for _ in range(64))  # 4 MiB without a Content-Length
+    assert_json_error(api.post("/artifacts", content=chunks), 413)
+
+
+def test_measurement_import_and_query(api: httpx.Client) -> None:
+    api.post("/devices", json={"name": "import-dev"})
+    other = "|skip_connect~0|+|none~0|skip_connect~1|+|none~0|none~1|nor_conv_1x1~2|"
+    rows = [{"architecture": NB201_KEY, "latency_ms": 2.5}, {"architecture": other, "latency_ms": 1.25}]
+    summary = api.post("/measurements", json={"device": "import-dev", "space": "nb201", "rows": rows})
+    assert summary.status_code == 201, summary.text
+    assert summary.json()["inserted"] == 2
+    page = api.get("/measurements", params={"device": "import-dev", "space": "nb201"}).json()
+    assert sorted(item["latency_ms"] for item in page["items"]) == [1.25, 2.5]
+    one = api.get("/measurements", params={"device": "import-dev", "space": "nb201", "architecture": other}).json()
+    assert [item["latency_ms"] for item in one["items"]] == [1.25]
+    csv_text = api.get("/measurements", params={"device": "import-dev", "format": "csv"}).text
+    assert csv_text.splitlines()[0].startswith("id,device,space,architecture,latency_ms")
+    assert len(csv_text.splitlines()) == 3
+
+
+def test_artifact_upload_is_checked_and_content_addressed(api: httpx.Client) -> None:
+    assert_json_error(api.post("/artifacts", content=b"definitely not onnx"), 422, "body")
+    data = tiny_onnx()
+    uploaded = api.post("/artifacts", content=data)
+    assert uploaded.status_code == 201, uploaded.text
+    sha = uploaded.json()["sha256"]
+    assert api.get(f"/artifacts/{sha}").content == data
+    assert_json_error(api.get(f"/artifacts/{'0' * 64}"), 404)
+
+
+def test_registration_needs_a_valid_token(api: httpx.Client) -> None:
+    body = {"name": "a", "devices": [{"name": "reg-dev"}], "capabilities": {
+        "hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes": 1, "os": "linux", "python": "3",
+        "agent_version": "0"}}
+    assert_json_error(api.post("/agents/register", json=body), 401)
+    assert_json_error(api.post("/agents/register", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+    minted = api.post("/agents/registration-tokens", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    token = minted.json()["token"]
+    assert api.post("/agents/register", json=body, headers={"Authorization": f"Bearer {token}"}).status_code == 201
+    # one-time: the same token cannot register a second agent
+    assert_json_error(api.post("/agents/register", json=body, headers={"Authorization": f"Bearer {token}"}), 401)
+    assert_json_error(api.get("/agents/me/jobs/next", headers={"Authorization": "Bearer nope"}), 401)
+
+
+@pytest.mark.slow
+def test_imported_datasets_are_listed_and_paged(imported, api: httpx.Client) -> None:
+    nb201_devices = api.get("/devices", params={"space": "nb201"}).json()
+    assert len(nb201_devices) == 40
+    assert {"titan_rtx_256", "raspi4", "embedded_tpu_edge_tpu_int8"} <= {d["name"] for d in nb201_devices}
+    seen, cursor = 0, 0
+    while cursor is not None:
+        page = api.get("/measurements", params={"device": "titan_rtx_256", "space": "nb201", "cursor": cursor,
+                                                "limit": 5000}).json()
+        seen += len(page["items"])
+        cursor = page["next_cursor"]
+    assert seen == 15_625
+
+
+@pytest.mark.slow
+def test_whole_space_predict_on_an_imported_device(imported, api: httpx.Client) -> None:
+    base = api.post("/predictors/pretrain", json={"space": "nb201"})
+    assert base.status_code == 201, base.text
+    assert len(base.json()["training_devices"]) == 40
+    started = time.perf_counter()
+    response = api.post("/predict", json={"device": "titan_rtx_256", "space": "nb201", "architectures": "all"})
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["latency_ms"]) == len(body["uncertainty_ms"]) == len(set(body["architectures"])) == 15_625
+    assert body["predictor_id"] == base.json()["id"]
+    assert all(ms > 0 for ms in body["latency_ms"])
+    print(f"whole-space predict: {elapsed:.2f} s, {len(response.content) / 1e6:.1f} MB")
+    # the base predictor tracks the device it was trained on
+    truth = api.get("/measurements", params={"device": "titan_rtx_256", "space": "nb201", "limit": 2000}).json()
+    predicted = dict(zip(body["architectures"], body["latency_ms"]))
+    from scipy.stats import spearmanr
+
+    rho = spearmanr([predicted[m["architecture"]] for m in truth["items"]], [m["latency_ms"] for m in truth["items"]])
+    assert rho.statistic > 0.9
+    assert_json_error(api.post("/predict", json={"device": "titan_rtx_256", "space": "fbnet",
+                                                 "architectures": "all"}), 409, "device")
+    assert_json_error(api.post("/predict", json={"device": "titan_rtx_256", "space": "nb201",
+                                                 "architectures": [NB201_KEY, "bad"]}), 422, "architectures.1")
+

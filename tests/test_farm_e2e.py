@@ -1,0 +1,87 @@
+"""End to end: a real agent process measures real ONNX models for a real server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.local import running_agent
+from tests.conftest import ADMIN_TOKEN
+
+NB201_KEY = "|nor_conv_1x1~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|avg_pool_3x3~1|nor_conv_1x1~2|"
+
+
+def wait_until(predicate, timeout_s: float = 120, poll_s: float = 0.3):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+def registered(api: httpx.Client, device: str):  # type: ignore[no-untyped-def]
+    response = api.get(f"/devices/{device}")
+    return response.status_code == 200 and response.json()["agent_id"] is not None and response.json()
+
+
+def test_agent_measures_a_real_nb201_model(server_url: str, api: httpx.Client, tmp_path: Path) -> None:
+    device = f"e2e-cpu-{tmp_path.name[-8:]}"
+    with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1"]) as agent:
+        info = wait_until(lambda: registered(api, device), 60)
+        assert info["runtime"] == "onnxruntime" and info["threads"] == 1
+        job = api.post("/jobs", json={"device": device, "space": "nb201", "architecture": NB201_KEY,
+                                      "preset": "quick"})
+        assert job.status_code == 201, job.text
+        job_id = job.json()["id"]
+        done = wait_until(lambda: (j := api.get(f"/jobs/{job_id}").json())["status"] in ("done", "failed") and j)
+        assert agent.poll() is None, "the agent exited"
+    assert done["status"] == "done", done
+    assert done["artifact_sha256"] and done["latency_ms"] > 0
+
+    page = api.get("/measurements", params={"device": device, "space": "nb201", "architecture": NB201_KEY}).json()
+    [measurement] = page["items"]
+    assert measurement["job_id"] == job_id
+    stats = measurement["stats"]
+    assert stats["n"] >= 15 and stats["min_ms"] <= stats["median_ms"] <= stats["max_ms"]
+    assert measurement["latency_ms"] == stats["median_ms"]
+    provenance = measurement["provenance"]
+    assert provenance["artifact_sha256"] == done["artifact_sha256"]
+    assert provenance["threads"] == 1 and "onnxruntime" in str(provenance["runtime"])
+    # the artifact the agent ran is the server's, byte for byte, and a real ONNX model
+    artifact = api.get(f"/artifacts/{done['artifact_sha256']}").content
+    import hashlib
+
+    import onnx
+
+    assert hashlib.sha256(artifact).hexdigest() == done["artifact_sha256"]
+    onnx.checker.check_model(onnx.load_from_string(artifact))
+
+
+@pytest.mark.slow
+def test_onboarding_adapts_a_predictor_from_real_measurements(imported, server_url: str, api: httpx.Client,
+                                                             tmp_path: Path) -> None:
+    if not api.get("/predictors", params={"space": "nb201"}).json():
+        assert api.post("/predictors/pretrain", json={"space": "nb201"}).status_code == 201
+    device = f"onboard-cpu-{tmp_path.name[-8:]}"
+    with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1"]):
+        wait_until(lambda: registered(api, device), 60)
+        started = api.post(f"/devices/{device}/onboard", json={"space": "nb201", "samples": 6, "preset": "quick"})
+        assert started.status_code == 202, started.text
+        onboarding_id = started.json()["id"]
+        assert started.json()["jobs_total"] == 6
+        final = wait_until(
+            lambda: (o := api.get(f"/onboardings/{onboarding_id}").json())["status"] in ("ready", "failed") and o, 300
+        )
+    assert final["status"] == "ready", final
+    assert final["jobs_done"] == 6
+    predictors = api.get("/predictors", params={"space": "nb201"}).json()
+    adapted = next(p for p in predictors if p["id"] == final["predictor_id"])
+    assert adapted["kind"] == "adapted" and adapted["device"] == device and adapted["parent_id"] is not None
+    assert adapted["metrics"]["samples"] == 6
+    prediction = api.post("/predict", json={"device": device, "space": "nb201", "architectures": [NB201_KEY]}).json()
+    assert prediction["predictor_id"] == adapted["id"] and prediction["latency_ms"][0] > 0

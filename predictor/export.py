@@ -33,8 +33,8 @@ def export_onnx(space: SearchSpace, key: str) -> bytes:
     example = torch.zeros(1, *space.input_shape_of(key))
     buffer = io.BytesIO()
     with warnings.catch_warnings(), _single_threaded():
-        # The torch.export-based exporter (the default) needs onnxscript and is much slower;
-        # the TorchScript one is deprecated but exact and fast for these plain CNNs.
+        # The default, torch.export-based exporter needs onnxscript, which is not a dependency;
+        # the deprecated TorchScript one needs nothing more and handles these plain CNNs well.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             model, (example,), buffer, dynamo=False, opset_version=OPSET,

@@ -139,5 +139,12 @@ def demo(
 
 
 def main() -> None:
+    from server.client import FarmError
+    from server.errors import ApiError
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    app()
+    try:
+        app()
+    except (ApiError, FarmError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise SystemExit(1) from exc

@@ -289,13 +289,15 @@ def test_export_is_identical_across_processes() -> None:
     assert child.stdout.strip() == hashlib.sha256(export_onnx(get_space("nb201"), NB201_KEY)).hexdigest()
 
 
-def test_export_leaves_the_global_random_state_alone() -> None:
+def test_export_leaves_torch_global_state_alone() -> None:
     import torch
 
     from predictor.export import export_onnx
 
+    threads = torch.get_num_threads()
     torch.manual_seed(42)
     before = torch.rand(1)
     torch.manual_seed(42)
     export_onnx(get_space("nb201"), NB201_KEY)
     assert torch.equal(torch.rand(1), before)
+    assert torch.get_num_threads() == threads

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._blocks import conv_bn, global_avg_pool
-from .nb201 import EDGES, OUTPUT_NODE
+from .nb201 import EDGES, OPS, OUTPUT_NODE, live_edges
 
 STEM_CHANNELS = 16
 CELLS_PER_STAGE = 5
@@ -34,15 +34,18 @@ def edge_op(name: str, channels: int) -> nn.Module:
 
 
 class Cell(nn.Module):
-    """node_j = sum of op(node_i) over the edges i->j; `none` edges are left out of the sum,
-    and a node without any other edge is zero.
+    """node_j = sum of op(node_i) over the live edges i->j; a node without any is zero.
 
-    The zeros are computed as `x * 0`, as in the benchmark's own code, rather than made a
-    constant: an all-`none` network then still reads its input, so its ONNX keeps one."""
+    Only edges on a path of non-`none` edges from the cell input to its output are built: the
+    others are dead code or act on zeros, and a deployed network (like the reference devices'
+    measurements) does not run them. The zeros are computed as `x * 0`, as in the benchmark's
+    own code, rather than made a constant: an all-`none` network then still reads its input,
+    so its ONNX keeps one."""
 
     def __init__(self, ops: Sequence[str], channels: int) -> None:
         super().__init__()
-        kept = [(edge, op) for edge, op in zip(EDGES, ops) if op != "none"]
+        live = live_edges([OPS.index(op) for op in ops])
+        kept = [(edge, op) for edge, op, on in zip(EDGES, ops, live) if on]
         self.edges = [edge for edge, _ in kept]
         self.ops = nn.ModuleList(edge_op(op, channels) for _, op in kept)
 

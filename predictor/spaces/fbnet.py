@@ -57,7 +57,10 @@ class FBNetSpace(SearchSpace):
         return len(OPS) ** N_BLOCKS
 
     def sample(self, n: int, seed: int) -> list[str]:
-        return sample_distinct(lambda rng: self.from_op_vec(rng.integers(len(OPS), size=N_BLOCKS).tolist()), n, seed, self.size())
+        def draw(rng: np.random.Generator) -> str:
+            return self.from_op_vec(rng.integers(len(OPS), size=N_BLOCKS).tolist())
+
+        return sample_distinct(draw, n, seed, self.size())
 
     def graph(self, key: str) -> ArchGraph:
         return chain_graph(_parse(key), self.op_names.index("input"), self.op_names.index("output"))

@@ -68,7 +68,8 @@ def _parse(key: str) -> tuple[int, ...]:
         edges = node[1:-1].split("|")
         if len(edges) != target:
             raise InvalidArchitecture(
-                f"node {target} must have {target} input edge(s), from nodes 0..{target - 1}, got {len(edges)}: {node!r}"
+                f"node {target} must have {target} input edge(s), from nodes 0..{target - 1}, "
+                f"got {len(edges)}: {node!r}"
             )
         for source, edge in enumerate(edges):
             op, _, named_source = edge.partition("~")
@@ -77,7 +78,9 @@ def _parse(key: str) -> tuple[int, ...]:
                     f"edge {source + 1} of node {target} must be 'op~{source}', got {edge!r}"
                 )
             if op not in OPS:
-                raise InvalidArchitecture(f"unknown operation {op!r} on edge {source}->{target}; known: {', '.join(OPS)}")
+                raise InvalidArchitecture(
+                    f"unknown operation {op!r} on edge {source}->{target}; known: {', '.join(OPS)}"
+                )
             ops.append(OPS.index(op))
     return tuple(ops)
 
@@ -88,7 +91,7 @@ class NB201Space(SearchSpace):
     name = "nb201"
     op_names = (*OPS, "input", "output")
     input_shape = (3, 32, 32)
-    feature_dim = 40
+    feature_dim = len(EDGES) * len(OPS) + len(OPS) + (len(OPS) - 1) + 1
 
     def canonical(self, key: str) -> str:
         return self.from_op_vec(_parse(key))
@@ -133,7 +136,7 @@ class NB201Space(SearchSpace):
 
     def features(self, keys: Sequence[str]) -> np.ndarray:
         """Per key: one-hot op of each edge (30), share of edges per op (5), share of live edges
-        per non-`none` op (4, see `live_edges`) and whether the cell is connected (1): 40 dims."""
+        per non-`none` op (4, see `live_edges`) and whether the cell is connected (1)."""
         rows = [self._features(_parse(key)) for key in keys]
         return np.asarray(rows, dtype=np.float32).reshape(len(rows), self.feature_dim)
 
@@ -146,7 +149,7 @@ class NB201Space(SearchSpace):
             edges.mean(axis=0),
             (edges * live[:, None]).mean(axis=0)[NONE + 1:],
             [float(live.any())],
-        ]).astype(np.float32)
+        ])
 
     def build(self, key: str) -> "torch.nn.Module":  # noqa: F821
         from ._nb201_net import nb201_network

@@ -18,8 +18,9 @@ RESOLUTIONS = tuple(range(128, 225, 4))
 N_STAGES = 5
 MAX_DEPTH = 4
 N_BLOCKS = N_STAGES * MAX_DEPTH
-#: the key's fields and how many values each list holds
-FIELDS = {"d": N_STAGES, "e": N_BLOCKS, "ks": N_BLOCKS, "r": None}
+#: the key's list fields and their lengths; the other field, "r", is one int
+LIST_LENGTHS = {"d": N_STAGES, "e": N_BLOCKS, "ks": N_BLOCKS}
+FIELDS = frozenset((*LIST_LENGTHS, "r"))
 BLOCK_OPS = tuple(f"k{k}_e{e}" for k in KERNEL_SIZES for e in EXPAND_RATIOS)
 INACTIVE = "skip"
 
@@ -53,7 +54,7 @@ def _no_duplicate_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _values(record: dict[str, Any], field: str, allowed: Sequence[int]) -> tuple[int, ...]:
     values = record[field]
-    length = FIELDS[field]
+    length = LIST_LENGTHS[field]
     if not isinstance(values, list) or len(values) != length:
         raise InvalidArchitecture(f"{field!r} must be a list of {length} integers, got {values!r}")
     for position, value in enumerate(values):
@@ -74,12 +75,11 @@ def parse(key: str) -> OFAArch:
         raise InvalidArchitecture(f"not JSON: {exc}") from None
     if not isinstance(record, dict):
         raise InvalidArchitecture(f"an OFA key is a JSON object, got {type(record).__name__}")
-    missing, unknown = FIELDS.keys() - record.keys(), record.keys() - FIELDS.keys()
+    missing, unknown = FIELDS - record.keys(), record.keys() - FIELDS
     if missing or unknown:
-        raise InvalidArchitecture(
-            f"an OFA key has exactly the fields {', '.join(FIELDS)}; "
-            + "; ".join(f"{what}: {', '.join(sorted(names))}" for what, names in (("missing", missing), ("unknown", unknown)) if names)
-        )
+        problems = [f"{what}: {', '.join(sorted(names))}" for what, names in (("missing", missing), ("unknown", unknown))
+                    if names]
+        raise InvalidArchitecture(f"an OFA key has exactly the fields {', '.join(sorted(FIELDS))}; {'; '.join(problems)}")
     r = record["r"]
     if not _is_int(r) or r not in RESOLUTIONS:
         raise InvalidArchitecture(f"'r' must be one of {RESOLUTIONS[0]}..{RESOLUTIONS[-1]} in steps of 4, got {r!r}")

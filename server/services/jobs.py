@@ -29,7 +29,9 @@ def requeue_expired(session: Session) -> int:
     """Put jobs whose lease ran out back in the queue (or fail them after MAX_ATTEMPTS)."""
     now = utcnow()
     expired = session.scalars(
-        select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < now).with_for_update(skip_locked=True)
+        select(Job)
+        .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
+        .with_for_update(of=Job, skip_locked=True)
     ).all()
     for job in expired:
         if job.attempts >= MAX_ATTEMPTS:
@@ -91,7 +93,7 @@ def claim_next(session: Session, agent: Agent, store: ArtifactStore, lease_ttl_s
 
 
 def _leased_job(session: Session, agent: Agent, job_id: int, lease_id: str) -> Job:
-    job = session.get(Job, job_id, with_for_update=True)
+    job = session.scalar(select(Job).where(Job.id == job_id).with_for_update(of=Job))
     if job is None:
         raise NotFound(f"no job {job_id}", "job_id")
     if job.agent_id != agent.id:

@@ -62,20 +62,10 @@ class ChildReport(BaseModel):
     inputs: dict[str, list[int]] = Field(default_factory=dict)
 
 
-class TimingOutcome(BaseModel):
+class TimingOutcome(ChildReport):
     """The result of `measure`, ready to be turned into a JobResult."""
 
-    ok: bool
-    failure_class: str | None = None
-    error: str | None = None
     stats: LatencyStats | None = None
-    samples_ms: list[float] = Field(default_factory=list)
-    load_ms: float | None = None
-    first_inference_ms: float | None = None
-    affinity: list[int] | None = None
-    runtime_version: str | None = None
-    providers: list[str] = Field(default_factory=list)
-    inputs: dict[str, list[int]] = Field(default_factory=dict)
     wall_s: float = 0.0
     pid: int | None = None
     returncode: int | None = None

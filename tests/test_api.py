@@ -155,8 +155,9 @@ def test_registration_needs_a_valid_token(api: httpx.Client) -> None:
 @pytest.mark.slow
 def test_imported_datasets_are_listed_and_paged(imported, api: httpx.Client) -> None:
     nb201_devices = api.get("/devices", params={"space": "nb201"}).json()
-    assert len(nb201_devices) == 40
-    assert {"titan_rtx_256", "raspi4", "embedded_tpu_edge_tpu_int8"} <= {d["name"] for d in nb201_devices}
+    published = {d["name"] for d in nb201_devices if d["source"] == "imported"}
+    assert len(published) == 40  # other tests may add devices of their own
+    assert {"titan_rtx_256", "raspi4", "embedded_tpu_edge_tpu_int8"} <= published
     seen, cursor = 0, 0
     while cursor is not None:
         page = api.get("/measurements", params={"device": "titan_rtx_256", "space": "nb201", "cursor": cursor,
@@ -170,7 +171,8 @@ def test_imported_datasets_are_listed_and_paged(imported, api: httpx.Client) -> 
 def test_whole_space_predict_on_an_imported_device(imported, api: httpx.Client) -> None:
     base = api.post("/predictors/pretrain", json={"space": "nb201"})
     assert base.status_code == 201, base.text
-    assert len(base.json()["training_devices"]) == 40
+    published = {d["name"] for d in api.get("/devices", params={"space": "nb201"}).json() if d["source"] == "imported"}
+    assert published <= set(base.json()["training_devices"])
     started = time.perf_counter()
     response = api.post("/predict", json={"device": "titan_rtx_256", "space": "nb201", "architectures": "all"})
     elapsed = time.perf_counter() - started

@@ -18,6 +18,8 @@ from server.models import Architecture, Device, DeviceState, Measurement
 from server.services.catalog import ensure_architectures, space_row
 
 IMPORTED = "imported"
+#: LatBench (BRP-NAS) device names start with the device class; HELP's are plain names
+LATBENCH_PREFIXES = ("desktop_", "embedded_", "mobile_")
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -69,7 +71,7 @@ def _upsert_devices(session: Session, root: Path, report: ImportReport) -> dict[
         first = rows[0]
         batch = first["batch_size"]
         attributes = {
-            "dataset": "latbench" if "_" in name and name.split("_")[0] in {"desktop", "embedded", "mobile"} else "help",
+            "dataset": "latbench" if name.startswith(LATBENCH_PREFIXES) else "help",
             "spaces": {
                 row["search_space"]: {"kind": row["kind"], "n_archs": int(row["n_archs"]), "notes": row["notes"]}
                 for row in rows

@@ -1,9 +1,12 @@
 """The latency predictor: a multi-device network pre-trained on reference devices, adapted by ridge.
 
 Pre-training fits an ensemble of MLPs mapping an architecture's encoding to its standardised
-log-latency on every reference device at once. A new device is then expressed as a linear
-combination of the reference devices' predicted latencies, fitted on its few measured samples
-with ridge regression (regularisation chosen by leave-one-out), bootstrapped for uncertainty.
+log-latency on every reference device at once. A new device's log-latency is then a linear
+function of two blocks, fitted on its few measured samples: the reference devices' predicted
+latencies (how known hardware sees the architecture) and the architecture's own encoding (what
+no reference device captures, e.g. an op that is slow only on this device). Each block has its
+own ridge penalty, both chosen by leave-one-out error on the samples; bootstrapped fits give
+the uncertainty.
 """
 
 from __future__ import annotations
@@ -53,14 +56,20 @@ class TrainConfig:
     weight_decay: float = 1e-4
 
 
+#: leave-one-out candidates for the penalties of the reference block and the encoding block;
+#: an infinite penalty leaves the encoding out
+REFERENCE_PENALTIES = tuple(float(a) for a in np.logspace(-3, 3, 7))
+ENCODING_PENALTIES = (*(float(a) for a in np.logspace(-1, 4, 6)), float("inf"))
+
+
 @dataclass(frozen=True)
 class DeviceFit:
-    """A target device as bootstrapped ridge fits on the reference devices' predictions."""
+    """A target device as bootstrapped ridge fits on [reference predictions, encoding]."""
 
     name: str
-    coef: np.ndarray  # (n_boot, n_reference)
+    coef: np.ndarray  # (n_boot, n_reference + feature_dim)
     intercept: np.ndarray  # (n_boot,)
-    alpha: float
+    penalties: tuple[float, float]  # (reference block, encoding block)
     samples: dict[str, float]
 
 
@@ -121,12 +130,21 @@ class LatencyPredictor:
 
     # ---- inference --------------------------------------------------------------------------
 
-    def reference_log_ms(self, keys: Sequence[str]) -> np.ndarray:
-        """Predicted standardised log-latency on every reference device: (members, len(keys), n_ref)."""
+    def encode(self, keys: Sequence[str]) -> np.ndarray:
+        """The standardised architecture encoding the networks take: (len(keys), feature_dim)."""
         features = self.space.features([self.space.canonical(k) for k in keys]).astype(np.float32)
-        x = torch.from_numpy((features - self.feature_mean) / self.feature_std)
+        return (features - self.feature_mean) / self.feature_std
+
+    def reference_log_ms(self, keys: Sequence[str], encoded: np.ndarray | None = None) -> np.ndarray:
+        """Predicted standardised log-latency on every reference device: (members, len(keys), n_ref)."""
+        x = torch.from_numpy(self.encode(keys) if encoded is None else encoded)
         with torch.inference_mode():
             return np.stack([member(x).numpy() for member in self.members])
+
+    def _design(self, keys: Sequence[str]) -> np.ndarray:
+        """Regressors of the adaptation: [reference predictions (ensemble mean), encoding]."""
+        encoded = self.encode(keys)
+        return np.hstack([self.reference_log_ms(keys, encoded).mean(axis=0), encoded]).astype(np.float64)
 
     def embed(self, keys: Sequence[str]) -> np.ndarray:
         """The architectures as seen by the reference devices (ensemble mean), for samplers."""
@@ -140,17 +158,16 @@ class LatencyPredictor:
         """
         if len(keys) == 0:
             return np.zeros(0), np.zeros(0)
-        standardised = self.reference_log_ms(keys)
         if device is None or (self.target is not None and device == self.target.name):
             if self.target is None:
                 raise ValueError("a base predictor needs `device`: one of its reference devices")
-            z = standardised.mean(axis=0)
-            log_ms = z @ self.target.coef.T + self.target.intercept  # (n, n_boot)
+            log_ms = self._design(keys) @ self.target.coef.T + self.target.intercept  # (n, n_boot)
         else:
             if device not in self.reference_devices:
                 raise ValueError(f"{device!r} is not a reference device of this predictor")
             col = self.reference_devices.index(device)
-            log_ms = (standardised[:, :, col] * self.log_std[col] + self.log_mean[col]).T  # (n, members)
+            standardised = self.reference_log_ms(keys)[:, :, col]
+            log_ms = (standardised * self.log_std[col] + self.log_mean[col]).T  # (n, members)
         ms = np.exp(log_ms)
         return ms.mean(axis=1), ms.std(axis=1)
 
@@ -165,16 +182,17 @@ class LatencyPredictor:
         y = np.log(np.asarray([samples[k] for k in samples], dtype=np.float64))
         if not np.all(np.isfinite(y)):
             raise ValueError("sample latencies must be positive finite numbers")
-        z = self.embed(keys).astype(np.float64)
-        alpha = _loo_alpha(z, y)
+        x = self._design(keys)
+        penalty = _loo_penalty(x, y, len(self.reference_devices))
         rng = np.random.default_rng(seed)
-        fits = [_ridge(z, y, alpha)]
+        fits = [_ridge(x, y, penalty)]
         for _ in range(n_boot - 1):
             pick = rng.integers(0, len(y), len(y))
-            fits.append(_ridge(z[pick], y[pick], alpha))
+            fits.append(_ridge(x[pick], y[pick], penalty))
         coef = np.stack([c for c, _ in fits])
         intercept = np.asarray([b for _, b in fits])
-        fit = DeviceFit(name, coef, intercept, alpha, dict(zip(keys, map(float, np.exp(y)))))
+        penalties = (float(penalty[0]), float(penalty[-1]))
+        fit = DeviceFit(name, coef, intercept, penalties, dict(zip(keys, map(float, np.exp(y)))))
         return LatencyPredictor(
             self.space, self.reference_devices, self.members, self.feature_mean, self.feature_std,
             self.log_mean, self.log_std, self.config, fit,
@@ -189,7 +207,7 @@ class LatencyPredictor:
                 "name": self.target.name,
                 "coef": torch.from_numpy(self.target.coef),
                 "intercept": torch.from_numpy(self.target.intercept),
-                "alpha": self.target.alpha,
+                "penalties": list(self.target.penalties),
                 "samples": self.target.samples,
             }
         return {
@@ -233,7 +251,7 @@ class LatencyPredictor:
         fit = None
         if target is not None:
             fit = DeviceFit(target["name"], target["coef"].numpy(), target["intercept"].numpy(),
-                            float(target["alpha"]), dict(target["samples"]))
+                            tuple(target["penalties"]), dict(target["samples"]))
         return cls(space, list(state["reference_devices"]), members, state["feature_mean"].numpy(),
                    state["feature_std"].numpy(), state["log_mean"].numpy(), state["log_std"].numpy(), config, fit)
 
@@ -271,23 +289,31 @@ def _train_member(
     return net.eval()
 
 
-def _ridge(z: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
-    z_mean, y_mean = z.mean(axis=0), y.mean()
-    zc = z - z_mean
-    coef = np.linalg.solve(zc.T @ zc + alpha * np.eye(z.shape[1]), zc.T @ (y - y_mean))
-    return coef, float(y_mean - z_mean @ coef)
+def _ridge(x: np.ndarray, y: np.ndarray, penalty: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ridge with a penalty per column (inf drops the column); returns (coef, intercept)."""
+    x_mean, y_mean = x.mean(axis=0), y.mean()
+    keep = np.isfinite(penalty)
+    xc = x[:, keep] - x_mean[keep]
+    coef = np.zeros(x.shape[1])
+    coef[keep] = np.linalg.solve(xc.T @ xc + np.diag(penalty[keep]), xc.T @ (y - y_mean))
+    return coef, float(y_mean - x_mean @ coef)
 
 
-def _loo_alpha(z: np.ndarray, y: np.ndarray, grid: Sequence[float] = tuple(np.logspace(-3, 3, 13))) -> float:
-    """The ridge penalty with the smallest leave-one-out squared error (closed form via the hat matrix)."""
-    zc = z - z.mean(axis=0)
-    yc = y - y.mean()
+def _loo_penalty(x: np.ndarray, y: np.ndarray, n_reference: int) -> np.ndarray:
+    """Per-column penalties of the (reference, encoding) blocks with the smallest leave-one-out
+    squared error, in closed form through the hat matrix."""
     n = len(y)
-    best_alpha, best_error = grid[0], np.inf
-    for alpha in grid:
-        hat = zc @ np.linalg.solve(zc.T @ zc + alpha * np.eye(z.shape[1]), zc.T) + 1.0 / n
-        residual = (yc - (hat - 1.0 / n) @ yc) / np.clip(1 - np.diag(hat), 1e-6, None)
-        error = float(np.mean(residual**2))
-        if error < best_error:
-            best_alpha, best_error = float(alpha), error
-    return best_alpha
+    yc = y - y.mean()
+    best, best_error = np.zeros(x.shape[1]), np.inf
+    for reference_penalty in REFERENCE_PENALTIES:
+        for encoding_penalty in ENCODING_PENALTIES:
+            penalty = np.full(x.shape[1], encoding_penalty)
+            penalty[:n_reference] = reference_penalty
+            keep = np.isfinite(penalty)
+            xc = x[:, keep] - x[:, keep].mean(axis=0)
+            hat = xc @ np.linalg.solve(xc.T @ xc + np.diag(penalty[keep]), xc.T) + 1.0 / n
+            residual = (yc - (hat - 1.0 / n) @ yc) / np.clip(1 - np.diag(hat), 1e-6, None)
+            error = float(np.mean(residual**2))
+            if error < best_error:
+                best, best_error = penalty, error
+    return best

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -56,10 +57,13 @@ def test_device_lifecycle(api: httpx.Client) -> None:
 
 
 def test_architecture_is_canonicalised_and_idempotent(api: httpx.Client) -> None:
-    first = api.post("/architectures", json={"space": "nb201", "key": NB201_KEY})
-    again = api.post("/architectures", json={"space": "nb201", "key": NB201_KEY})
-    assert first.status_code == 201 and again.status_code == 200
+    arch = {"r": 176, "ks": [3, 5, 7, 3] * 5, "e": [4, 6, 3, 4] * 5, "d": [2, 3, 4, 3, 2]}
+    loose = json.dumps(arch, indent=2)  # valid, but not the canonical spelling
+    first = api.post("/architectures", json={"space": "ofa", "key": loose})
+    again = api.post("/architectures", json={"space": "ofa", "key": json.dumps(arch)})
+    assert first.status_code == 201 and again.status_code == 200, (first.text, again.text)
     assert first.json()["id"] == again.json()["id"]
+    assert first.json()["key"] == json.dumps(dict(sorted(arch.items())), separators=(",", ":"))
 
 
 @pytest.mark.parametrize(

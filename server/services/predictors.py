@@ -91,7 +91,7 @@ def adapt(session: Session, cache: PredictorCache, base: Predictor, device: Devi
         device_id=device.id,
         training_devices=base.training_devices,
         metrics={"adapt_seconds": round(time.perf_counter() - started, 3), "samples": len(samples),
-                 "ridge_alpha": model.target.alpha},
+                 "ridge_penalties": list(model.target.penalties)},
         checkpoint=model.to_bytes(),
     )
     session.add(row)

@@ -114,7 +114,9 @@ class LatencyPredictor:
             table = LatencyTable.from_rows(space, table)
         features = space.features(table.keys).astype(np.float32)
         feature_mean = features.mean(axis=0)
-        feature_std = features.std(axis=0) + 1e-6
+        # a feature constant in training (e.g. "connected" when only connected cells were
+        # measured) must stay finite for architectures where it differs
+        feature_std = np.where(features.std(axis=0) < 1e-3, 1.0, features.std(axis=0)).astype(np.float32)
         log_mean = np.nanmean(table.log_ms, axis=0)
         log_std = np.nanstd(table.log_ms, axis=0) + 1e-6
         x = torch.from_numpy((features - feature_mean) / feature_std)

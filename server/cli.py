@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from server.bench_cli import bench_app
 from server.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True, help="Latency measurement farm and few-shot latency predictor for NAS.")
@@ -18,6 +19,7 @@ db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 datasets_app = typer.Typer(no_args_is_help=True, help="Published reference latency tables.")
 app.add_typer(db_app, name="db")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 

@@ -3,15 +3,17 @@
 Pre-training fits an ensemble of MLPs mapping an architecture's encoding to its standardised
 log-latency on every reference device at once. A new device's log-latency is then a linear
 function of two blocks, fitted on its few measured samples: the reference devices' predicted
-latencies (how known hardware sees the architecture) and the architecture's own encoding (what
-no reference device captures, e.g. an op that is slow only on this device). Each block has its
-own ridge penalty, both chosen by leave-one-out error on the samples; bootstrapped fits give
-the uncertainty.
+latencies (how known hardware sees the architecture), led by an unpenalised prior that weights
+the reference devices by their correlation with the samples, and a few whole-architecture
+descriptors (log MACs, log parameters, op shares: what no reference device captures, e.g. a
+device bound by kernel launches rather than arithmetic). Each block has its own ridge penalty,
+chosen by leave-one-out error on the samples; bootstrapped fits give the uncertainty.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -21,10 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from predictor.cost import ANALYTIC_SPACES, N_COST_DESCRIPTORS, summary_features
 from predictor.reference import LatencyTable, Row
 from predictor.spaces import SearchSpace, get_space
 
-CHECKPOINT_FORMAT = "latfarm.predictor/1"
+CHECKPOINT_FORMAT = "latfarm.predictor/2"
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -56,20 +59,24 @@ class TrainConfig:
     weight_decay: float = 1e-4
 
 
-#: leave-one-out candidates for the penalties of the reference block and the encoding block;
-#: an infinite penalty leaves the encoding out
-REFERENCE_PENALTIES = tuple(float(a) for a in np.logspace(-3, 3, 7))
-ENCODING_PENALTIES = (*(float(a) for a in np.logspace(-1, 4, 6)), float("inf"))
+#: leave-one-out candidates for the penalty of each block of the adaptation; an infinite
+#: penalty leaves the block out
+PRIOR_PENALTIES = (0.0, float("inf"))
+REFERENCE_PENALTIES = (*(float(a) for a in np.logspace(-2, 3, 6)), float("inf"))
+DESCRIPTOR_PENALTIES = (*(float(a) for a in np.logspace(-1, 4, 6)), float("inf"))
+COST_PENALTIES = (0.0, 1.0, 10.0, float("inf"))
+#: how sharply the prior favours the reference devices best correlated with the samples
+SIMILARITY_SHARPNESS = 20.0
 
 
 @dataclass(frozen=True)
 class DeviceFit:
-    """A target device as bootstrapped ridge fits on [reference predictions, encoding]."""
+    """A target device as bootstrapped ridge fits on [reference predictions, descriptors]."""
 
     name: str
-    coef: np.ndarray  # (n_boot, n_reference + feature_dim)
+    coef: np.ndarray  # (n_boot, n_reference + n_descriptors)
     intercept: np.ndarray  # (n_boot,)
-    penalties: tuple[float, float]  # (reference block, encoding block)
+    penalties: tuple[float, ...]  # per block: prior, references, descriptors, costs (if any)
     samples: dict[str, float]
 
 
@@ -83,6 +90,8 @@ class LatencyPredictor:
         feature_std: np.ndarray,
         log_mean: np.ndarray,
         log_std: np.ndarray,
+        descriptor_mean: np.ndarray,
+        descriptor_std: np.ndarray,
         config: TrainConfig,
         target: DeviceFit | None = None,
     ) -> None:
@@ -93,6 +102,8 @@ class LatencyPredictor:
         self.feature_std = feature_std
         self.log_mean = log_mean
         self.log_std = log_std
+        self.descriptor_mean = descriptor_mean
+        self.descriptor_std = descriptor_std
         self.config = config
         self.target = target
 
@@ -116,7 +127,9 @@ class LatencyPredictor:
         feature_mean = features.mean(axis=0)
         # a feature constant in training (e.g. "connected" when only connected cells were
         # measured) must stay finite for architectures where it differs
-        feature_std = np.where(features.std(axis=0) < 1e-3, 1.0, features.std(axis=0)).astype(np.float32)
+        feature_std = _safe_std(features).astype(np.float32)
+        descriptors = summary_features(space, table.keys, features)
+        descriptor_mean, descriptor_std = descriptors.mean(axis=0), _safe_std(descriptors)
         log_mean = np.nanmean(table.log_ms, axis=0)
         log_std = np.nanstd(table.log_ms, axis=0) + 1e-6
         x = torch.from_numpy((features - feature_mean) / feature_std)
@@ -128,25 +141,29 @@ class LatencyPredictor:
                 _train_member(x, y, config, seed * 1000 + member, progress, member * steps_per_member,
                               config.members * steps_per_member)
             )
-        return cls(space, table.devices, members, feature_mean, feature_std, log_mean, log_std, config)
+        return cls(space, table.devices, members, feature_mean, feature_std, log_mean, log_std, descriptor_mean,
+                   descriptor_std, config)
 
     # ---- inference --------------------------------------------------------------------------
 
-    def encode(self, keys: Sequence[str]) -> np.ndarray:
-        """The standardised architecture encoding the networks take: (len(keys), feature_dim)."""
-        features = self.space.features([self.space.canonical(k) for k in keys]).astype(np.float32)
-        return (features - self.feature_mean) / self.feature_std
-
-    def reference_log_ms(self, keys: Sequence[str], encoded: np.ndarray | None = None) -> np.ndarray:
+    def reference_log_ms(self, keys: Sequence[str], features: np.ndarray | None = None) -> np.ndarray:
         """Predicted standardised log-latency on every reference device: (members, len(keys), n_ref)."""
-        x = torch.from_numpy(self.encode(keys) if encoded is None else encoded)
+        if features is None:
+            features = self.space.features([self.space.canonical(k) for k in keys])
+        x = torch.from_numpy(((features - self.feature_mean) / self.feature_std).astype(np.float32))
         with torch.inference_mode():
             return np.stack([member(x).numpy() for member in self.members])
 
+    def descriptors(self, keys: Sequence[str]) -> np.ndarray:
+        """Everything the adaptation regresses on, per key: what samplers should spread over."""
+        return self._design(keys)
+
     def _design(self, keys: Sequence[str]) -> np.ndarray:
-        """Regressors of the adaptation: [reference predictions (ensemble mean), encoding]."""
-        encoded = self.encode(keys)
-        return np.hstack([self.reference_log_ms(keys, encoded).mean(axis=0), encoded]).astype(np.float64)
+        """Regressors of the adaptation: [reference predictions (ensemble mean), descriptors]."""
+        keys = [self.space.canonical(k) for k in keys]
+        features = self.space.features(keys)
+        descriptors = (summary_features(self.space, keys, features) - self.descriptor_mean) / self.descriptor_std
+        return np.hstack([self.reference_log_ms(keys, features).mean(axis=0), descriptors])
 
     def embed(self, keys: Sequence[str]) -> np.ndarray:
         """The architectures as seen by the reference devices (ensemble mean), for samplers."""
@@ -163,15 +180,18 @@ class LatencyPredictor:
         if device is None or (self.target is not None and device == self.target.name):
             if self.target is None:
                 raise ValueError("a base predictor needs `device`: one of its reference devices")
-            log_ms = self._design(keys) @ self.target.coef.T + self.target.intercept  # (n, n_boot)
+            fits = self._design(keys) @ self.target.coef.T + self.target.intercept  # (n, n_boot)
+            centre = fits[:, 0]  # the fit on all samples; one wild bootstrap fit must not drag it
         else:
             if device not in self.reference_devices:
                 raise ValueError(f"{device!r} is not a reference device of this predictor")
             col = self.reference_devices.index(device)
             standardised = self.reference_log_ms(keys)[:, :, col]
-            log_ms = (standardised * self.log_std[col] + self.log_mean[col]).T  # (n, members)
-        ms = np.exp(log_ms)
-        return ms.mean(axis=1), ms.std(axis=1)
+            fits = (standardised * self.log_std[col] + self.log_mean[col]).T  # (n, members)
+            centre = fits.mean(axis=1)
+        # in log space; the spread of the fits gives the uncertainty in ms (delta method)
+        ms = np.exp(centre)
+        return ms, ms * fits.std(axis=1)
 
     # ---- few-shot adaptation ----------------------------------------------------------------
 
@@ -184,20 +204,28 @@ class LatencyPredictor:
         y = np.log(np.asarray([samples[k] for k in samples], dtype=np.float64))
         if not np.all(np.isfinite(y)):
             raise ValueError("sample latencies must be positive finite numbers")
+        n_ref = len(self.reference_devices)
         x = self._design(keys)
-        penalty = _loo_penalty(x, y, len(self.reference_devices))
+        weights = _similarity_weights(x[:, :n_ref], y)
+        # the prior (the reference devices most like this one) enters unpenalised; the ridge
+        # blocks then only model what the prior gets wrong
+        augmented = np.hstack([x[:, :n_ref] @ weights[:, None], x])
+        n_cost = N_COST_DESCRIPTORS if self.space.name in ANALYTIC_SPACES else 0
+        blocks = [(1, PRIOR_PENALTIES), (n_ref, REFERENCE_PENALTIES),
+                  (x.shape[1] - n_ref - n_cost, DESCRIPTOR_PENALTIES), (n_cost, COST_PENALTIES)]
+        penalty, block_penalties = _loo_penalty(augmented, y, [b for b in blocks if b[0]])
         rng = np.random.default_rng(seed)
-        fits = [_ridge(x, y, penalty)]
+        fits = [_ridge(augmented, y, penalty)]
         for _ in range(n_boot - 1):
             pick = rng.integers(0, len(y), len(y))
-            fits.append(_ridge(x[pick], y[pick], penalty))
-        coef = np.stack([c for c, _ in fits])
+            fits.append(_ridge(augmented[pick], y[pick], penalty))
+        coef = np.stack([c[1:] for c, _ in fits])
+        coef[:, :n_ref] += np.outer([c[0] for c, _ in fits], weights)
         intercept = np.asarray([b for _, b in fits])
-        penalties = (float(penalty[0]), float(penalty[-1]))
-        fit = DeviceFit(name, coef, intercept, penalties, dict(zip(keys, map(float, np.exp(y)))))
+        fit = DeviceFit(name, coef, intercept, block_penalties, dict(zip(keys, map(float, np.exp(y)))))
         return LatencyPredictor(
             self.space, self.reference_devices, self.members, self.feature_mean, self.feature_std,
-            self.log_mean, self.log_std, self.config, fit,
+            self.log_mean, self.log_std, self.descriptor_mean, self.descriptor_std, self.config, fit,
         )
 
     # ---- persistence ------------------------------------------------------------------------
@@ -221,6 +249,8 @@ class LatencyPredictor:
             "feature_std": torch.from_numpy(self.feature_std),
             "log_mean": torch.from_numpy(np.asarray(self.log_mean, dtype=np.float32)),
             "log_std": torch.from_numpy(np.asarray(self.log_std, dtype=np.float32)),
+            "descriptor_mean": torch.from_numpy(self.descriptor_mean),
+            "descriptor_std": torch.from_numpy(self.descriptor_std),
             "members": [member.state_dict() for member in self.members],
             "target": target,
         }
@@ -255,7 +285,16 @@ class LatencyPredictor:
             fit = DeviceFit(target["name"], target["coef"].numpy(), target["intercept"].numpy(),
                             tuple(target["penalties"]), dict(target["samples"]))
         return cls(space, list(state["reference_devices"]), members, state["feature_mean"].numpy(),
-                   state["feature_std"].numpy(), state["log_mean"].numpy(), state["log_std"].numpy(), config, fit)
+                   state["feature_std"].numpy(), state["log_mean"].numpy(), state["log_std"].numpy(),
+                   state["descriptor_mean"].numpy(), state["descriptor_std"].numpy(), config, fit)
+
+
+def _safe_std(values: np.ndarray) -> np.ndarray:
+    """Column standard deviations, 1 where a column (nearly) never varies: a feature constant in
+    training (e.g. "connected" when only connected cells were measured) must stay finite for
+    architectures where it differs."""
+    std = values.std(axis=0)
+    return np.where(std < 1e-3, 1.0, std)
 
 
 def _train_member(
@@ -297,25 +336,39 @@ def _ridge(x: np.ndarray, y: np.ndarray, penalty: np.ndarray) -> tuple[np.ndarra
     keep = np.isfinite(penalty)
     xc = x[:, keep] - x_mean[keep]
     coef = np.zeros(x.shape[1])
-    coef[keep] = np.linalg.solve(xc.T @ xc + np.diag(penalty[keep]), xc.T @ (y - y_mean))
+    coef[keep] = np.linalg.lstsq(xc.T @ xc + np.diag(penalty[keep]), xc.T @ (y - y_mean), rcond=None)[0]
     return coef, float(y_mean - x_mean @ coef)
 
 
-def _loo_penalty(x: np.ndarray, y: np.ndarray, n_reference: int) -> np.ndarray:
-    """Per-column penalties of the (reference, encoding) blocks with the smallest leave-one-out
-    squared error, in closed form through the hat matrix."""
+def _similarity_weights(reference: np.ndarray, y: np.ndarray, sharpness: float = SIMILARITY_SHARPNESS) -> np.ndarray:
+    """Softmax over the reference devices of their correlation with the samples' log-latency."""
+    rc = reference - reference.mean(axis=0)
+    yc = y - y.mean()
+    correlation = (rc.T @ yc) / np.clip(np.linalg.norm(rc, axis=0) * np.linalg.norm(yc), 1e-12, None)
+    logits = sharpness * correlation
+    weights = np.exp(logits - logits.max())
+    return weights / weights.sum()
+
+
+def _loo_penalty(x: np.ndarray, y: np.ndarray,
+                 blocks: Sequence[tuple[int, Sequence[float]]]) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The per-block ridge penalties, over the blocks' candidate grids, with the smallest
+    leave-one-out squared error (closed form through the hat matrix). `blocks` lists each block's
+    column count and candidates; an infinite penalty leaves a block out. Returns the per-column
+    penalties and the chosen value of each block."""
     n = len(y)
     yc = y - y.mean()
-    best, best_error = np.zeros(x.shape[1]), np.inf
-    for reference_penalty in REFERENCE_PENALTIES:
-        for encoding_penalty in ENCODING_PENALTIES:
-            penalty = np.full(x.shape[1], encoding_penalty)
-            penalty[:n_reference] = reference_penalty
-            keep = np.isfinite(penalty)
-            xc = x[:, keep] - x[:, keep].mean(axis=0)
-            hat = xc @ np.linalg.solve(xc.T @ xc + np.diag(penalty[keep]), xc.T) + 1.0 / n
-            residual = (yc - (hat - 1.0 / n) @ yc) / np.clip(1 - np.diag(hat), 1e-6, None)
-            error = float(np.mean(residual**2))
-            if error < best_error:
-                best, best_error = penalty, error
-    return best
+    sizes = [size for size, _ in blocks]
+    best, best_choice, best_error = np.zeros(x.shape[1]), (), np.inf
+    for choice in itertools.product(*(grid for _, grid in blocks)):
+        penalty = np.repeat(np.asarray(choice, dtype=np.float64), sizes)
+        keep = np.isfinite(penalty)
+        if not keep.any():
+            continue
+        xc = x[:, keep] - x[:, keep].mean(axis=0)
+        hat = xc @ np.linalg.pinv(xc.T @ xc + np.diag(penalty[keep])) @ xc.T + 1.0 / n
+        residual = (yc - (hat - 1.0 / n) @ yc) / np.clip(1 - np.diag(hat), 1e-6, None)
+        error = float(np.mean(residual**2))
+        if error < best_error:
+            best, best_choice, best_error = penalty, tuple(float(c) for c in choice), error
+    return best, best_choice

@@ -79,6 +79,28 @@ class KMeansSampler(Sampler):
         return [pool[i] for i in chosen]
 
 
+class StratifiedSampler(Sampler):
+    """One random architecture from each of k equal-count strata along the candidates' main axis.
+
+    The axis is the first principal component of what the adaptation regresses on (the reference
+    devices' predicted latencies and the architecture descriptors), so the samples cover that
+    range evenly, fast to slow, while the pick inside a stratum stays random and so unbiased in
+    everything else.
+    """
+
+    name = "stratified"
+
+    def select(self, space, k, seed=0, predictor=None, candidates=None):  # type: ignore[no-untyped-def]
+        pool = candidate_keys(space, seed, candidates)
+        _check_k(k, len(pool))
+        embedding = predictor.descriptors(pool) if predictor is not None else space.features(pool)
+        centred = (embedding - embedding.mean(axis=0)) / (embedding.std(axis=0) + 1e-6)
+        direction = np.linalg.svd(centred, full_matrices=False)[2][0]
+        order = np.argsort(centred @ direction, kind="stable")
+        rng = np.random.default_rng(seed)
+        return [pool[int(rng.choice(stratum))] for stratum in np.array_split(order, k)]
+
+
 def _kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     centres = [points[rng.integers(len(points))]]
     closest = ((points - centres[0]) ** 2).sum(axis=1)
@@ -99,8 +121,9 @@ def _check_k(k: int, pool_size: int) -> None:
         raise ValueError(f"k must be between 1 and {pool_size}, got {k}")
 
 
-SAMPLERS: dict[str, type[Sampler]] = {"random": RandomSampler, "kmeans": KMeansSampler}
-DEFAULT_SAMPLER = "kmeans"
+SAMPLERS: dict[str, type[Sampler]] = {"random": RandomSampler, "kmeans": KMeansSampler,
+                                      "stratified": StratifiedSampler}
+DEFAULT_SAMPLER = "stratified"
 
 
 def get_sampler(name: str) -> Sampler:

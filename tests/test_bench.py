@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from predictor import LatencyPredictor, TrainConfig, get_sampler, get_space
 from predictor.bench import RAW_COLUMNS, BenchMismatch, load_space_table, load_tasks, run_bench, split
-from predictor.bench.flops import analytic_cost, hooked_cost
+from predictor.cost import analytic_cost, hooked_cost
 from predictor.bench.methods import Method, OneProxy, Prediction, TaskContext, ridge_fit_predict
 from server.bench_cli import bench_app
 

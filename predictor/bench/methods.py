@@ -22,7 +22,7 @@ from scipy.stats import spearmanr
 from predictor.model import LatencyPredictor
 from predictor.spaces import SearchSpace
 
-from .flops import analytic_cost
+from predictor.cost import analytic_cost
 
 
 @dataclass

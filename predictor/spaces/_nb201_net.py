@@ -44,7 +44,7 @@ class Cell(nn.Module):
 
     def __init__(self, ops: Sequence[str], channels: int) -> None:
         super().__init__()
-        live = live_edges([OPS.index(op) for op in ops])
+        live = live_edges(tuple(OPS.index(op) for op in ops))
         kept = [(edge, op) for edge, op, on in zip(EDGES, ops, live) if on]
         self.edges = [edge for edge, _ in kept]
         self.ops = nn.ModuleList(edge_op(op, channels) for _, op in kept)

@@ -36,6 +36,9 @@ class SearchSpace(ABC):
     input_shape: tuple[int, int, int]
     #: length of a `features()` row
     feature_dim: int
+    #: the features start with this many one-hot columns of per-position choices; the rest are
+    #: whole-architecture summaries (op shares, depths, ...)
+    onehot_dim: int
 
     @abstractmethod
     def canonical(self, key: str) -> str:

@@ -40,6 +40,7 @@ class FBNetSpace(SearchSpace):
     op_names = (*OPS, "input", "output")
     input_shape = (3, 224, 224)
     feature_dim = N_BLOCKS * len(OPS) + len(OPS)
+    onehot_dim = N_BLOCKS * len(OPS)
 
     def canonical(self, key: str) -> str:
         return self.from_op_vec(_parse(key))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from functools import lru_cache
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -37,7 +38,8 @@ def _op_graph_adjacency() -> np.ndarray:
 _ADJACENCY = _op_graph_adjacency()
 
 
-def live_edges(ops: Sequence[int]) -> tuple[bool, ...]:
+@lru_cache(maxsize=len(OPS) ** len(EDGES))
+def live_edges(ops: tuple[int, ...]) -> tuple[bool, ...]:
     """Per edge: whether it lies on a path of non-`none` edges from the cell input to its output.
 
     Other edges cannot change the cell's output: they are dead code or act on zeros.
@@ -92,6 +94,7 @@ class NB201Space(SearchSpace):
     op_names = (*OPS, "input", "output")
     input_shape = (3, 32, 32)
     feature_dim = len(EDGES) * len(OPS) + len(OPS) + (len(OPS) - 1) + 1
+    onehot_dim = len(EDGES) * len(OPS)
 
     def canonical(self, key: str) -> str:
         return self.from_op_vec(_parse(key))
@@ -141,6 +144,7 @@ class NB201Space(SearchSpace):
         return np.asarray(rows, dtype=np.float32).reshape(len(rows), self.feature_dim)
 
     @staticmethod
+    @lru_cache(maxsize=len(OPS) ** len(EDGES))
     def _features(ops: tuple[int, ...]) -> np.ndarray:
         edges = one_hot(ops, len(OPS))
         live = np.array(live_edges(ops), dtype=np.float32)

@@ -105,6 +105,7 @@ class OFASpace(SearchSpace):
     op_names = (*BLOCK_OPS, INACTIVE, "input", "output")
     input_shape = (3, 224, 224)
     feature_dim = N_BLOCKS * (len(KERNEL_SIZES) + len(EXPAND_RATIOS)) + N_STAGES * len(DEPTHS) + 1
+    onehot_dim = N_BLOCKS * (len(KERNEL_SIZES) + len(EXPAND_RATIOS))
 
     def canonical(self, key: str) -> str:
         """The compact, key-sorted JSON of `key`; inactive blocks keep their values."""

@@ -8,6 +8,7 @@ agree. Parameters are every parameter of the module (convolutions, batch norms, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from predictor.spaces import fbnet as fb
 from predictor.spaces import nb201 as nb
 
 Cost = tuple[int, int]  # (MACs, parameters)
+ANALYTIC_SPACES = ("nb201", "fbnet")
+#: trailing columns of `summary_features` that are costs (log MACs, log parameters)
+N_COST_DESCRIPTORS = 2
 
 
 def _conv(c_in: int, c_out: int, kernel: int, out_hw: int, groups: int = 1, bn: bool = True) -> Cost:
@@ -33,11 +37,17 @@ _NB201_STAGES = ((16, 32), (32, 16), (64, 8))  # (channels, resolution) of each 
 
 
 def _nb201_cost(ops: Sequence[int]) -> Cost:
-    from predictor.spaces._nb201_net import CELLS_PER_STAGE, N_CLASSES, STEM_CHANNELS
-
-    live = nb.live_edges(ops)
+    live = nb.live_edges(tuple(ops))
     n1 = sum(1 for op, on in zip(ops, live) if on and nb.OPS[op] == "nor_conv_1x1")
     n3 = sum(1 for op, on in zip(ops, live) if on and nb.OPS[op] == "nor_conv_3x3")
+    return _nb201_cost_of_convs(n1, n3)
+
+
+@lru_cache(maxsize=None)
+def _nb201_cost_of_convs(n1: int, n3: int) -> Cost:
+    """The cost depends only on how many live 1x1 and 3x3 convolutions the cell has."""
+    from predictor.spaces._nb201_net import CELLS_PER_STAGE, N_CLASSES, STEM_CHANNELS
+
     parts = [_conv(3, STEM_CHANNELS, 3, 32)]
     for stage, (c, hw) in enumerate(_NB201_STAGES):
         if stage > 0:  # the residual reduction block from the previous stage
@@ -106,6 +116,16 @@ def analytic_cost(space: SearchSpace, keys: Sequence[str]) -> tuple[np.ndarray, 
         blocks = np.arange(fb.N_BLOCKS)
         return fixed_macs + macs[blocks, ops].sum(axis=1), fixed_params + params[blocks, ops].sum(axis=1)
     raise ValueError(f"no analytic FLOPs for the {space.name} space")
+
+
+def summary_features(space: SearchSpace, keys: Sequence[str], features: np.ndarray) -> np.ndarray:
+    """Whole-architecture descriptors: the non-one-hot tail of `features` plus log MACs and log
+    parameters where the space has an analytic count. Few enough to fit from a handful of samples."""
+    tail = features[:, space.onehot_dim :].astype(np.float64)
+    if space.name not in ANALYTIC_SPACES:
+        return tail
+    macs, params = analytic_cost(space, keys)
+    return np.hstack([tail, np.log(macs.astype(np.float64))[:, None], np.log(params.astype(np.float64))[:, None]])
 
 
 def hooked_cost(space: SearchSpace, key: str) -> Cost:

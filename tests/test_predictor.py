@@ -1,0 +1,110 @@
+"""The predictor's Python API on a synthetic reference table with known structure."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from predictor import LatencyPredictor, TrainConfig, get_sampler, get_space
+from predictor.cost import analytic_cost
+from predictor.samplers import SAMPLERS
+
+TINY = TrainConfig(members=2, hidden=64, depth=2, epochs=20)
+SPACE = get_space("nb201")
+
+
+def synthetic_ms(keys: list[str], op_cost: np.ndarray, overhead: float) -> np.ndarray:
+    """A device whose latency is an overhead plus a cost per live operation and per MAC."""
+    macs, _ = analytic_cost(SPACE, keys)
+    counts = np.asarray([np.bincount(SPACE.op_vec(k), minlength=5) for k in keys], dtype=np.float64)
+    return overhead + counts @ op_cost + macs / 5e7
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[list[str], list[tuple[str, str, float]]]:
+    keys = SPACE.sample(1500, seed=1)
+    rng = np.random.default_rng(0)
+    rows = []
+    for d in range(6):
+        ms = synthetic_ms(keys, rng.uniform(0.0, 1.0, 5), overhead=rng.uniform(1, 3))
+        rows += [(key, f"ref{d}", float(value)) for key, value in zip(keys, ms)]
+    return keys, rows
+
+
+@pytest.fixture(scope="module")
+def base(reference) -> LatencyPredictor:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return LatencyPredictor.pretrain(SPACE, reference[1], config=TINY)
+
+
+def test_pretrained_predictor_tracks_its_reference_devices(base: LatencyPredictor, reference) -> None:  # type: ignore[no-untyped-def]
+    keys, rows = reference
+    truth = [ms for key, device, ms in rows if device == "ref0"]
+    predicted, std = base.predict(keys, device="ref0")
+    assert spearmanr(predicted, truth).statistic > 0.8
+    assert np.all(std >= 0) and np.all(np.isfinite(predicted))
+    with pytest.raises(ValueError, match="reference device"):
+        base.predict(keys[:3], device="not-a-reference")
+
+
+def test_adaptation_learns_a_new_device_from_few_samples(base: LatencyPredictor) -> None:
+    held_out = SPACE.sample(400, seed=7)
+    new_cost = np.array([0.0, 0.05, 0.9, 0.2, 1.5])  # unlike any reference device
+    samples = SPACE.sample(20, seed=3)
+    measured = dict(zip(samples, synthetic_ms(samples, new_cost, overhead=0.5)))
+    device = base.adapt(measured, name="new")
+    predicted, std = device.predict(held_out)
+    truth = synthetic_ms(held_out, new_cost, overhead=0.5)
+    assert spearmanr(predicted, truth).statistic > 0.9
+    assert np.all(std > 0)
+    assert device.target is not None and device.target.samples == pytest.approx(measured)
+
+
+def test_adaptation_rejects_too_few_or_invalid_samples(base: LatencyPredictor) -> None:
+    key = SPACE.sample(1, seed=0)[0]
+    with pytest.raises(ValueError, match="at least 2"):
+        base.adapt({key: 1.0})
+    other = SPACE.sample(2, seed=5)
+    with pytest.raises(ValueError, match="positive finite"):
+        base.adapt({other[0]: 1.0, other[1]: float("nan")})
+
+
+def test_checkpoint_round_trip_with_weights_only(base: LatencyPredictor) -> None:
+    samples = SPACE.sample(12, seed=2)
+    device = base.adapt(dict(zip(samples, np.linspace(1, 3, 12))), name="dev")
+    buffer = io.BytesIO()
+    device.save(buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)  # no pickled code
+    assert state["format"].startswith("latfarm.predictor/")
+    loaded = LatencyPredictor.load(buffer.getvalue())
+    keys = SPACE.sample(50, seed=9)
+    np.testing.assert_allclose(loaded.predict(keys)[0], device.predict(keys)[0], rtol=1e-5)
+    assert loaded.target is not None and loaded.target.name == "dev"
+    with pytest.raises(ValueError, match="not a latfarm predictor"):
+        bad = io.BytesIO()
+        torch.save({"format": "something else"}, bad)
+        LatencyPredictor.load(bad.getvalue())
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_samplers_are_deterministic_distinct_and_valid(name: str, base: LatencyPredictor) -> None:
+    sampler = get_sampler(name)
+    candidates = SPACE.sample(600, seed=4)
+    first = sampler.select(SPACE, 20, seed=11, predictor=base, candidates=candidates)
+    again = sampler.select(SPACE, 20, seed=11, predictor=base, candidates=candidates)
+    other = sampler.select(SPACE, 20, seed=12, predictor=base, candidates=candidates)
+    assert first == again
+    assert first != other
+    assert len(set(first)) == 20 and set(first) <= set(candidates)
+    with pytest.raises(ValueError, match="k must be"):
+        sampler.select(SPACE, 601, seed=0, predictor=base, candidates=candidates)
+
+
+def test_default_sampler_is_known() -> None:
+    assert get_sampler("default").name in SAMPLERS
+    with pytest.raises(ValueError, match="unknown sampler"):
+        get_sampler("nope")

@@ -69,9 +69,9 @@ def finish_if_measured(factory: sessionmaker[Session], cache: predictors.Predict
         ).rowcount
     if claimed != 1:
         return
-    with session_scope(factory) as session:
-        onboarding = session.get_one(Onboarding, onboarding_id)
-        try:
+    try:
+        with session_scope(factory) as session:
+            onboarding = session.get_one(Onboarding, onboarding_id)
             samples = dict(
                 session.execute(
                     select(Architecture.key, Measurement.latency_ms)
@@ -85,8 +85,9 @@ def finish_if_measured(factory: sessionmaker[Session], cache: predictors.Predict
                 raise ValueError(f"{len(samples)} successful measurements; adaptation needs at least 2")
             adapted = predictors.adapt(session, cache, base, onboarding.device, samples)
             onboarding.predictor_id = adapted.id
-            onboarding.status = OnboardingStatus.ready
-        except Exception as exc:  # the onboarding records why it failed; the server goes on
-            log.exception("onboarding %s failed", onboarding_id)
-            onboarding.status, onboarding.error = OnboardingStatus.failed, str(exc)
-        onboarding.finished_at = utcnow()
+            onboarding.status, onboarding.finished_at = OnboardingStatus.ready, utcnow()
+    except Exception as exc:  # recorded on the onboarding, in a transaction of its own; the server goes on
+        log.exception("onboarding %s failed", onboarding_id)
+        with session_scope(factory) as session:
+            onboarding = session.get_one(Onboarding, onboarding_id)
+            onboarding.status, onboarding.error, onboarding.finished_at = OnboardingStatus.failed, str(exc), utcnow()

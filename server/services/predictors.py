@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -91,7 +92,8 @@ def adapt(session: Session, cache: PredictorCache, base: Predictor, device: Devi
         device_id=device.id,
         training_devices=base.training_devices,
         metrics={"adapt_seconds": round(time.perf_counter() - started, 3), "samples": len(samples),
-                 "ridge_penalties": list(model.target.penalties)},
+                 # per block; null: the block was left out (JSON has no infinity)
+                 "ridge_penalties": [p if math.isfinite(p) else None for p in model.target.penalties]},
         checkpoint=model.to_bytes(),
     )
     session.add(row)

@@ -85,3 +85,21 @@ def test_onboarding_adapts_a_predictor_from_real_measurements(imported, server_u
     assert adapted["metrics"]["samples"] == 6
     prediction = api.post("/predict", json={"device": device, "space": "nb201", "architectures": [NB201_KEY]}).json()
     assert prediction["predictor_id"] == adapted["id"] and prediction["latency_ms"][0] > 0
+
+
+@pytest.mark.slow
+def test_onboarding_whose_jobs_all_fail_is_marked_failed(imported, api: httpx.Client) -> None:
+    if not api.get("/predictors", params={"space": "nb201"}).json():
+        assert api.post("/predictors/pretrain", json={"space": "nb201"}).status_code == 201
+    device = "onboard-no-agent"
+    assert api.post("/devices", json={"name": device}).status_code == 201
+    started = api.post(f"/devices/{device}/onboard", json={"space": "nb201", "samples": 3}).json()
+    jobs = api.get("/jobs", params={"device": device}).json()
+    assert len(jobs) == 3
+    for job in jobs:  # no agent serves the device: cancel what it would have measured
+        assert api.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    final = wait_until(
+        lambda: (o := api.get(f"/onboardings/{started['id']}").json())["status"] in ("ready", "failed") and o, 60
+    )
+    assert final["status"] == "failed" and "0 successful measurements" in final["error"]
+    assert final["jobs_failed"] == 3 and final["predictor_id"] is None

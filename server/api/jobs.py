@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter, BackgroundTasks, Query, status
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from agent.protocol import HeartbeatRequest, HeartbeatResponse, JobResult
 from server.api.deps import CurrentAgent, Db, ServicesDep
+from server.context import Services
 from server.errors import Conflict, NotFound
-from server.models import Artifact, Job, JobStatus, Measurement
+from server.models import Artifact, Job, JobStatus, Measurement, utcnow
 from server.schemas import JobIn, JobOut
 from server.services import jobs as job_service
 from server.services import onboarding as onboarding_service
 from server.services.catalog import canonical_key, ensure_architecture, get_device, resolve_space
-from sqlalchemy.orm import Session
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
@@ -86,12 +87,20 @@ def read_job(job_id: int, session: Db) -> JobOut:
     return job_out(session, _job(session, job_id))
 
 
+def _finish_onboarding_later(job: Job, services: Services, background: BackgroundTasks) -> None:
+    """A finished job may be its onboarding's last: adapt (or record the failure) after the response."""
+    if job.onboarding_id is not None:
+        background.add_task(onboarding_service.finish_if_measured, services.sessions, services.predictors,
+                            job.onboarding_id)
+
+
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: int, session: Db) -> JobOut:
+def cancel_job(job_id: int, session: Db, services: ServicesDep, background: BackgroundTasks) -> JobOut:
     """Cancel a queued job at once; a running one is told to stop at its next heartbeat."""
     job = _job(session, job_id)
     if job.status == JobStatus.queued:
-        job.status = JobStatus.cancelled
+        job.status, job.finished_at = JobStatus.cancelled, utcnow()
+        _finish_onboarding_later(job, services, background)
     elif job.status == JobStatus.running:
         job.cancel_requested = True
     else:
@@ -110,8 +119,6 @@ def post_result(job_id: int, body: JobResult, session: Db, agent: CurrentAgent, 
                 background: BackgroundTasks) -> JobOut:
     """Record an agent's result for a job it holds the lease of. Idempotent; 409 for a stale lease."""
     job = job_service.record_result(session, agent, job_id, body)
-    if job.onboarding_id is not None:
-        background.add_task(onboarding_service.finish_if_measured, services.sessions, services.predictors,
-                            job.onboarding_id)
+    _finish_onboarding_later(job, services, background)
     session.flush()
     return job_out(session, job)

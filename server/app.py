@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 
+import torch
 from fastapi import FastAPI
 
 from server import __version__
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    torch.set_num_threads(settings.torch_threads)
     admin_token = settings.admin_token or secrets.token_urlsafe(24)
     if settings.admin_token is None:
         log.warning("LATFARM_ADMIN_TOKEN is not set; this run's admin token is %s", admin_token)

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     poll_wait_s: float = 20.0
     heartbeat_s: float = 10.0
     lease_ttl_s: float = 120.0
+    #: torch threads for training and prediction; with more than one, a busy 2-core host (an agent
+    #: measuring beside the server) slowed pre-training 24-fold, while one thread lost nothing
+    torch_threads: int = Field(default=1, ge=1)
 
     @property
     def is_sqlite(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 from rich.progress import Progress
 
 from server.db import make_engine, make_session_factory, session_scope, upgrade
@@ -17,6 +18,7 @@ from server.settings import Settings
 
 
 def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
+    torch.set_num_threads(settings.torch_threads)
     if settings.is_sqlite:
         upgrade(settings.database_url)
     return make_session_factory(make_engine(settings.database_url))

@@ -8,19 +8,14 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def _default_datasets() -> Path | None:
-    for candidate in (Path("../shared/datasets"), Path(__file__).resolve().parents[2] / "shared" / "datasets"):
-        if candidate.is_dir():
-            return candidate.resolve()
-    return None
+from predictor.datasets import find_datasets
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LATFARM_", extra="ignore")
 
     database_url: str = "sqlite:///./latfarm.db"
-    datasets: Path | None = Field(default_factory=_default_datasets)
+    datasets: Path | None = Field(default_factory=find_datasets)
     artifact_dir: Path = Path(".latfarm/artifacts")
     admin_token: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024

@@ -7,10 +7,7 @@ test device is handed on as its keys and, separately, its ground truth for scori
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
-import os
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from predictor.datasets import find_datasets, read_arch_keys, read_latencies
 from predictor.reference import Row
 from predictor.spaces import SearchSpace, get_space
 
@@ -26,13 +24,8 @@ TASKS_FILE = "tasks.json"
 
 
 def default_datasets() -> Path:
-    """`LATFARM_DATASETS`, else the server's default (`../shared/datasets` from the repo root)."""
-    env = os.environ.get("LATFARM_DATASETS")
-    if env:
-        return Path(env)
-    from server.settings import _default_datasets  # the one rule, shared with the server
-
-    found = _default_datasets()
+    """The datasets folder by the rule the server uses too; an error when there is none."""
+    found = find_datasets()
     if found is None:
         raise FileNotFoundError("no datasets folder: set LATFARM_DATASETS")
     return found
@@ -104,32 +97,21 @@ class SpaceTable:
 @lru_cache(maxsize=4)
 def load_space_table(root: Path, space_name: str) -> SpaceTable:
     """The space's latency table; NB201 cells without an input-output path are dropped."""
+    if space_name not in ("nb201", "fbnet"):
+        raise ValueError(f"the bench covers nb201 and fbnet, not {space_name!r}")
     space = get_space(space_name)
-    keys: list[str] = []
-    by_index: dict[int, int] = {}
-    with open(root / f"{space_name}_archs.csv", newline="") as handle:
-        for row in csv.DictReader(handle):
-            if space_name == "nb201":
-                if row["connected"] != "True":
-                    continue
-                key, index = row["arch_str"], int(row["nb201_idx"])
-            elif space_name == "fbnet":
-                key, index = row["ops"], int(row["fbnet_idx"])
-            else:
-                raise ValueError(f"the bench covers nb201 and fbnet, not {space_name!r}")
-            by_index[index] = len(keys)
-            keys.append(space.canonical(key))
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"{space_name}_archs.csv names an architecture twice")
+    by_index = {
+        index: key for index, key in read_arch_keys(root, space).items()
+        if space_name != "nb201" or space.is_connected(key)  # type: ignore[attr-defined]
+    }
+    keys = list(by_index.values())
+    position = {index: row for row, index in enumerate(by_index)}
     collected: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
-    with gzip.open(root / f"{space_name}_latency.csv.gz", "rt", newline="") as handle:
-        for row in csv.DictReader(handle):
-            position = by_index.get(int(row["arch_idx"]))
-            if position is None:
-                continue
-            index, ms = collected[row["device"]]
-            index.append(position)
-            ms.append(float(row["latency_ms"]))
+    for index, device, ms in read_latencies(root, space):
+        if index in position:
+            rows, values = collected[device]
+            rows.append(position[index])
+            values.append(ms)
     latencies = {d: (np.asarray(i, dtype=np.int64), np.asarray(m)) for d, (i, m) in collected.items()}
     return SpaceTable(space, keys, latencies)
 

@@ -46,7 +46,7 @@ Progress = Callable[[int, int, str], None]
 RowKey = tuple[str, str, str, int, int]
 
 #: files whose edits change the numbers; a resumed run refuses rows from other versions of them
-_SOURCES = ("model.py", "samplers.py", "reference.py", "spaces/*.py", "bench/data.py", "cost.py",
+_SOURCES = ("model.py", "samplers.py", "reference.py", "spaces/*.py", "bench/data.py", "cost.py", "datasets.py",
             "bench/methods.py", "bench/run.py")
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import gzip
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,6 +11,7 @@ from pathlib import Path
 from sqlalchemy import Connection, delete, func, insert, select
 from sqlalchemy.orm import Session
 
+from predictor.datasets import read_arch_keys, read_latencies
 from predictor.spaces import SearchSpace, get_space
 from server.models import Architecture, Device, DeviceState, Measurement
 from server.services.catalog import ensure_architectures, space_row
@@ -32,28 +31,10 @@ class ImportReport:
     per_space: dict[str, int] = field(default_factory=dict)
 
 
-def _read_arch_keys(root: Path, space: SearchSpace) -> dict[int, str]:
-    """Dataset index -> canonical key of every architecture the space's table refers to."""
-    if space.name == "nb201":
-        with open(root / "nb201_archs.csv", newline="") as handle:
-            return {int(row["nb201_idx"]): space.canonical(row["arch_str"]) for row in csv.DictReader(handle)}
-    if space.name == "fbnet":
-        with open(root / "fbnet_archs.csv", newline="") as handle:
-            return {int(row["fbnet_idx"]): space.canonical(row["ops"]) for row in csv.DictReader(handle)}
-    keys = {}
-    with open(root / "ofa_archs.jsonl") as handle:
-        for line in handle:
-            record = json.loads(line)
-            index = record.pop("ofa_idx")
-            keys[int(index)] = space.canonical(json.dumps(record))
-    return keys
-
-
-def _read_latencies(root: Path, space: str) -> dict[str, list[tuple[int, float]]]:
+def _latencies_by_device(root: Path, space: SearchSpace) -> dict[str, list[tuple[int, float]]]:
     by_device: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    with gzip.open(root / f"{space}_latency.csv.gz", "rt", newline="") as handle:
-        for row in csv.DictReader(handle):
-            by_device[row["device"]].append((int(row["arch_idx"]), float(row["latency_ms"])))
+    for index, device, ms in read_latencies(root, space):
+        by_device[device].append((index, ms))
     return by_device
 
 
@@ -124,14 +105,14 @@ def import_datasets(
     device_ids = _upsert_devices(session, root, report)
     for space_name in spaces:
         space = get_space(space_name)
-        keys_by_index = _read_arch_keys(root, space)
+        keys_by_index = read_arch_keys(root, space)
         ids_by_key, created = ensure_architectures(
             session, space, keys_by_index.values(), {key: index for index, key in keys_by_index.items()}
         )
         report.architectures_created += created
         arch_ids = {index: ids_by_key[key] for index, key in keys_by_index.items()}
         space_id = space_row(session, space).id
-        latencies = _read_latencies(root, space.name)
+        latencies = _latencies_by_device(root, space)
         inserted = 0
         for done, (device, values) in enumerate(sorted(latencies.items()), start=1):
             device_id = device_ids[device]

@@ -6,7 +6,6 @@ import json
 import time
 
 import httpx
-import onnx
 import pytest
 from onnx import TensorProto, helper
 

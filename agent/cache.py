@@ -1,15 +1,23 @@
-"""Content-addressed artifact cache: `<cache_dir>/<sha256>`, filled only with verified files."""
+"""Content-addressed artifact cache: `<cache_dir>/<sha256>`, filled only with verified files.
+
+A hit re-hashes the file (artifacts are small models) and touches its mtime, so the mtime orders
+the files by last use; a file that no longer hashes to its name is deleted and downloaded again.
+After a download, the least recently used files are evicted until the cache fits its size cap.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import tempfile
 from pathlib import Path
 
 import httpx
+
+log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
@@ -40,8 +48,11 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 class ArtifactCache:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    """`max_bytes` caps the total size of the cached files (None: no cap)."""
+
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int | None = None) -> None:
         self.root = Path(root).expanduser()
+        self.max_bytes = max_bytes
 
     @staticmethod
     def _check_sha(sha256: str) -> str:
@@ -54,9 +65,21 @@ class ArtifactCache:
         return self.root / self._check_sha(sha256)
 
     def get(self, sha256: str) -> Path | None:
-        """The cached file for `sha256`, or None. Never touches the network."""
+        """The cached file for `sha256`, verified and marked as just used; or None. A cached file
+        that does not hash to `sha256` is deleted. Never touches the network."""
         path = self.path_for(sha256)
-        return path if path.is_file() else None
+        try:
+            actual = sha256_file(path)
+        except FileNotFoundError:
+            return None
+        if actual != path.name:
+            log.warning("cached artifact %s is corrupt (hashes to %s); deleting it", path.name, actual)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)
+        return path
 
     def download(
         self, client: httpx.Client, url: str, sha256: str, expected_size: int | None = None
@@ -66,11 +89,13 @@ class ArtifactCache:
         The body streams to a temporary file in the cache directory, is hashed on the way,
         and is renamed into place only when the sha256 (and size, if given) match; otherwise
         the temporary file is removed and ArtifactIntegrityError raised. An error status raises
-        ArtifactDownloadError; transport errors propagate as httpx.TransportError.
+        ArtifactDownloadError; transport errors propagate as httpx.TransportError. A download
+        is followed by `evict`, which never removes the file just downloaded.
         """
+        hit = self.get(sha256)
+        if hit is not None:
+            return hit
         target = self.path_for(sha256)
-        if target.is_file():
-            return target
         expected = target.name
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=".partial-", suffix=".tmp")
@@ -97,7 +122,37 @@ class ArtifactCache:
             if expected_size is not None and expected_size > 0 and size != expected_size:
                 raise ArtifactIntegrityError(f"size mismatch for {url}: expected {expected_size} bytes, got {size}")
             os.replace(tmp, target)
-            return target
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        self.evict(keep=target)
+        return target
+
+    def evict(self, keep: Path | None = None) -> list[Path]:
+        """Delete the least recently used files until the cache fits `max_bytes`; `keep` is never
+        deleted (so one file larger than the cap stays). Returns the deleted files."""
+        if self.max_bytes is None:
+            return []
+        entries: list[tuple[float, int, Path]] = []
+        for path in self.root.iterdir():
+            if not _SHA256.match(path.name):
+                continue  # a download in progress, or not ours
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((info.st_mtime, info.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        evicted: list[Path] = []
+        for _, size, path in sorted(entries, key=lambda entry: entry[0]):
+            if total <= self.max_bytes:
+                break
+            if path == keep:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            total -= size
+            evicted.append(path)
+        if evicted:
+            log.info("artifact cache: evicted %d file(s) to stay under %d bytes", len(evicted), self.max_bytes)
+        return evicted

@@ -1,7 +1,10 @@
-"""What this host is: CPU, cores, memory, OS, ONNX Runtime; and how its devices are named."""
+"""What this host is: CPU, cores, memory, OS, runtimes (ONNX Runtime, and PyTorch where it is
+installed); and how its devices are named and described."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import re
@@ -10,9 +13,11 @@ import subprocess
 from pathlib import Path
 
 from agent import __version__
-from agent.protocol import PROTOCOL_VERSION, Capabilities
+from agent.protocol import PROTOCOL_VERSION, Capabilities, Runtime
 
 CPU_PROVIDER = "CPUExecutionProvider"
+#: the runtime's part of a default device name
+_RUNTIME_TAGS: dict[Runtime, str] = {Runtime.onnxruntime: "ort", Runtime.pytorch: "torch"}
 
 
 def _read_text(path: str) -> str | None:
@@ -86,8 +91,23 @@ def onnxruntime_info() -> tuple[str, list[str]]:
     return str(ort.__version__), list(ort.get_available_providers())
 
 
+def pytorch_version() -> str | None:
+    """torch's version where it is importable, else None; found without importing torch (which
+    takes seconds and hundreds of MB: only a measurement child imports it)."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # importable, but not installed as a distribution
+        return "unknown"
+
+
 def detect_capabilities() -> Capabilities:
     ort_version, providers = onnxruntime_info()
+    runtimes = {Runtime.onnxruntime.value: ort_version} if ort_version else {}
+    torch_version = pytorch_version()
+    if torch_version is not None:
+        runtimes[Runtime.pytorch.value] = torch_version
     return Capabilities(
         hostname=socket.gethostname() or "unknown",
         cpu_model=cpu_model(),
@@ -97,7 +117,7 @@ def detect_capabilities() -> Capabilities:
         python=platform.python_version(),
         agent_version=__version__,
         protocol_version=PROTOCOL_VERSION,
-        runtimes={"onnxruntime": ort_version} if ort_version else {},
+        runtimes=runtimes,
         onnxruntime_providers=providers,
     )
 
@@ -108,22 +128,29 @@ def _slug(text: str) -> str:
     return slug or "host"
 
 
-def default_device_name(threads: int, hostname: str | None = None) -> str:
-    """`<hostname>-ort-<threads>t-b1`, e.g. `bench01-ort-4t-b1`."""
+def default_device_name(
+    threads: int, hostname: str | None = None, runtime: Runtime = Runtime.onnxruntime, provider: str | None = None
+) -> str:
+    """`<hostname>-<runtime>-<threads>t-b1`, e.g. `bench01-ort-4t-b1` or `bench01-torch-1t-b1`;
+    an ONNX Runtime provider other than the CPU one is named too: `bench01-ort-cuda-1t-b1`."""
     host = _slug((hostname or socket.gethostname() or "host").split(".")[0])
-    return f"{host}-ort-{threads}t-b1"
+    tag = _RUNTIME_TAGS[runtime]
+    if provider and provider != CPU_PROVIDER:
+        tag += "-" + _slug(provider.removesuffix("ExecutionProvider").lower())
+    return f"{host}-{tag}-{threads}t-b1"
 
 
 def device_attributes(
-    capabilities: Capabilities, threads: int, provider: str = CPU_PROVIDER
+    capabilities: Capabilities, threads: int, runtime: Runtime = Runtime.onnxruntime, provider: str | None = None
 ) -> dict[str, str | int | float | bool | None]:
-    """Attributes of a device this agent serves; the server keys comparability on them."""
+    """Attributes of a device this agent serves; the server keys comparability on them, and
+    leases jobs for the device with its `runtime` and `provider` (ONNX Runtime only)."""
     return {
         "hardware": capabilities.cpu_model,
-        "runtime": "onnxruntime",
-        "runtime_version": capabilities.runtimes.get("onnxruntime", ""),
+        "runtime": runtime.value,
+        "runtime_version": capabilities.runtimes.get(runtime.value, ""),
         "threads": threads,
         "batch_size": 1,
         "precision": "fp32",
-        "provider": provider,
+        "provider": (provider or CPU_PROVIDER) if runtime is Runtime.onnxruntime else None,
     }

@@ -11,7 +11,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent import __version__
-from agent.settings import ENV_VARS, AgentSettings
+from agent.capabilities import CPU_PROVIDER
+from agent.protocol import Runtime
+from agent.settings import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_CACHE_MAX_MB,
+    DEFAULT_STATE_DIR,
+    ENV_VARS,
+    AgentSettings,
+    mb_to_bytes,
+)
 
 # setting name -> the flag that sets it
 FLAGS: dict[str, str] = {
@@ -19,7 +28,11 @@ FLAGS: dict[str, str] = {
     "token": "--token",
     "devices": "--device",
     "threads": "--threads",
+    "runtime": "--runtime",
+    "provider": "--provider",
     "cache_dir": "--cache-dir",
+    "cache_max_bytes": "--cache-max-mb",
+    "state_dir": "--state-dir",
     "name": "--name",
     "max_jobs": "--max-jobs",
     "exit_when_idle": "--exit-when-idle",
@@ -30,21 +43,51 @@ FLAGS: dict[str, str] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latfarm-agent",
-        description="Lease latency-measurement jobs from a latfarm server and run them with ONNX Runtime.",
+        description="Lease latency-measurement jobs from a latfarm server and time them with ONNX Runtime "
+        "or PyTorch (when installed), each in a child process of its own.",
         epilog="Flags override the LATFARM_AGENT_* environment variables shown in brackets.",
     )
     parser.add_argument("--server", help=f"server base URL, e.g. http://host:8000 [{ENV_VARS['server']}]")
-    parser.add_argument("--token", help=f"registration token [{ENV_VARS['token']}]")
+    parser.add_argument(
+        "--token",
+        help=f"registration token; used when no agent token is stored for the server, or it is refused "
+        f"[{ENV_VARS['token']}]",
+    )
     parser.add_argument(
         "--device",
         dest="devices",
         action="append",
         metavar="NAME",
-        help=f"device name to serve; repeatable (default <hostname>-ort-<threads>t-b1) [{ENV_VARS['devices']}, comma list]",
+        help="device name to serve; repeatable (default <hostname>-<ort|torch>-<threads>t-b1) "
+        f"[{ENV_VARS['devices']}, comma list]",
     )
     parser.add_argument("--threads", type=int, help=f"intra-op threads per measurement (default 1) [{ENV_VARS['threads']}]")
     parser.add_argument(
-        "--cache-dir", help=f"artifact cache (default ~/.cache/latfarm/artifacts) [{ENV_VARS['cache_dir']}]"
+        "--runtime",
+        choices=[r.value for r in Runtime],
+        help=f"runtime the devices measure with (default {Runtime.onnxruntime.value}; "
+        f"{Runtime.pytorch.value} needs torch installed) [{ENV_VARS['runtime']}]",
+    )
+    parser.add_argument(
+        "--provider",
+        metavar="NAME",
+        help=f"ONNX Runtime execution provider, e.g. CUDAExecutionProvider, with the CPU provider as fallback "
+        f"(default {CPU_PROVIDER}) [{ENV_VARS['provider']}]",
+    )
+    parser.add_argument(
+        "--cache-dir", help=f"artifact cache (default {DEFAULT_CACHE_DIR}) [{ENV_VARS['cache_dir']}]"
+    )
+    parser.add_argument(
+        "--cache-max-mb",
+        type=float,
+        metavar="MB",
+        help=f"size cap of the artifact cache; least recently used files go first (default {DEFAULT_CACHE_MAX_MB}) "
+        f"[{ENV_VARS['cache_max_bytes']}]",
+    )
+    parser.add_argument(
+        "--state-dir",
+        help=f"agent state: stored credentials and results not yet acknowledged by the server "
+        f"(default {DEFAULT_STATE_DIR}) [{ENV_VARS['state_dir']}]",
     )
     parser.add_argument("--name", help=f"agent name (default hostname) [{ENV_VARS['name']}]")
     parser.add_argument("--max-jobs", type=int, metavar="N", help="exit after N jobs")
@@ -61,7 +104,11 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         "token": args.token,
         "devices": args.devices,
         "threads": args.threads,
+        "runtime": args.runtime,
+        "provider": args.provider,
         "cache_dir": args.cache_dir,
+        "cache_max_bytes": None if args.cache_max_mb is None else mb_to_bytes(args.cache_max_mb),
+        "state_dir": args.state_dir,
         "name": args.name,
         "max_jobs": args.max_jobs,
         "exit_when_idle": args.exit_when_idle or None,

@@ -13,6 +13,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from agent import __version__
+from agent.backoff import full_jitter
 from agent.cache import ArtifactCache, ArtifactDownloadError
 from agent.protocol import (
     ArtifactRef,
@@ -88,8 +89,8 @@ def _detail(response: httpx.Response) -> Any:
 
 
 class ServerClient:
-    """Talks to one server. `token` is the registration token until `register()` swaps in the
-    agent token. Connection errors, 5xx and 429 are retried with capped exponential backoff and
+    """Talks to one server. `token` authenticates the calls (a registration token or an agent
+    token); `register()` swaps in the agent token it gets back. Connection errors, 5xx and 429 are retried with capped exponential backoff and
     full jitter, at most `max_attempts` tries per call; other statuses are returned to the caller
     of `_request`, and the public methods turn unexpected ones into ApiError."""
 
@@ -105,6 +106,7 @@ class ServerClient:
         backoff_max_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
     ) -> None:
         self.server = server.rstrip("/")
         self.max_attempts = max(1, max_attempts)
@@ -113,6 +115,7 @@ class ServerClient:
         self._connect_timeout_s = connect_timeout_s
         self._io_timeout_s = io_timeout_s
         self._sleep = sleep
+        self._rng = rng or random.Random()
         self._http = httpx.Client(
             base_url=self.server,
             headers={"User-Agent": f"latfarm-agent/{__version__}", "Accept": "application/json"},
@@ -137,7 +140,7 @@ class ServerClient:
         self.close()
 
     def _backoff(self, attempt: int, retry_after: float | None = None) -> float:
-        delay = random.uniform(0, min(self.backoff_max_s, self.backoff_s * (2**attempt)))
+        delay = full_jitter(attempt, self.backoff_s, self.backoff_max_s, self._rng)
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.backoff_max_s))
         return delay
@@ -206,8 +209,9 @@ class ServerClient:
     # --------------------------------------------------------------------- API
 
     def register(self, request: RegisterRequest) -> RegisterResponse:
-        """POST /agents/register with the registration token; afterwards the client uses the
-        returned agent token."""
+        """POST /agents/register with the current token: the registration token, or a stored
+        agent token to re-register as the same agent. Afterwards the client uses the returned
+        agent token."""
         response = self._request("POST", "/agents/register", json=request)
         if response.status_code not in (200, 201):
             raise self._error(response)
@@ -257,8 +261,8 @@ class ServerClient:
         return True
 
     def fetch_artifact(self, ref: ArtifactRef, cache: ArtifactCache) -> Path:
-        """The artifact's local path: from the cache, else downloaded from `ref.url` (relative to
-        the server base URL) and verified. Retries connection errors and 5xx."""
+        """The artifact's local path: from the cache (re-verified), else downloaded from `ref.url`
+        (relative to the server base URL) and verified. Retries connection errors and 5xx."""
         hit = cache.get(ref.sha256)
         if hit is not None:
             return hit

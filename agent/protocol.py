@@ -11,7 +11,14 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-PROTOCOL_VERSION = 1
+#: version of the wire protocol and of the timing protocol; measurements record it, and only
+#: measurements of the same version are reused instead of measuring again
+PROTOCOL_VERSION = 2
+
+#: failure classes worth another attempt: the model was never run. Every other class (load_error,
+#: unsupported_op, out_of_memory, runtime_error, run_timeout, ...) is a property of the model on
+#: the device and is stored as its result.
+INFRASTRUCTURE_FAILURES = frozenset({"artifact_error", "lease_expired", "bad_lease", "runtime_unavailable"})
 
 
 class Preset(str, Enum):
@@ -21,12 +28,22 @@ class Preset(str, Enum):
 
 
 class TimingProtocol(BaseModel):
-    """How to time one artifact: warm-up, then at least `min_runs` runs and `min_seconds`."""
+    """How to time one artifact.
+
+    Load and first inference are timed apart. Warm-up runs in windows of `warmup_window` runs,
+    at least `warmup_runs` runs, until the median of a window is within `warmup_tolerance` of the
+    previous window's (or `warmup_max_runs` is reached). Then at least `min_runs` runs and
+    `min_seconds` seconds are timed, at most `max_runs`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
+    version: int = PROTOCOL_VERSION
     preset: Preset = Preset.standard
     warmup_runs: int = Field(10, ge=0, le=10_000)
+    warmup_window: int = Field(5, ge=1, le=10_000)
+    warmup_tolerance: float = Field(0.03, gt=0, le=1)
+    warmup_max_runs: int = Field(200, ge=0, le=100_000)
     min_runs: int = Field(30, ge=1, le=100_000)
     min_seconds: float = Field(0.5, ge=0, le=3600)
     max_runs: int = Field(1000, ge=1, le=1_000_000)
@@ -34,10 +51,15 @@ class TimingProtocol(BaseModel):
 
 
 PRESETS: dict[Preset, TimingProtocol] = {
-    Preset.quick: TimingProtocol(preset=Preset.quick, warmup_runs=5, min_runs=15, min_seconds=0.2, max_runs=200),
-    Preset.standard: TimingProtocol(preset=Preset.standard, warmup_runs=10, min_runs=30, min_seconds=0.5),
+    Preset.quick: TimingProtocol(
+        preset=Preset.quick, warmup_runs=5, warmup_max_runs=50, min_runs=15, min_seconds=0.2, max_runs=5000
+    ),
+    Preset.standard: TimingProtocol(
+        preset=Preset.standard, warmup_runs=10, min_runs=30, min_seconds=0.5, max_runs=20_000
+    ),
     Preset.rigorous: TimingProtocol(
-        preset=Preset.rigorous, warmup_runs=30, min_runs=200, min_seconds=3.0, max_runs=10_000
+        preset=Preset.rigorous, warmup_runs=30, warmup_window=10, warmup_tolerance=0.02, warmup_max_runs=1000,
+        min_runs=200, min_seconds=3.0, max_runs=10_000,
     ),
 }
 
@@ -75,16 +97,30 @@ class RegisterRequest(BaseModel):
 
 
 class RegisterResponse(BaseModel):
+    """`agent_token` authenticates every later call and may be presented again to re-register
+    (after a restart) as the same agent; the intervals are the server's to set."""
+
     agent_id: int
     agent_token: str
-    poll_wait_s: float
-    heartbeat_s: float
-    lease_ttl_s: float
+    poll_wait_s: float = Field(description="long-poll wait to ask for")
+    heartbeat_s: float = Field(description="seconds between heartbeats of a running job")
+    lease_ttl_s: float = Field(description="a lease not heartbeaten for this long is re-queued")
+
+
+class Runtime(str, Enum):
+    onnxruntime = "onnxruntime"
+    pytorch = "pytorch"
+
+
+class ArtifactFormat(str, Enum):
+    onnx = "onnx"
+    #: a `torch.export` program saved with `torch.export.save` (runtime pytorch)
+    torch_export = "torch_export"
 
 
 class ArtifactRef(BaseModel):
     sha256: str
-    format: str
+    format: ArtifactFormat
     size_bytes: int
     url: str = Field(description="path of the download, relative to the server's base URL")
 
@@ -97,6 +133,9 @@ class JobLease(BaseModel):
     lease_expires_at: str
     device: str
     threads: int = Field(ge=1)
+    runtime: Runtime = Runtime.onnxruntime
+    #: ONNX Runtime execution provider to use (None: the CPU provider)
+    provider: str | None = None
     artifact: ArtifactRef
     protocol: TimingProtocol
 
@@ -143,10 +182,12 @@ class JobResult(BaseModel):
 
     lease_id: str
     status: ResultStatus
+    protocol_version: int = PROTOCOL_VERSION
     stats: LatencyStats | None = None
     samples_ms: list[float] = Field(default_factory=list, max_length=1_000_000)
     load_ms: float | None = Field(default=None, ge=0)
     first_inference_ms: float | None = Field(default=None, ge=0)
+    warmup_runs: int | None = Field(default=None, ge=0, description="warm-up runs done before timing")
     error: str | None = Field(default=None, max_length=10_000)
     failure_class: str | None = Field(default=None, max_length=64)
     provenance: dict[str, str | int | float | bool | None | list[str]] = Field(default_factory=dict)

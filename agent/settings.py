@@ -9,11 +9,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from agent.protocol import Runtime
 
 ENV_PREFIX = "LATFARM_AGENT_"
 DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")  # as DeviceSpec.name
 DEFAULT_CACHE_DIR = "~/.cache/latfarm/artifacts"
+DEFAULT_STATE_DIR = "~/.local/state/latfarm-agent"
+MB = 1 << 20
+DEFAULT_CACHE_MAX_MB = 2048
 
 # setting name -> environment variable
 ENV_VARS: dict[str, str] = {
@@ -21,9 +26,22 @@ ENV_VARS: dict[str, str] = {
     "token": ENV_PREFIX + "TOKEN",
     "devices": ENV_PREFIX + "DEVICES",
     "threads": ENV_PREFIX + "THREADS",
+    "runtime": ENV_PREFIX + "RUNTIME",
+    "provider": ENV_PREFIX + "PROVIDER",
     "cache_dir": ENV_PREFIX + "CACHE_DIR",
+    "cache_max_bytes": ENV_PREFIX + "CACHE_MAX_MB",
+    "state_dir": ENV_PREFIX + "STATE_DIR",
     "name": ENV_PREFIX + "NAME",
 }
+
+
+def mb_to_bytes(value: float | str) -> int | str:
+    """Megabytes (as given on the command line or in the environment) to bytes; text that is not
+    a number is returned as is, for validation to reject with the setting's name."""
+    try:
+        return int(float(value) * MB)
+    except (ValueError, OverflowError):
+        return str(value)
 
 
 def _hostname() -> str:
@@ -33,8 +51,10 @@ def _hostname() -> str:
 class AgentSettings(BaseModel):
     """Everything the agent needs to run.
 
-    `token` is the registration token; the agent token returned by registration is kept by the
-    client, never here. `poll_wait_s` None means "use the wait the server suggests".
+    `token` is the registration token; the agent token returned by registration lives in the
+    client and in `state_dir` (see `agent.state`), never here. `provider` is an ONNX Runtime
+    execution provider (None: the CPU provider). `poll_wait_s` None means "use the wait the
+    server suggests".
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -43,7 +63,11 @@ class AgentSettings(BaseModel):
     token: str = Field(min_length=1)
     devices: list[str] = Field(default_factory=list)
     threads: int = Field(1, ge=1, le=1024)
+    runtime: Runtime = Runtime.onnxruntime
+    provider: str | None = Field(None, min_length=1, max_length=128)
     cache_dir: Path = Field(default_factory=lambda: Path(DEFAULT_CACHE_DIR).expanduser())
+    cache_max_bytes: int = Field(DEFAULT_CACHE_MAX_MB * MB, ge=0)
+    state_dir: Path = Field(default_factory=lambda: Path(DEFAULT_STATE_DIR).expanduser())
     name: str = Field(default_factory=_hostname, min_length=1, max_length=128)
     max_jobs: int | None = Field(None, ge=1)
     exit_when_idle: bool = False
@@ -74,10 +98,18 @@ class AgentSettings(BaseModel):
                 raise ValueError(f"invalid device name {name!r} (letters, digits, '.', '_', '/', '-')")
         return list(dict.fromkeys(value))
 
-    @field_validator("cache_dir", mode="after")
+    @field_validator("cache_dir", "state_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("provider", mode="after")
+    @classmethod
+    def _provider_needs_onnxruntime(cls, value: str | None, info: ValidationInfo) -> str | None:
+        runtime = info.data.get("runtime")  # absent when the runtime itself is invalid
+        if value is not None and runtime is not None and runtime is not Runtime.onnxruntime:
+            raise ValueError(f"an execution provider applies to runtime onnxruntime only, not {runtime.value}")
+        return value
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> AgentSettings:
@@ -90,7 +122,7 @@ class AgentSettings(BaseModel):
         for field, var in ENV_VARS.items():
             raw = env.get(var)
             if raw is not None and raw.strip() != "":
-                values[field] = raw.strip()
+                values[field] = mb_to_bytes(raw.strip()) if field == "cache_max_bytes" else raw.strip()
         for field, value in (overrides or {}).items():
             if value is not None:
                 values[field] = value

@@ -1,46 +1,71 @@
-"""Time one ONNX model with ONNX Runtime, in a child process.
+"""Time one model in a child process, with ONNX Runtime or PyTorch.
 
 The parent (`measure`) starts `python -m agent.timing` in its own session, writes a
 `TimingRequest` as JSON to its stdin and reads one `ChildReport` as JSON from its stdout. A child
 that runs past `timeout_s`, or whose job is cancelled, is killed. Running the measurement in a
 fresh process keeps a crashing or hanging model from taking the agent down, lets the child be
-pinned to its own CPUs, and gives every measurement the same clean process state.
+pinned to its own CPUs, and gives every measurement the same clean process state. Only the child
+imports the runtime; torch is optional and imported only for a PyTorch job.
 
-In the child, stdout is redirected to stderr before onnxruntime is imported, so native log lines
+The child times the model load and the first inference apart, warms up until the run time is
+stable (`warm_up`), then times at least `min_runs` runs and `min_seconds` seconds, at most
+`max_runs` (`TimingProtocol`). A failure is reported with its class: `runtime_unavailable`,
+`load_error`, `unsupported_op`, `out_of_memory` or `runtime_error`; the parent adds
+`run_timeout` and `cancelled` when it kills the child.
+
+In the child, stdout is redirected to stderr before the runtime is imported, so native log lines
 cannot corrupt the report; the report goes to a duplicate of the original stdout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from agent.protocol import LatencyStats, TimingProtocol
+from agent.capabilities import CPU_PROVIDER
+from agent.protocol import LatencyStats, Runtime, TimingProtocol
 
-CPU_PROVIDER = "CPUExecutionProvider"
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_SEED = 0
 _POLL_S = 0.05
 _STDERR_TAIL = 4000
 
-FAILURE_TIMEOUT = "timeout"
+FAILURE_RUN_TIMEOUT = "run_timeout"
 FAILURE_CANCELLED = "cancelled"
+FAILURE_RUNTIME_UNAVAILABLE = "runtime_unavailable"
 FAILURE_LOAD = "load_error"
+FAILURE_UNSUPPORTED_OP = "unsupported_op"
+FAILURE_OUT_OF_MEMORY = "out_of_memory"
 FAILURE_RUNTIME = "runtime_error"
+
+#: lower-case fragments of error messages that mean the runtime has no kernel for an operator
+_UNSUPPORTED_MARKERS = ("not_implemented", "could not find an implementation for", "unsupported operator")
+#: lower-case fragments of error messages that mean an allocation failed
+_OUT_OF_MEMORY_MARKERS = ("bad_alloc", "failed to allocate", "out of memory", "can't allocate memory")
+
+Execution = dict[str, str | int | float | bool]
 
 
 class TimingRequest(BaseModel):
     """What the parent asks the child to do."""
 
     model_path: str
+    runtime: Runtime = Runtime.onnxruntime
+    provider: str | None = None
     threads: int = Field(ge=1)
     protocol: TimingProtocol
     cpus: list[int] | None = None
@@ -48,7 +73,8 @@ class TimingRequest(BaseModel):
 
 
 class ChildReport(BaseModel):
-    """What the child reports back (timings in milliseconds)."""
+    """What the child reports back (timings in milliseconds). `execution` holds the runtime's
+    settings the measurement ran under (threads, execution mode, ...)."""
 
     ok: bool
     failure_class: str | None = None
@@ -56,9 +82,11 @@ class ChildReport(BaseModel):
     samples_ms: list[float] = Field(default_factory=list)
     load_ms: float | None = None
     first_inference_ms: float | None = None
+    warmup_runs: int | None = None
     affinity: list[int] | None = None
     runtime_version: str | None = None
     providers: list[str] = Field(default_factory=list)
+    execution: Execution = Field(default_factory=dict)
     inputs: dict[str, list[int]] = Field(default_factory=dict)
 
 
@@ -140,25 +168,36 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def _exit_description(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with code {returncode}"
+
+
 def measure(
     model_path: str | os.PathLike[str],
     protocol: TimingProtocol,
     threads: int,
     *,
+    runtime: Runtime = Runtime.onnxruntime,
+    provider: str | None = None,
     cpus: list[int] | None | bool = True,
     cancel: threading.Event | None = None,
     seed: int = DEFAULT_SEED,
     timeout_s: float | None = None,
 ) -> TimingOutcome:
-    """Time `model_path` in a child process; never raises for model or child failures.
+    """Time `model_path` with `runtime` in a child process; never raises for model or child
+    failures. `provider` is the ONNX Runtime execution provider (None: the CPU provider).
 
     `cpus`: True pins to `choose_cpus(threads)`, a list pins to those CPUs, None/False does not
     pin. The child is killed after `timeout_s` (default `protocol.timeout_s`, counting model load)
-    or as soon as `cancel` is set; the outcome then has failure_class "timeout" / "cancelled".
+    or as soon as `cancel` is set; the outcome then has failure_class "run_timeout" / "cancelled".
     """
     pin = choose_cpus(threads) if cpus is True else (list(cpus) if cpus else None)
     request = TimingRequest(
-        model_path=str(Path(model_path).resolve()), threads=threads, protocol=protocol, cpus=pin, seed=seed
+        model_path=str(Path(model_path).resolve()), runtime=runtime, provider=provider, threads=threads,
+        protocol=protocol, cpus=pin, seed=seed,
     )
     limit = protocol.timeout_s if timeout_s is None else timeout_s
     cmd, env, cwd = _child_command()
@@ -185,7 +224,7 @@ def measure(
             if cancel is not None and cancel.is_set():
                 killed_for = FAILURE_CANCELLED
             elif time.monotonic() - started > limit:
-                killed_for = FAILURE_TIMEOUT
+                killed_for = FAILURE_RUN_TIMEOUT
             if killed_for:
                 _kill(proc)
                 break
@@ -196,9 +235,10 @@ def measure(
     wall = time.monotonic() - started
     common: dict[str, Any] = {"wall_s": wall, "pid": proc.pid, "returncode": proc.returncode, "affinity": pin}
 
-    if killed_for == FAILURE_TIMEOUT:
+    if killed_for == FAILURE_RUN_TIMEOUT:
         return TimingOutcome(
-            ok=False, failure_class=FAILURE_TIMEOUT, error=f"measurement exceeded {limit:g} s and was killed", **common
+            ok=False, failure_class=FAILURE_RUN_TIMEOUT,
+            error=f"run timeout fired: the measurement ran past its {limit:g} s limit and was killed", **common,
         )
     if killed_for == FAILURE_CANCELLED:
         return TimingOutcome(ok=False, failure_class=FAILURE_CANCELLED, error="cancelled by the server", **common)
@@ -209,7 +249,7 @@ def measure(
         return TimingOutcome(
             ok=False,
             failure_class=FAILURE_RUNTIME,
-            error=f"measurement process exited with code {proc.returncode} without a report"
+            error=f"measurement process {_exit_description(proc.returncode)} without a report"
             + (f": {tail}" if tail else ""),
             **common,
         )
@@ -236,7 +276,92 @@ def _parse_report(stdout: bytes) -> ChildReport | None:
     return None
 
 
+# ------------------------------------------------------------------------------ timing protocol
+
+
+class RuntimeUnavailable(Exception):
+    """The runtime cannot run here as asked (e.g. the execution provider is not installed)."""
+
+
+def classify_failure(exc: BaseException, default: str) -> str:
+    """`runtime_unavailable`, `out_of_memory` or `unsupported_op` when the exception says so,
+    else `default`: the class of the stage that failed (runtime_unavailable while importing the
+    runtime, load_error while building the session, runtime_error after)."""
+    if isinstance(exc, RuntimeUnavailable):
+        return FAILURE_RUNTIME_UNAVAILABLE
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if isinstance(exc, MemoryError) or any(marker in text for marker in _OUT_OF_MEMORY_MARKERS):
+        return FAILURE_OUT_OF_MEMORY
+    if isinstance(exc, NotImplementedError) or any(marker in text for marker in _UNSUPPORTED_MARKERS):
+        return FAILURE_UNSUPPORTED_OP
+    return default
+
+
+def clocked(run: Callable[[], object]) -> Callable[[], int]:
+    """`run` wrapped to return how long it took, in nanoseconds (at least 1)."""
+    clock = time.perf_counter_ns
+
+    def run_ns() -> int:
+        t0 = clock()
+        run()
+        return max(clock() - t0, 1)
+
+    return run_ns
+
+
+def warm_up(run_ns: Callable[[], int], protocol: TimingProtocol) -> int:
+    """Warm up in windows of `warmup_window` runs; returns the number of runs done.
+
+    Stops once at least `warmup_runs` runs are done and the median of a window is within
+    `warmup_tolerance` (relative) of the previous window's median, or when `warmup_max_runs`
+    runs are done (but never before `warmup_runs`).
+    """
+    cap = max(protocol.warmup_runs, protocol.warmup_max_runs)
+    done = 0
+    previous: float | None = None
+    while done < cap:
+        window = [run_ns() for _ in range(min(protocol.warmup_window, cap - done))]
+        done += len(window)
+        current = statistics.median(window)
+        if done >= protocol.warmup_runs and previous is not None:
+            if abs(current - previous) <= protocol.warmup_tolerance * previous:
+                break
+        previous = current
+    return done
+
+
+def timed_runs(run_ns: Callable[[], int], protocol: TimingProtocol) -> list[int]:
+    """Durations (ns) of at least `min_runs` runs and `min_seconds` seconds, at most `max_runs`."""
+    clock = time.perf_counter_ns
+    min_ns = int(protocol.min_seconds * 1e9)
+    samples: list[int] = []
+    started = clock()
+    while len(samples) < protocol.max_runs:
+        samples.append(run_ns())
+        if len(samples) >= protocol.min_runs and clock() - started >= min_ns:
+            break
+    return samples
+
+
 # --------------------------------------------------------------------------------------- child
+
+
+class _Backend(Protocol):
+    """One runtime in the child. The constructor imports the runtime and applies the thread
+    settings; `load` builds the model, `prepare` makes random inputs and returns one inference,
+    to be called inside `running()`."""
+
+    version: str
+    execution: Execution
+    providers: list[str]
+    inputs: dict[str, list[int]]
+
+    def load(self) -> None: ...
+
+    def prepare(self, seed: int) -> Callable[[], object]: ...
+
+    def running(self) -> contextlib.AbstractContextManager[object]: ...
+
 
 _NUMPY_TYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
@@ -254,77 +379,190 @@ _NUMPY_TYPES: dict[str, Any] = {
 }
 
 
-def _make_inputs(session: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random inputs of the declared shapes (symbolic/unknown dims -> 1, i.e. batch 1)."""
-    feeds: dict[str, np.ndarray] = {}
-    for arg in session.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in (arg.shape or [])]
-        dtype = _NUMPY_TYPES.get(arg.type)
-        if dtype is None:
-            raise TypeError(f"input {arg.name!r} has unsupported type {arg.type}")
-        if np.issubdtype(dtype, np.floating):
-            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype is np.bool_:
-            feeds[arg.name] = rng.integers(0, 2, size=shape).astype(np.bool_)
-        else:
-            feeds[arg.name] = rng.integers(0, 2, size=shape).astype(dtype)
-    return feeds
+class _OnnxRuntime:
+    """An ONNX model in an ONNX Runtime session: the requested execution provider with the CPU
+    provider as fallback for the operators it lacks; sequential execution, all graph
+    optimisations, `threads` intra-op threads and one inter-op thread."""
+
+    def __init__(self, req: TimingRequest) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self._req = req
+        self.version = str(ort.__version__)
+        self.execution: Execution = {
+            "intra_op_threads": req.threads,
+            "inter_op_threads": 1,
+            "execution_mode": "sequential",
+            "graph_optimization": "all",
+        }
+        self.providers: list[str] = []
+        self.inputs: dict[str, list[int]] = {}
+
+    def load(self) -> None:
+        ort = self._ort
+        requested = self._req.provider or CPU_PROVIDER
+        available = list(ort.get_available_providers())
+        if requested not in available:
+            raise RuntimeUnavailable(f"execution provider {requested} is not available here "
+                                     f"(available: {', '.join(available)})")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self._req.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        providers = list(dict.fromkeys([requested, CPU_PROVIDER]))
+        self._session = ort.InferenceSession(self._req.model_path, sess_options=opts, providers=providers)
+        self.providers = list(self._session.get_providers())
+
+    def prepare(self, seed: int) -> Callable[[], object]:
+        """Random inputs of the declared shapes (symbolic/unknown dims -> 1, i.e. batch 1)."""
+        rng = np.random.default_rng(seed)
+        feeds: dict[str, np.ndarray] = {}
+        for arg in self._session.get_inputs():
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in (arg.shape or [])]
+            dtype = _NUMPY_TYPES.get(arg.type)
+            if dtype is None:
+                raise TypeError(f"input {arg.name!r} has unsupported type {arg.type}")
+            if np.issubdtype(dtype, np.floating):
+                feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
+            else:
+                feeds[arg.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        self.inputs = {name: list(array.shape) for name, array in feeds.items()}
+        run = self._session.run
+        return lambda: run(None, feeds)
+
+    def running(self) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()
+
+
+class _TensorSpec(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class _PyTorch:
+    """A `torch.export` program (saved with `torch.export.save`) run as `program.module()` under
+    `torch.inference_mode()`, with `threads` intra-op threads and one inter-op thread."""
+
+    def __init__(self, req: TimingRequest) -> None:
+        import torch
+        import torch.utils._pytree as pytree
+
+        torch.set_num_threads(req.threads)  # before anything runs: the pools are fixed afterwards
+        torch.set_num_interop_threads(1)
+        self._torch = torch
+        self._pytree = pytree
+        self._req = req
+        self.version = str(torch.__version__)
+        self.execution: Execution = {
+            "intra_op_threads": torch.get_num_threads(),
+            "inter_op_threads": torch.get_num_interop_threads(),
+            "inference_mode": True,
+        }
+        self.providers: list[str] = []
+        self.inputs: dict[str, list[int]] = {}
+
+    def load(self) -> None:
+        self._program = self._torch.export.load(self._req.model_path)
+        self._module = self._program.module()
+
+    def prepare(self, seed: int) -> Callable[[], object]:
+        """Random inputs shaped like the program's example inputs, or, where it has none, like its
+        input placeholders (symbolic dims -> their lower bound, at least 1)."""
+        generator = self._torch.Generator().manual_seed(seed)
+        leaves, spec = self._input_leaves()
+        names = list(self._program.graph_signature.user_inputs)
+        if len(names) != len(leaves):
+            names = [f"input{i}" for i in range(len(leaves))]
+        values: list[object] = []
+        for name, leaf in zip(names, leaves):
+            if isinstance(leaf, _TensorSpec):
+                tensor = self._random(leaf, generator)
+                self.inputs[name] = list(tensor.shape)
+                leaf = tensor
+            values.append(leaf)
+        args, kwargs = self._pytree.tree_unflatten(values, spec)
+        module = self._module
+        return lambda: module(*args, **kwargs)
+
+    def _input_leaves(self) -> tuple[list[object], Any]:
+        """The flattened inputs, tensors as their _TensorSpec, and the spec to rebuild (args, kwargs)."""
+        torch = self._torch
+        program = self._program
+        example = getattr(program, "example_inputs", None)
+        if example is not None:
+            flat, spec = self._pytree.tree_flatten(example)
+            return [_TensorSpec(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x for x in flat], spec
+        user_inputs = set(program.graph_signature.user_inputs)
+        leaves: list[object] = []
+        for node in program.graph.nodes:
+            if node.op != "placeholder" or node.name not in user_inputs:
+                continue
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise TypeError(f"cannot make an input for {node.name!r}: no example and no tensor metadata")
+            leaves.append(_TensorSpec(tuple(self._concrete(d) for d in val.shape), val.dtype))
+        return leaves, program.call_spec.in_spec
+
+    def _concrete(self, dim: int | torch.SymInt) -> int:
+        if isinstance(dim, int):
+            return dim
+        bounds = self._program.range_constraints.get(dim.node.expr)
+        return max(1, int(bounds.lower)) if bounds is not None else 1
+
+    def _random(self, spec: _TensorSpec, generator: torch.Generator) -> torch.Tensor:
+        torch = self._torch
+        if spec.dtype.is_floating_point or spec.dtype.is_complex:
+            return torch.randn(spec.shape, dtype=spec.dtype, generator=generator)
+        return torch.randint(0, 2, spec.shape, generator=generator).to(spec.dtype)
+
+    def running(self) -> contextlib.AbstractContextManager[object]:
+        return self._torch.inference_mode()
+
+
+_BACKENDS: dict[Runtime, Callable[[TimingRequest], _Backend]] = {
+    Runtime.onnxruntime: _OnnxRuntime,
+    Runtime.pytorch: _PyTorch,
+}
+
+
+def _pin(cpus: list[int] | None) -> list[int] | None:
+    """Pin this process to `cpus` (before the runtime starts threads: they inherit it); the CPUs
+    it may run on afterwards, or None where the OS has no affinity API."""
+    if cpus and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as exc:
+            print(f"could not pin to CPUs {cpus}: {exc}", file=sys.stderr)
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
 def _time_model(req: TimingRequest) -> ChildReport:
-    affinity: list[int] | None = None
-    if req.cpus and hasattr(os, "sched_setaffinity"):
-        try:
-            os.sched_setaffinity(0, req.cpus)  # before onnxruntime starts threads: they inherit it
-        except OSError as exc:
-            print(f"could not pin to CPUs {req.cpus}: {exc}", file=sys.stderr)
-    if hasattr(os, "sched_getaffinity"):
-        affinity = sorted(os.sched_getaffinity(0))
-
-    import onnxruntime as ort
-
-    base: dict[str, Any] = {"affinity": affinity, "runtime_version": str(ort.__version__)}
-    proto = req.protocol
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = req.threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-
-    t0 = time.perf_counter_ns()
+    info: dict[str, Any] = {"affinity": _pin(req.cpus)}
+    stage = FAILURE_RUNTIME_UNAVAILABLE  # the class of a failure in the current stage
     try:
-        session = ort.InferenceSession(req.model_path, sess_options=opts, providers=[CPU_PROVIDER])
-    except Exception as exc:  # noqa: BLE001 - any failure to build the session is a load error
-        return ChildReport(ok=False, failure_class=FAILURE_LOAD, error=f"{type(exc).__name__}: {exc}", **base)
-    load_ms = (time.perf_counter_ns() - t0) / 1e6
-    base.update(load_ms=load_ms, providers=list(session.get_providers()))
+        backend = _BACKENDS[req.runtime](req)
+        info.update(runtime_version=backend.version, execution=backend.execution)
 
-    try:
-        feeds = _make_inputs(session, np.random.default_rng(req.seed))
-        base["inputs"] = {name: list(arr.shape) for name, arr in feeds.items()}
-        run = session.run
+        stage = FAILURE_LOAD
         t0 = time.perf_counter_ns()
-        run(None, feeds)
-        base["first_inference_ms"] = (time.perf_counter_ns() - t0) / 1e6
+        backend.load()
+        info.update(load_ms=(time.perf_counter_ns() - t0) / 1e6, providers=backend.providers)
 
-        for _ in range(proto.warmup_runs):
-            run(None, feeds)
-
-        samples_ns: list[int] = []
-        min_ns = int(proto.min_seconds * 1e9)
-        start = time.perf_counter_ns()
-        perf = time.perf_counter_ns
-        while len(samples_ns) < proto.max_runs:
-            t0 = perf()
-            run(None, feeds)
-            t1 = perf()
-            samples_ns.append(max(t1 - t0, 1))
-            if len(samples_ns) >= proto.min_runs and t1 - start >= min_ns:
-                break
-    except Exception as exc:  # noqa: BLE001 - reported to the parent as a runtime error
-        return ChildReport(ok=False, failure_class=FAILURE_RUNTIME, error=f"{type(exc).__name__}: {exc}", **base)
-    return ChildReport(ok=True, samples_ms=[ns / 1e6 for ns in samples_ns], **base)
+        stage = FAILURE_RUNTIME
+        run_ns = clocked(backend.prepare(req.seed))
+        info["inputs"] = backend.inputs
+        with backend.running():
+            info["first_inference_ms"] = run_ns() / 1e6
+            info["warmup_runs"] = warm_up(run_ns, req.protocol)
+            samples_ns = timed_runs(run_ns, req.protocol)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent with its class
+        return ChildReport(
+            ok=False, failure_class=classify_failure(exc, stage), error=f"{type(exc).__name__}: {exc}", **info
+        )
+    return ChildReport(ok=True, samples_ms=[ns / 1e6 for ns in samples_ns], **info)
 
 
 def _child_main() -> int:

@@ -1,21 +1,30 @@
-"""The agent's main loop: register, lease a job, fetch its artifact, time it, post the result."""
+"""The agent's main loop: register, lease a job, fetch its artifact, time it, post the result.
+
+Registration presents the agent token stored by the last run, if any, before the registration
+token; results go through the outbox in the state directory (`agent.state`), which is re-sent
+before every poll until the server has acknowledged each result. Waits between retries are
+randomised (`agent.backoff`) so that many agents do not hit the server in step.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from agent import __version__
+from agent.backoff import full_jitter, jittered
 from agent.cache import ArtifactCache, ArtifactError
-from agent.capabilities import CPU_PROVIDER, default_device_name, detect_capabilities, device_attributes
+from agent.capabilities import default_device_name, detect_capabilities, device_attributes
 from agent.client import ApiError, AuthError, BadLeaseError, LeaseLostError, ServerClient, ServerError, ServerUnavailable
 from agent.protocol import (
     PROTOCOL_VERSION,
+    ArtifactFormat,
     Capabilities,
     DeviceSpec,
     JobLease,
@@ -23,15 +32,27 @@ from agent.protocol import (
     RegisterRequest,
     RegisterResponse,
     ResultStatus,
+    Runtime,
 )
+from agent.quality import quality_flags
 from agent.settings import AgentSettings
+from agent.state import AgentState, Credentials, StateInUse
 from agent.timing import FAILURE_CANCELLED, TimingOutcome, measure
 
 log = logging.getLogger(__name__)
 
 FAILURE_ARTIFACT = "artifact_error"
 FAILURE_BAD_LEASE = "bad_lease"
-_IDLE_BACKOFF_MAX_S = 60.0
+#: the artifact format each runtime runs
+ARTIFACT_FORMATS: dict[Runtime, ArtifactFormat] = {
+    Runtime.onnxruntime: ArtifactFormat.onnx,
+    Runtime.pytorch: ArtifactFormat.torch_export,
+}
+#: full-jitter backoff after failed calls: up to BASE * 2**failures seconds, at most MAX
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 60.0
+#: the long-poll wait asked for varies by up to this share either way
+POLL_JITTER = 0.1
 _MIN_POLL_INTERVAL_S = 1.0
 
 Provenance = dict[str, str | int | float | bool | None | list[str]]
@@ -82,6 +103,10 @@ class _Heartbeat(threading.Thread):
 
 
 class Worker:
+    """One agent. `rng` draws the random parts of every wait (backoff, poll jitter) and `wait`
+    waits that long, returning True when the agent was asked to stop meanwhile (default: wait on
+    the stop event); tests inject both."""
+
     def __init__(
         self,
         settings: AgentSettings,
@@ -89,30 +114,66 @@ class Worker:
         client: ServerClient | None = None,
         cache: ArtifactCache | None = None,
         capabilities: Capabilities | None = None,
+        state: AgentState | None = None,
+        rng: random.Random | None = None,
+        wait: Callable[[float], bool] | None = None,
     ) -> None:
         self.settings = settings
-        self.client = client or ServerClient(settings.server, settings.token)
-        self.cache = cache or ArtifactCache(settings.cache_dir)
+        self.rng = rng or random.Random()
+        self.client = client or ServerClient(settings.server, settings.token, rng=self.rng)
+        self.cache = cache or ArtifactCache(settings.cache_dir, settings.cache_max_bytes)
+        self.state = state or AgentState(settings.state_dir)
         self.capabilities = capabilities or detect_capabilities()
         self.devices = self._device_specs()
         self.registration: RegisterResponse | None = None
         self.jobs_done = 0
         self._stop = threading.Event()
+        self._wait = wait or self._stop.wait
         self._signals = 0
         self._interruptible = False  # True while blocked in something a first signal may break
+        self._outbox_failures = 0
+        self._outbox_due = 0.0  # time.monotonic() before which the outbox is not re-sent
 
     # ------------------------------------------------------------------ setup
 
     def _device_specs(self) -> list[DeviceSpec]:
-        names = self.settings.devices or [default_device_name(self.settings.threads, self.capabilities.hostname)]
-        attributes = device_attributes(self.capabilities, self.settings.threads, CPU_PROVIDER)
+        settings = self.settings
+        names = settings.devices or [
+            default_device_name(settings.threads, self.capabilities.hostname, settings.runtime, settings.provider)
+        ]
+        attributes = device_attributes(self.capabilities, settings.threads, settings.runtime, settings.provider)
         return [DeviceSpec(name=name, attributes=dict(attributes)) for name in dict.fromkeys(names)]
 
+    def runtime_problem(self) -> str | None:
+        """Why this host cannot measure with the configured runtime and provider, or None."""
+        runtime, provider = self.settings.runtime, self.settings.provider
+        if runtime.value not in self.capabilities.runtimes:
+            hint = " (pip install torch)" if runtime is Runtime.pytorch else ""
+            return f"runtime {runtime.value} is not installed{hint}"
+        if provider is not None and provider not in self.capabilities.onnxruntime_providers:
+            available = ", ".join(self.capabilities.onnxruntime_providers) or "none"
+            return f"execution provider {provider} is not available (available: {available})"
+        return None
+
     def register(self) -> RegisterResponse:
-        # The registration token is sent again on a re-registration after an agent-token 401.
-        self.client.set_token(self.settings.token)
+        """Register, presenting the stored agent token for this server first (to come back as the
+        same agent) and the registration token when there is none or it is refused; then store
+        the credentials the server returned."""
         request = RegisterRequest(name=self.settings.name, devices=self.devices, capabilities=self.capabilities)
-        reply = self.client.register(request)
+        reply: RegisterResponse | None = None
+        stored = self.state.load_credentials(self.settings.server)
+        if stored is not None:
+            self.client.set_token(stored.agent_token)
+            try:
+                reply = self.client.register(request)
+            except AuthError as exc:
+                log.warning("stored agent token refused (%s); registering with the registration token", exc)
+        if reply is None:
+            self.client.set_token(self.settings.token)
+            reply = self.client.register(request)
+        self.state.save_credentials(
+            Credentials(server=self.settings.server, agent_id=reply.agent_id, agent_token=reply.agent_token)
+        )
         self.registration = reply
         log.info(
             "registered as agent %d (%s) for %s", reply.agent_id, self.settings.name,
@@ -162,23 +223,45 @@ class Worker:
         finally:
             self._interruptible = False
 
+    def backoff_delay(self, failures: int) -> float:
+        """Full-jitter delay after `failures` failures in a row."""
+        return full_jitter(failures, BACKOFF_BASE_S, BACKOFF_MAX_S, self.rng)
+
+    def _back_off(self, what: str, exc: Exception, failures: int) -> bool:
+        """Wait before trying `what` again; True when the agent was asked to stop meanwhile."""
+        delay = self.backoff_delay(failures)
+        log.warning("%s failed (%s); trying again in %.1f s", what, exc, delay)
+        return self._wait(delay)
+
+    def poll_wait(self, base_s: float) -> float:
+        """The long-poll wait to ask for: `base_s` give or take POLL_JITTER."""
+        return jittered(base_s, POLL_JITTER, self.rng)
+
     # -------------------------------------------------------------------- loop
 
     def run(self, install_signal_handlers: bool = True) -> int:
         """Run until stopped, `max_jobs` jobs done or (with `exit_when_idle`) no job came.
 
-        Returns a process exit code: 0 on a normal stop, 1 when registration is refused.
+        Returns a process exit code: 0 on a normal stop, 1 when this host lacks the configured
+        runtime, another agent holds the state directory, or registration is refused.
         """
         handlers = self._signal_handlers() if install_signal_handlers else _null_context()
         try:
-            with handlers:
+            with handlers, self.state.locked():
                 return self._run()
         except AgentStopped:
             return 0
+        except StateInUse as exc:
+            log.error("%s", exc)
+            return 1
         finally:
             self.client.close()
 
     def _run(self) -> int:
+        problem = self.runtime_problem()
+        if problem is not None:
+            log.error("cannot serve %s: %s", ", ".join(d.name for d in self.devices), problem)
+            return 1
         failures = 0
         while True:
             try:
@@ -190,9 +273,7 @@ class Worker:
                 return 1
             except ServerUnavailable as exc:
                 failures += 1
-                delay = min(_IDLE_BACKOFF_MAX_S, 2.0**failures)
-                log.warning("server unavailable (%s); trying again in %.0f s", exc, delay)
-                if self._stop.wait(delay):
+                if self._back_off("registration", exc, failures):
                     return 0
         assert self.registration is not None
         wait = self.settings.poll_wait_s if self.settings.poll_wait_s is not None else self.registration.poll_wait_s
@@ -206,7 +287,8 @@ class Worker:
             polled = time.monotonic()
             try:
                 with self._interruptible_section():
-                    lease = self.client.next_job(wait)
+                    self.flush_outbox()
+                    lease = self.client.next_job(self.poll_wait(wait))
             except AuthError as exc:
                 if reregistered:
                     log.error("agent token refused again after re-registering: %s", exc)
@@ -219,9 +301,7 @@ class Worker:
                 except ServerUnavailable as reg_exc:
                     reregistered = False  # not refused, just unreachable: try the whole cycle again
                     failures += 1
-                    delay = min(_IDLE_BACKOFF_MAX_S, 2.0**failures)
-                    log.warning("re-registration failed (%s); trying again in %.0f s", reg_exc, delay)
-                    self._stop.wait(delay)
+                    self._back_off("re-registration", reg_exc, failures)
                 except ServerError as reg_exc:
                     log.error("re-registration refused: %s", reg_exc)
                     return 1
@@ -233,9 +313,7 @@ class Worker:
                 continue
             except ServerError as exc:
                 failures += 1
-                delay = min(_IDLE_BACKOFF_MAX_S, 2.0**failures)
-                log.warning("polling for jobs failed (%s); trying again in %.0f s", exc, delay)
-                self._stop.wait(delay)
+                self._back_off("polling for jobs", exc, failures)
                 continue
             failures = 0
             reregistered = False
@@ -255,6 +333,57 @@ class Worker:
             self.jobs_done += 1
         return 0
 
+    # ------------------------------------------------------------------ outbox
+
+    def flush_outbox(self) -> None:
+        """Re-send the results the server has not acknowledged, oldest job first. After the server
+        was unavailable, nothing is sent before a backoff delay has passed. Raises AuthError when
+        the agent token is refused (the caller registers again)."""
+        if time.monotonic() < self._outbox_due:
+            return
+        for entry in self.state.outbox_entries(self.settings.server):
+            log.info("job %d: re-sending its result from the outbox", entry.job_id)
+            try:
+                self._deliver(entry.job_id, entry.result)
+            except ServerUnavailable as exc:
+                self._outbox_retry_later(exc)
+                return
+        self._outbox_failures = 0
+
+    def _outbox_retry_later(self, exc: ServerUnavailable) -> None:
+        self._outbox_failures += 1
+        delay = self.backoff_delay(self._outbox_failures)
+        self._outbox_due = time.monotonic() + delay
+        log.warning("server unavailable for results (%s); kept in the outbox, re-sending in %.1f s", exc, delay)
+
+    def _submit(self, job_id: int, result: JobResult) -> bool:
+        """Put `result` in the outbox, then post it. True when the server accepted it."""
+        self.state.outbox_put(self.settings.server, job_id, result)
+        try:
+            return self._deliver(job_id, result)
+        except ServerUnavailable as exc:
+            self._outbox_retry_later(exc)
+        except AuthError as exc:
+            log.warning("job %d: agent token refused (%s); the result stays in the outbox", job_id, exc)
+        return False
+
+    def _deliver(self, job_id: int, result: JobResult) -> bool:
+        """Post one result of the outbox and remove it once the server accepted it (True) or
+        refused it for good (False: 409 stale lease, 403, 404, any other 4xx but 401). Raises
+        ServerUnavailable, or AuthError on 401, leaving it in the outbox."""
+        try:
+            accepted = self.client.post_result(job_id, result)
+        except ApiError as exc:
+            if exc.status_code == 401:
+                raise
+            log.error("job %d: result refused: %s", job_id, exc)
+            accepted = False
+        else:
+            if not accepted:
+                log.warning("job %d: result dropped (stale lease)", job_id)
+        self.state.outbox_remove(job_id)
+        return accepted
+
     # --------------------------------------------------------------------- job
 
     def _reject_lease(self, exc: BadLeaseError) -> None:
@@ -269,34 +398,18 @@ class Worker:
             provenance={"agent_version": __version__, "protocol_version": PROTOCOL_VERSION,
                         "agent_name": self.settings.name, "hostname": self.capabilities.hostname},
         )
-        try:
-            self.client.post_result(exc.job_id, result)
-        except ServerError as post_exc:
-            log.error("job %d: reporting the bad lease failed: %s", exc.job_id, post_exc)
+        self._submit(exc.job_id, result)
 
     def process(self, lease: JobLease) -> bool:
         """Run one leased job end to end. Returns True when the server accepted a result."""
         assert self.registration is not None
-        sha = lease.artifact.sha256
         if lease.device not in {d.name for d in self.devices}:
             log.warning("job %d is for device %r, which this agent did not register", lease.job_id, lease.device)
         cancel = threading.Event()
         heartbeat = _Heartbeat(self.client, lease, self.registration.heartbeat_s, cancel)
         heartbeat.start()
         try:
-            try:
-                path = self.client.fetch_artifact(lease.artifact, self.cache)
-            except (ArtifactError, ServerError) as exc:
-                outcome = TimingOutcome(ok=False, failure_class=FAILURE_ARTIFACT, error=f"artifact {sha}: {exc}")
-            except Exception as exc:  # noqa: BLE001 - e.g. a malformed artifact URL
-                outcome = TimingOutcome(
-                    ok=False, failure_class=FAILURE_ARTIFACT, error=f"artifact {sha}: {type(exc).__name__}: {exc}"
-                )
-            else:
-                if cancel.is_set():
-                    outcome = TimingOutcome(ok=False, failure_class=FAILURE_CANCELLED, error="cancelled by the server")
-                else:
-                    outcome = measure(path, lease.protocol, lease.threads, cancel=cancel)
+            outcome = self._measure(lease, cancel)
         except AgentStopped:
             log.warning("job %d abandoned; its lease will expire on the server", lease.job_id)
             raise
@@ -306,16 +419,30 @@ class Worker:
         if heartbeat.lost.is_set():
             log.warning("job %d: lease lost; result dropped", lease.job_id)
             return False
-        result = self.build_result(lease, outcome)
         self._log_job(lease, outcome)
+        return self._submit(lease.job_id, self.build_result(lease, outcome))
+
+    def _measure(self, lease: JobLease, cancel: threading.Event) -> TimingOutcome:
+        """Fetch the lease's artifact and time it; failures become a failed outcome."""
+        ref = lease.artifact
+        if ref.format is not ARTIFACT_FORMATS[lease.runtime]:
+            return TimingOutcome(
+                ok=False, failure_class=FAILURE_BAD_LEASE,
+                error=f"runtime {lease.runtime.value} cannot run artifact format {ref.format.value}",
+            )
         try:
-            accepted = self.client.post_result(lease.job_id, result)
-        except ServerError as exc:
-            log.error("job %d: posting the result failed: %s", lease.job_id, exc)
-            return False
-        if not accepted:
-            log.warning("job %d: result dropped (stale lease)", lease.job_id)
-        return accepted
+            path = self.client.fetch_artifact(ref, self.cache)
+        except (ArtifactError, ServerError) as exc:
+            return TimingOutcome(ok=False, failure_class=FAILURE_ARTIFACT, error=f"artifact {ref.sha256}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - e.g. a malformed artifact URL
+            return TimingOutcome(
+                ok=False, failure_class=FAILURE_ARTIFACT, error=f"artifact {ref.sha256}: {type(exc).__name__}: {exc}"
+            )
+        if cancel.is_set():
+            return TimingOutcome(ok=False, failure_class=FAILURE_CANCELLED, error="cancelled by the server")
+        return measure(
+            path, lease.protocol, lease.threads, runtime=lease.runtime, provider=lease.provider, cancel=cancel
+        )
 
     def build_result(self, lease: JobLease, outcome: TimingOutcome) -> JobResult:
         return JobResult(
@@ -325,12 +452,15 @@ class Worker:
             samples_ms=outcome.samples_ms if outcome.ok else [],
             load_ms=outcome.load_ms,
             first_inference_ms=outcome.first_inference_ms,
+            warmup_runs=outcome.warmup_runs,
             error=None if outcome.ok else (outcome.error or "unknown error")[:10_000],
             failure_class=None if outcome.ok else outcome.failure_class,
             provenance=self.provenance(lease, outcome),
         )
 
     def provenance(self, lease: JobLease, outcome: TimingOutcome) -> Provenance:
+        """Where and how the measurement ran: host, runtime (version, execution provider asked
+        for and those used, thread and execution settings), protocol and inputs."""
         caps = self.capabilities
         proto = lease.protocol
         return {
@@ -339,13 +469,12 @@ class Worker:
             "agent_name": self.settings.name,
             "hostname": caps.hostname,
             "device": lease.device,
-            "runtime": "onnxruntime",
-            "runtime_version": outcome.runtime_version or caps.runtimes.get("onnxruntime", ""),
-            "providers": list(outcome.providers) or [CPU_PROVIDER],
+            "runtime": lease.runtime.value,
+            "runtime_version": outcome.runtime_version or caps.runtimes.get(lease.runtime.value, ""),
+            "provider": lease.provider,
+            "providers": list(outcome.providers),
             "threads": lease.threads,
-            "inter_op_threads": 1,
-            "execution_mode": "sequential",
-            "graph_optimization": "all",
+            **outcome.execution,
             "affinity": ",".join(str(c) for c in outcome.affinity) if outcome.affinity is not None else None,
             "cpu_model": caps.cpu_model,
             "cpu_cores": caps.cpu_cores,
@@ -353,8 +482,12 @@ class Worker:
             "os": caps.os,
             "python": caps.python,
             "artifact_sha256": lease.artifact.sha256,
+            "artifact_format": lease.artifact.format.value,
             "preset": proto.preset.value,
-            "warmup_runs": proto.warmup_runs,
+            "warmup_min_runs": proto.warmup_runs,
+            "warmup_window": proto.warmup_window,
+            "warmup_tolerance": proto.warmup_tolerance,
+            "warmup_max_runs": proto.warmup_max_runs,
             "min_runs": proto.min_runs,
             "min_seconds": proto.min_seconds,
             "max_runs": proto.max_runs,
@@ -366,9 +499,11 @@ class Worker:
     def _log_job(self, lease: JobLease, outcome: TimingOutcome) -> None:
         sha = lease.artifact.sha256[:12]
         if outcome.ok and outcome.stats is not None:
+            flags = quality_flags(outcome.samples_ms, lease.protocol)
             log.info(
-                "job %d device=%s sha=%s median=%.3f ms n=%d",
-                lease.job_id, lease.device, sha, outcome.stats.median_ms, outcome.stats.n,
+                "job %d device=%s sha=%s median=%.3f ms n=%d warm-up=%s flags=%s",
+                lease.job_id, lease.device, sha, outcome.stats.median_ms, outcome.stats.n, outcome.warmup_runs,
+                ",".join(flags) or "none",
             )
         else:
             log.info(

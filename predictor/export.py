@@ -1,4 +1,4 @@
-"""ONNX export of search-space architectures, byte-identical for a given key.
+"""ONNX and `torch.export` export of search-space architectures, byte-identical for a given key.
 
 Artifacts are content-addressed (sha256 of the bytes), so the same key must always give the
 same file: weights come from a fixed seed, and the TorchScript exporter writes nodes and
@@ -11,12 +11,25 @@ import contextlib
 import io
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from predictor.spaces import SearchSpace
+
+if TYPE_CHECKING:
+    import torch
 
 OPSET = 17
 WEIGHT_SEED = 0
 INPUT_NAME, OUTPUT_NAME = "input", "output"
+
+
+def _seeded_model(space: SearchSpace, key: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(WEIGHT_SEED)
+        model = space.build(key)
+    return model.eval(), torch.zeros(1, *space.input_shape_of(key))
 
 
 def export_onnx(space: SearchSpace, key: str) -> bytes:
@@ -26,11 +39,7 @@ def export_onnx(space: SearchSpace, key: str) -> bytes:
     """
     import torch
 
-    key = space.canonical(key)
-    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
-        torch.manual_seed(WEIGHT_SEED)
-        model = space.build(key)
-    example = torch.zeros(1, *space.input_shape_of(key))
+    model, example = _seeded_model(space, space.canonical(key))
     buffer = io.BytesIO()
     with warnings.catch_warnings(), _single_threaded():
         # The default, torch.export-based exporter needs onnxscript, which is not a dependency;
@@ -40,6 +49,17 @@ def export_onnx(space: SearchSpace, key: str) -> bytes:
             model, (example,), buffer, dynamo=False, opset_version=OPSET,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
         )
+    return buffer.getvalue()
+
+
+def export_torch(space: SearchSpace, key: str) -> bytes:
+    """The `torch.export` program of `key` (batch size 1), as written by `torch.export.save`."""
+    import torch
+
+    model, example = _seeded_model(space, space.canonical(key))
+    buffer = io.BytesIO()
+    with _single_threaded():
+        torch.export.save(torch.export.export(model, (example,)), buffer)
     return buffer.getvalue()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
@@ -20,15 +22,22 @@ from server.api import (
     predict,
     predictors,
     system,
+    tokens,
 )
+from server.auth import TokenCache
 from server.context import Services
-from server.db import make_engine, make_session_factory
+from server.db import make_engine, make_session_factory, normalise_url
 from server.errors import BodySizeLimit, install_error_handlers
 from server.services.artifacts import ArtifactStore
+from server.services import onboarding
 from server.services.predictors import PredictorCache
+from server.services.reaper import Reaper
+from server.services.wakeup import JobWakeup
 from server.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+ROUTERS = tuple(module.router for module in (system, devices, architectures, artifacts, measurements, jobs, agents,
+                                             tokens, predictors, onboardings, predict))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -37,20 +46,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     admin_token = settings.admin_token or secrets.token_urlsafe(24)
     if settings.admin_token is None:
         log.warning("LATFARM_ADMIN_TOKEN is not set; this run's admin token is %s", admin_token)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    url = normalise_url(settings.database_url)
+    services = Services(
+        settings=settings,
+        sessions=sessions,
+        store=ArtifactStore(settings.artifact_dir),
+        predictors=PredictorCache(),
+        admin_token=admin_token,
+        tokens=TokenCache(),
+        wakeup=JobWakeup(sessions, url.replace("+psycopg", "") if url.startswith("postgresql") else None),
+    )
+
+    def finish_onboardings(ids: set[int]) -> None:
+        for onboarding_id in ids:
+            onboarding.finish_if_measured(sessions, services.predictors, onboarding_id, settings.train_on_flagged)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        services.wakeup.start()
+        reaper = Reaper(sessions, settings, finish_onboardings)
+        reaper.start()
+        try:
+            yield
+        finally:
+            reaper.stop()
+            services.wakeup.stop()
+
     app = FastAPI(
         title="latfarm",
         version=__version__,
         summary="Latency measurement farm and few-shot latency predictor for hardware-aware NAS",
+        lifespan=lifespan,
     )
-    app.state.services = Services(
-        settings=settings,
-        sessions=make_session_factory(make_engine(settings.database_url)),
-        store=ArtifactStore(settings.artifact_dir),
-        predictors=PredictorCache(),
-        admin_token=admin_token,
-    )
+    app.state.services = services
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
-    for module in (system, devices, architectures, artifacts, measurements, jobs, agents, predictors, onboardings, predict):
-        app.include_router(module.router)
+    for router in ROUTERS:
+        app.include_router(router)
     return app

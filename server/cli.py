@@ -101,11 +101,13 @@ def onboard(
     sampler: Annotated[str, typer.Option(help="sampler name")] = "default",
     space: Annotated[str, typer.Option(help="search space")] = "nb201",
     server: Annotated[str, typer.Option(envvar="LATFARM_SERVER", help="server URL")] = "http://127.0.0.1:8000",
+    token: Annotated[str, typer.Option(envvar="LATFARM_TOKEN", help="admin token, or a client token with the submit "
+                                       "and read scopes")] = "",
 ) -> None:
     """Onboard a device served by a running agent: measure sampled architectures, adapt a predictor."""
     from server.client import FarmClient
 
-    with FarmClient(server) as client, progress_bar() as progress:
+    with FarmClient(server, token or None) as client, progress_bar() as progress:
         result = client.onboard(device, space, samples, sampler, progress)
     console.print_json(json.dumps(result))
 
@@ -114,17 +116,25 @@ def onboard(
 def server(
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="server processes (Postgres only; SQLite takes one)")] = 1,
+    access_log: Annotated[bool, typer.Option(help="log every request")] = True,
 ) -> None:
-    """Run the API server (migrating an embedded SQLite database first)."""
+    """Run the API server (migrating an embedded SQLite database first).
+
+    Settings come from LATFARM_* variables, e.g.
+    `LATFARM_DATABASE_URL=postgresql://latfarm@db/latfarm latfarm server --host 0.0.0.0 --workers 2`.
+    """
     import uvicorn
 
-    from server.app import create_app
     from server.db import upgrade
 
     settings = get_settings()
     if settings.is_sqlite:
         upgrade(settings.database_url)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        workers = 1
+    # every worker process builds its app from the same LATFARM_* environment
+    uvicorn.run("server.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info",
+                access_log=access_log)
 
 
 @app.command()
@@ -150,3 +160,7 @@ def main() -> None:
     except (ApiError, FarmError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise SystemExit(1) from exc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,11 @@
-"""A small HTTP client of the farm's API, for the CLI, the demo and NAS code."""
+"""A small HTTP client of the farm's API, for the CLI, the demo and NAS code.
+
+Needs httpx (and rich for progress bars) only: NAS code can use it with a client token::
+
+    with FarmClient("http://farm:8000", token="...") as farm:
+        ids = farm.submit("rpi4-ort-1t-b1", "nb201", keys)
+        jobs = farm.wait_for_jobs(ids)
+"""
 
 from __future__ import annotations
 
@@ -44,17 +51,18 @@ class FarmClient:
 
     def wait_for_device(self, name: str, timeout_s: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
-        while (device := self.device(name)) is None or device["agent_id"] is None:
+        while (device := self.device(name)) is None or not device["agents"]:
             if time.monotonic() > deadline:
                 raise FarmError(f"no agent registered device {name!r} within {timeout_s:.0f} s")
             time.sleep(0.2)
         return device
 
-    def submit(self, device: str, space: str, architectures: Sequence[str], preset: str = "standard") -> list[int]:
-        return [
-            self.request("POST", "/jobs", json={"device": device, "space": space, "architecture": key, "preset": preset})["id"]
-            for key in architectures
-        ]
+    def submit(self, device: str | None, space: str, architectures: Sequence[str], preset: str = "standard", *,
+               selector: str | None = None, force: bool = False, priority: int = 0) -> list[int]:
+        """Queue one job per architecture on `device`, or on any device matching `selector`."""
+        body = {"device": device, "selector": selector, "space": space, "preset": preset, "force": force,
+                "priority": priority}
+        return [self.request("POST", "/jobs", json={**body, "architecture": key})["id"] for key in architectures]
 
     def wait_for_jobs(self, job_ids: Sequence[int], progress: Progress | None = None, label: str = "measure",
                       poll_s: float = 0.5) -> list[dict[str, Any]]:

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from server.auth import TokenCache
 from server.services.artifacts import ArtifactStore
 from server.services.predictors import PredictorCache
+from server.services.wakeup import JobWakeup
 from server.settings import Settings
 
 
@@ -18,3 +20,5 @@ class Services:
     store: ArtifactStore
     predictors: PredictorCache
     admin_token: str
+    tokens: TokenCache
+    wakeup: JobWakeup

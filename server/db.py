@@ -8,8 +8,11 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from typing import Any
+
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -53,6 +56,15 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def insert_missing(session: Session, model: type[DeclarativeBase], rows: list[dict[str, Any]]) -> None:
+    """INSERT rows, skipping those that would break a unique constraint: get-or-create without a race
+    between concurrent requests."""
+    if not rows:
+        return
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    session.execute(dialect.insert(model).on_conflict_do_nothing(), rows)
 
 
 def alembic_config(url: str) -> Config:

@@ -64,7 +64,7 @@ def run_demo(out: Path, samples: int, check: int, seed: int, console: Console) -
     device = default_device_name(THREADS)
     assert settings.admin_token is not None
     with running_server(settings) as url, running_agent(url, settings.admin_token, device, THREADS, out), \
-            FarmClient(url) as client:
+            FarmClient(url, settings.admin_token) as client:
         client.wait_for_device(device)
         console.print(f"agent registered device [bold]{device}[/] at {url}")
         onboard_started = time.perf_counter()

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -47,6 +48,22 @@ class JobStatus(str, enum.Enum):
     done = "done"
     failed = "failed"
     cancelled = "cancelled"
+
+
+class JobKind(str, enum.Enum):
+    measure = "measure"
+    #: the device's fixed health-check architecture, measured at registration and every K jobs
+    canary = "canary"
+
+
+class Scope(str, enum.Enum):
+    """What a token may do. The admin token holds every scope; agents hold `agent` alone."""
+
+    read = "read"
+    predict = "predict"
+    submit = "submit"
+    admin = "admin"
+    agent = "agent"
 
 
 class PredictorKind(str, enum.Enum):
@@ -108,6 +125,19 @@ class Agent(Base):
     last_seen: Mapped[datetime | None]
 
 
+class ClientToken(Base):
+    """A token for NAS code and users, limited to `scopes` (read, predict, submit)."""
+
+    __tablename__ = "client_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
 class RegistrationToken(Base):
     __tablename__ = "registration_tokens"
 
@@ -133,17 +163,44 @@ class Device(Base):
     source: Mapped[str] = mapped_column(String(16), default="agent")
     attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
     state: Mapped[DeviceState] = mapped_column(_enum(DeviceState), default=DeviceState.offline)
-    agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id"))
+    #: why the device is in its state, when it is not plain online/busy (e.g. the canary drift)
+    state_reason: Mapped[str | None] = mapped_column(Text)
     last_seen: Mapped[datetime | None]
+    #: the canary's first valid median: later canaries are compared with it
+    canary_baseline_ms: Mapped[float | None]
+    canary_last_ms: Mapped[float | None]
+    jobs_since_canary: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    agents: Mapped[list[Agent]] = relationship(secondary="agent_devices", order_by="Agent.id")
+
+
+class AgentDevice(Base):
+    """Which agents serve which devices: several agents may serve one device name."""
+
+    __tablename__ = "agent_devices"
+
+    agent_id: Mapped[int] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True)
+
+
+_RUNNING = text("status = 'running'")
 
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_claim", "status", "device_id", "priority", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_claim", "status", "device_id", "priority", "id"),
+        # at most one running job per device, whatever the agents do
+        Index("uq_jobs_running_device", "device_id", unique=True, postgresql_where=_RUNNING, sqlite_where=_RUNNING),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind), default=JobKind.measure)
+    #: set at submission, or at claim time for a job submitted with a `selector`
+    device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"))
+    #: device attribute selector, e.g. `runtime == onnxruntime and threads == 1`
+    selector: Mapped[str | None] = mapped_column(Text)
     architecture_id: Mapped[int | None] = mapped_column(ForeignKey("architectures.id"))
     artifact_sha256: Mapped[str | None] = mapped_column(ForeignKey("artifacts.sha256"))
     preset: Mapped[str] = mapped_column(String(16), default="standard")
@@ -153,7 +210,15 @@ class Job(Base):
     lease_id: Mapped[str | None] = mapped_column(String(36))
     lease_expires_at: Mapped[datetime | None]
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    force: Mapped[bool] = mapped_column(default=False)
     attempts: Mapped[int] = mapped_column(default=0)
+    #: the queue deadline: a job not started by then fails with `queue_deadline`
+    deadline_at: Mapped[datetime | None]
+    #: the run timeout: a job running longer fails with `run_timeout`
+    run_timeout_s: Mapped[float | None]
+    #: the job's measurement: its own, or a valid earlier one it reused (`reused`)
+    measurement_id: Mapped[int | None] = mapped_column(ForeignKey("measurements.id", use_alter=True))
+    reused: Mapped[bool] = mapped_column(default=False)
     error: Mapped[str | None] = mapped_column(Text)
     failure_class: Mapped[str | None] = mapped_column(String(64))
     onboarding_id: Mapped[int | None] = mapped_column(ForeignKey("onboardings.id"), index=True)
@@ -161,13 +226,16 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 
-    device: Mapped[Device] = relationship(lazy="joined")
+    device: Mapped[Device | None] = relationship(lazy="joined")
     architecture: Mapped[Architecture | None] = relationship(lazy="joined")
 
 
 class Measurement(Base):
     __tablename__ = "measurements"
-    __table_args__ = (Index("ix_measurements_device_arch", "device_id", "architecture_id"),)
+    __table_args__ = (
+        Index("ix_measurements_device_arch", "device_id", "architecture_id"),
+        Index("ix_measurements_device_artifact", "device_id", "artifact_sha256"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
@@ -179,6 +247,10 @@ class Measurement(Base):
     stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     samples_ms: Mapped[list[Any] | None] = mapped_column(JSON)
     flags: Mapped[list[Any] | None] = mapped_column(JSON)
+    #: no quality flags: used for training and reused instead of measuring again
+    valid: Mapped[bool] = mapped_column(default=True)
+    preset: Mapped[str | None] = mapped_column(String(16))
+    protocol_version: Mapped[int | None]
     provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     source: Mapped[str] = mapped_column(String(16), default="measured")
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -6,10 +6,10 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.protocol import Preset
-from server.models import DeviceState, JobStatus, OnboardingStatus, PredictorKind
+from server.models import DeviceState, JobKind, JobStatus, OnboardingStatus, PredictorKind, Scope
 
 
 def _finite_positive(value: float) -> float:
@@ -66,8 +66,16 @@ class DeviceOut(BaseModel):
     source: str
     attributes: dict[str, Any]
     state: DeviceState
-    agent_id: int | None
+    state_reason: str | None
+    agents: list[int] = Field(description="ids of the agents serving the device")
     last_seen: datetime | None
+    canary_baseline_ms: float | None
+    canary_last_ms: float | None
+
+    @field_validator("agents", mode="before")
+    @classmethod
+    def _agent_ids(cls, agents: list[Any]) -> list[int]:
+        return [agent if isinstance(agent, int) else agent.id for agent in agents]
 
 
 class ArchitectureIn(Strict):
@@ -125,12 +133,21 @@ class MeasurementOut(BaseModel):
 
 
 class JobIn(Strict):
-    device: DeviceName
+    device: DeviceName | None = None
+    selector: str | None = Field(
+        default=None, max_length=1000, examples=["runtime == onnxruntime and threads == 1"],
+        description="run on any device whose attributes match, instead of a named `device`",
+    )
     space: str | None = None
     architecture: ArchKey | None = None
     artifact: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     preset: Preset = Preset.standard
     priority: int = Field(default=0, ge=-1000, le=1000)
+    force: bool = Field(default=False, description="measure again even when a valid measurement exists")
+    queue_deadline_s: float | None = Field(default=None, gt=0, le=30 * 86_400,
+                                           description="fail the job if it has not started by then")
+    run_timeout_s: float | None = Field(default=None, gt=0, le=86_400,
+                                        description="fail the job if it runs longer (default: server setting)")
 
     @model_validator(mode="after")
     def _one_target(self) -> "JobIn":
@@ -138,23 +155,30 @@ class JobIn(Strict):
             raise ValueError("give exactly one of `architecture` (with `space`) or `artifact`")
         if self.architecture is not None and self.space is None:
             raise ValueError("`architecture` needs `space`")
+        if (self.device is None) == (self.selector is None):
+            raise ValueError("give exactly one of `device` or `selector`")
         return self
 
 
 class JobOut(BaseModel):
     id: int
-    device: str
+    kind: JobKind
+    device: str | None
+    selector: str | None
     space: str | None
     architecture: str | None
     artifact_sha256: str | None
     preset: str
     priority: int
     status: JobStatus
+    queue_position: int | None = Field(description="queued jobs ahead of this one; null unless queued")
     attempts: int
     error: str | None
     failure_class: str | None
     measurement_id: int | None
+    reused: bool = Field(description="the measurement is an earlier valid one, not measured for this job")
     latency_ms: float | None
+    flags: list[str] | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -162,6 +186,20 @@ class JobOut(BaseModel):
 
 class RegistrationTokenOut(BaseModel):
     token: str
+
+
+class ClientTokenIn(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    scopes: list[Literal[Scope.read, Scope.predict, Scope.submit]] = Field(min_length=1)
+
+
+class ClientTokenOut(BaseModel):
+    id: int
+    name: str
+    scopes: list[Scope]
+    created_at: datetime
+    revoked_at: datetime | None
+    token: str | None = Field(default=None, description="shown once, when the token is created")
 
 
 class PredictIn(Strict):

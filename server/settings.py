@@ -19,9 +19,26 @@ class Settings(BaseSettings):
     artifact_dir: Path = Path(".latfarm/artifacts")
     admin_token: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
-    poll_wait_s: float = 20.0
-    heartbeat_s: float = 10.0
-    lease_ttl_s: float = 120.0
+    # intervals handed to agents at registration
+    poll_wait_s: float = Field(default=20.0, gt=0)
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    lease_ttl_s: float = Field(default=60.0, gt=0)
+    #: seconds between the reaper's passes (expired leases, deadlines, offline devices)
+    reaper_interval_s: float = Field(default=2.0, gt=0)
+    #: tries per job when the failure is the infrastructure's (lost agent, artifact download)
+    max_attempts: int = Field(default=3, ge=1)
+    #: default run timeout of a job, from its start; the agent is told to stop at this point too
+    run_timeout_s: float = Field(default=600.0, gt=0)
+    #: a device none of whose agents was seen for this long is marked offline
+    offline_after_s: float = Field(default=120.0, gt=0)
+    #: measure the canary architecture every K jobs of a device (0: only at registration)
+    canary_every: int = Field(default=50, ge=0)
+    #: relative change of the canary's median from its baseline that marks a device degraded
+    canary_drift: float = Field(default=0.10, gt=0)
+    #: a degraded device gets a re-check canary this often until one passes
+    canary_recheck_s: float = Field(default=300.0, gt=0)
+    #: also train predictors on measurements flagged unstable, drift or short
+    train_on_flagged: bool = False
     #: torch threads for training and prediction; with more than one, a busy 2-core host (an agent
     #: measuring beside the server) slowed pre-training 24-fold, while one thread lost nothing
     torch_threads: int = Field(default=1, ge=1)

@@ -4,16 +4,14 @@ uvicorn server on a free port in front of it."""
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 
 from server.db import upgrade
-from server.local import running_server
+from server.local import running_server, temporary_postgres_database
 from server.settings import Settings
 
 POSTGRES_ADMIN_URL = os.environ.get("LATFARM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -31,17 +29,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         upgrade(url)
         yield url
         return
-    name = f"latfarm_test_{secrets.token_hex(4)}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
-    url = f"{base}/{name}"
-    try:
-        upgrade(url)
+    with temporary_postgres_database(POSTGRES_ADMIN_URL, "latfarm_test") as url:
         yield url
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +54,14 @@ def server_url(settings: Settings) -> Iterator[str]:
 
 @pytest.fixture
 def api(server_url: str) -> Iterator[httpx.Client]:
+    """A client holding the admin token."""
+    with httpx.Client(base_url=f"{server_url}/api/v1", timeout=120,
+                      headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
+        yield client
+
+
+@pytest.fixture
+def anonymous(server_url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=f"{server_url}/api/v1", timeout=120) as client:
         yield client
 

@@ -85,7 +85,6 @@ def test_architecture_is_canonicalised_and_idempotent(api: httpx.Client) -> None
         ("get", "/devices/no-such-device", None, 404, "name"),
         ("get", "/jobs/987654", None, 404, "job_id"),
         ("get", "/artifacts/not-a-sha", None, 422, "sha256"),
-        ("post", "/agents/registration-tokens", None, 401, None),
     ],
 )
 def test_bad_input_gets_a_4xx_json_error(api: httpx.Client, method: str, path: str, body: dict | None,
@@ -141,18 +140,23 @@ def test_artifact_upload_is_checked_and_content_addressed(api: httpx.Client) -> 
     assert_json_error(api.get(f"/artifacts/{'0' * 64}"), 404)
 
 
-def test_registration_needs_a_valid_token(api: httpx.Client) -> None:
+def test_registration_needs_a_valid_token(api: httpx.Client, anonymous: httpx.Client) -> None:
     body = {"name": "a", "devices": [{"name": "reg-dev"}], "capabilities": {
         "hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes": 1, "os": "linux", "python": "3",
         "agent_version": "0"}}
-    assert_json_error(api.post("/agents/register", json=body), 401)
-    assert_json_error(api.post("/agents/register", json=body, headers={"Authorization": "Bearer wrong"}), 401)
-    minted = api.post("/agents/registration-tokens", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    token = minted.json()["token"]
-    assert api.post("/agents/register", json=body, headers={"Authorization": f"Bearer {token}"}).status_code == 201
+    assert_json_error(anonymous.post("/agents/register", json=body), 401)
+    assert_json_error(anonymous.post("/agents/register", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+    token = api.post("/agents/registration-tokens").json()["token"]
+    registered = anonymous.post("/agents/register", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert registered.status_code == 201
     # one-time: the same token cannot register a second agent
-    assert_json_error(api.post("/agents/register", json=body, headers={"Authorization": f"Bearer {token}"}), 401)
-    assert_json_error(api.get("/agents/me/jobs/next", headers={"Authorization": "Bearer nope"}), 401)
+    assert_json_error(anonymous.post("/agents/register", json=body, headers={"Authorization": f"Bearer {token}"}), 401)
+    assert_json_error(anonymous.get("/agents/me/jobs/next", headers={"Authorization": "Bearer nope"}), 401)
+    # an agent that restarts presents its own token and stays the same agent
+    agent_token = registered.json()["agent_token"]
+    again = anonymous.post("/agents/register", json=body, headers={"Authorization": f"Bearer {agent_token}"})
+    assert again.status_code == 201
+    assert again.json()["agent_id"] == registered.json()["agent_id"] and again.json()["agent_token"] == agent_token
 
 
 @pytest.mark.slow

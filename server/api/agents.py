@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import secrets
 import time
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response, status
+from fastapi import APIRouter, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.security import HTTPAuthorizationCredentials
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from agent.protocol import JobLease, RegisterRequest, RegisterResponse
-from server.api.deps import CurrentAgent, Db, ServicesDep, bearer, hash_token, require_admin
+from server.api.deps import Db, ServicesDep
+from server.auth import ADMIN, AgentPrincipal, Credentials, hash_token
 from server.context import Services
-from server.db import session_scope
+from server.db import insert_missing, session_scope
 from server.errors import Conflict, Unauthorized
-from server.models import Agent, Device, DeviceState, RegistrationToken, utcnow
+from server.models import Agent, AgentDevice, Device, DeviceState, RegistrationToken, utcnow
 from server.schemas import RegistrationTokenOut
+from server.services import health
 from server.services import jobs as job_service
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
-POLL_INTERVAL_S = 0.25
+#: a long poll re-checks the queue this often even without a wake-up (e.g. from another server)
+RECHECK_S = 2.0
 
 
-@router.post("/registration-tokens", status_code=status.HTTP_201_CREATED, dependencies=[Depends(require_admin)])
+@router.post("/registration-tokens", status_code=status.HTTP_201_CREATED, dependencies=[ADMIN])
 def mint_registration_token(session: Db) -> RegistrationTokenOut:
     """A one-time token an agent exchanges for its own agent token at registration."""
     token = secrets.token_urlsafe(24)
@@ -35,64 +36,92 @@ def mint_registration_token(session: Db) -> RegistrationTokenOut:
 
 
 @router.post("/register", status_code=status.HTTP_201_CREATED)
-def register(
-    body: RegisterRequest,
-    session: Db,
-    services: ServicesDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> RegisterResponse:
-    """Exchange the admin token or a one-time registration token for an agent token."""
+def register(body: RegisterRequest, session: Db, services: ServicesDep,
+             credentials: Credentials) -> RegisterResponse:
+    """Exchange the admin token or a one-time registration token for an agent token.
+
+    An agent that presents its own agent token (after a restart) is registered again as the
+    same agent, keeping its id and token. Every registered device gets a canary job.
+    """
     presented = credentials.credentials if credentials else ""
-    one_time = None
-    if not hmac.compare_digest(presented, services.admin_token):
-        one_time = session.scalar(
-            select(RegistrationToken).where(RegistrationToken.token_hash == hash_token(presented),
-                                            RegistrationToken.used_at.is_(None))
-        )
-        if one_time is None:
-            raise Unauthorized("registration needs the admin token or an unused registration token")
-    token = secrets.token_urlsafe(32)
-    agent = Agent(name=body.name, token_hash=hash_token(token), capabilities=body.capabilities.model_dump(),
-                  last_seen=utcnow())
-    session.add(agent)
+    agent, token = _registrant(session, services, presented)
+    agent.name, agent.capabilities, agent.last_seen = body.name, body.capabilities.model_dump(), utcnow()
     session.flush()
-    if one_time is not None:
-        one_time.used_at, one_time.used_by_agent_id = utcnow(), agent.id
+    session.execute(delete(AgentDevice).where(AgentDevice.agent_id == agent.id))
     for spec in body.devices:
-        device = session.scalar(select(Device).where(Device.name == spec.name))
-        if device is None:
-            device = Device(name=spec.name, source="agent")
-            session.add(device)
-        elif device.source == "imported":
-            raise Conflict(f"{spec.name!r} is an imported reference device; agents serve devices of their own", "devices")
-        attributes = dict(spec.attributes)
-        device.hardware = str(attributes.get("hardware") or body.capabilities.cpu_model)
-        device.category = str(attributes.get("category") or "cpu")
-        device.runtime = str(attributes.get("runtime") or "onnxruntime")
-        device.threads = int(attributes.get("threads") or 1)
-        device.batch_size = int(attributes.get("batch_size") or 1)
-        device.precision = str(attributes.get("precision") or "fp32")
-        device.attributes = attributes
-        device.agent_id, device.state, device.last_seen = agent.id, DeviceState.online, utcnow()
+        device = _serve_device(session, spec.name, dict(spec.attributes), body.capabilities.cpu_model)
+        session.add(AgentDevice(agent_id=agent.id, device_id=device.id))
+        health.queue_canary(session, device, services.settings)
     settings = services.settings
     return RegisterResponse(agent_id=agent.id, agent_token=token, poll_wait_s=settings.poll_wait_s,
                             heartbeat_s=settings.heartbeat_s, lease_ttl_s=settings.lease_ttl_s)
 
 
+def _registrant(session: Session, services: Services, presented: str) -> tuple[Agent, str]:
+    """The agent to (re-)register and its token, from the token the caller presented."""
+    known = session.scalar(select(Agent).where(Agent.token_hash == hash_token(presented)))
+    if known is not None:
+        return known, presented
+    if not hmac.compare_digest(presented, services.admin_token):
+        one_time = session.scalar(
+            select(RegistrationToken)
+            .where(RegistrationToken.token_hash == hash_token(presented), RegistrationToken.used_at.is_(None))
+            .with_for_update()
+        )
+        if one_time is None:
+            raise Unauthorized("registration needs the admin token, an unused registration token or an agent token")
+    token = secrets.token_urlsafe(32)
+    agent = Agent(name="", token_hash=hash_token(token))
+    session.add(agent)
+    session.flush()
+    if not hmac.compare_digest(presented, services.admin_token):
+        one_time.used_at, one_time.used_by_agent_id = utcnow(), agent.id
+    return agent, token
+
+
+def _serve_device(session: Session, name: str, attributes: dict[str, object], cpu_model: str) -> Device:
+    insert_missing(session, Device, [{"name": name, "source": "agent"}])
+    device = session.scalars(select(Device).where(Device.name == name).with_for_update()).one()
+    if device.source == "imported":
+        raise Conflict(f"{name!r} is an imported reference device; agents serve devices of their own", "devices")
+    device.hardware = str(attributes.get("hardware") or cpu_model)
+    device.category = str(attributes.get("category") or "cpu")
+    device.runtime = str(attributes.get("runtime") or "onnxruntime")
+    device.threads = int(attributes.get("threads") or 1)  # type: ignore[call-overload]
+    device.batch_size = int(attributes.get("batch_size") or 1)  # type: ignore[call-overload]
+    device.precision = str(attributes.get("precision") or "fp32")
+    device.attributes = attributes
+    if device.state is DeviceState.offline:
+        device.state, device.state_reason = DeviceState.online, None
+    device.last_seen = utcnow()
+    session.flush()
+    return device
+
+
+def _agent_devices(services: Services, agent_id: int) -> list[int]:
+    with session_scope(services.sessions) as session:
+        return list(session.scalars(select(AgentDevice.device_id).where(AgentDevice.agent_id == agent_id)))
+
+
 def _try_claim(services: Services, agent_id: int) -> JobLease | None:
     with session_scope(services.sessions) as session:
-        agent = session.get_one(Agent, agent_id)
-        return job_service.claim_next(session, agent, services.store, services.settings.lease_ttl_s)
+        return job_service.claim_next(session, agent_id, services.store, services.settings)
 
 
 @router.get("/me/jobs/next", responses={204: {"description": "no job arrived within `wait` seconds"}})
-async def next_job(agent: CurrentAgent, services: ServicesDep,
+async def next_job(agent: AgentPrincipal, services: ServicesDep,
                    wait: float = Query(30, ge=0, le=120, description="long-poll seconds")) -> JobLease:
+    """Lease the next job for one of the agent's devices, waiting up to `wait` seconds for one."""
+    assert agent.agent_id is not None
     deadline = time.monotonic() + wait
-    while True:
-        lease = await run_in_threadpool(_try_claim, services, agent.id)
-        if lease is not None:
-            return lease
-        if time.monotonic() >= deadline:
-            return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
-        await asyncio.sleep(POLL_INTERVAL_S)
+    devices = await run_in_threadpool(_agent_devices, services, agent.agent_id)
+    with services.wakeup.subscription(devices) as changed:
+        while True:
+            changed.clear()
+            lease = await run_in_threadpool(_try_claim, services, agent.agent_id)
+            if lease is not None:
+                return lease
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
+            await services.wakeup.wait(changed, min(remaining, RECHECK_S))

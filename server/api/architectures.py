@@ -6,6 +6,7 @@ from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import select
 
 from server.api.deps import Db, ServicesDep
+from server.auth import READ, SUBMIT
 from server.errors import NotFound
 from server.models import Architecture
 from server.schemas import ArchitectureIn, ArchitectureOut, ArtifactOut, Page
@@ -19,7 +20,7 @@ def architecture_out(arch: Architecture) -> ArchitectureOut:
     return ArchitectureOut(id=arch.id, space=arch.space.name, key=arch.key, dataset_index=arch.dataset_index)
 
 
-@router.get("")
+@router.get("", dependencies=[READ])
 def list_architectures(
     session: Db,
     space: str,
@@ -34,7 +35,7 @@ def list_architectures(
     return Page(items=[architecture_out(a) for a in rows], next_cursor=rows[-1].id if len(rows) == limit else None)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post("", status_code=status.HTTP_201_CREATED, dependencies=[SUBMIT])
 def create_architecture(body: ArchitectureIn, session: Db, response: Response) -> ArchitectureOut:
     """Register an architecture by key; the key is validated and canonicalised. Idempotent."""
     space = resolve_space(body.space)
@@ -48,7 +49,7 @@ def create_architecture(body: ArchitectureIn, session: Db, response: Response) -
     return architecture_out(ensure_architecture(session, space, key))
 
 
-@router.post("/{architecture_id}/artifact")
+@router.post("/{architecture_id}/artifact", dependencies=[SUBMIT])
 def build_artifact(architecture_id: int, session: Db, services: ServicesDep) -> ArtifactOut:
     """Export the architecture to ONNX (once; later calls return the stored artifact)."""
     arch = session.get(Architecture, architecture_id)

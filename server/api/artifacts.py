@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import onnx
-from fastapi import APIRouter, Path, Request, status
+from fastapi import APIRouter, Depends, Path, Request, status
 from fastapi.responses import FileResponse
 
 from server.api.deps import Db, ServicesDep
+from server.auth import SUBMIT, Requires
 from server.errors import Invalid, NotFound
-from server.models import Artifact
+from server.models import Artifact, Scope
 from server.schemas import ArtifactOut
 
 router = APIRouter(prefix="/api/v1/artifacts", tags=["artifacts"])
 Sha256 = Path(pattern=r"^[0-9a-f]{64}$")
 
 
-@router.get("/{sha256}", response_class=FileResponse, responses={200: {"content": {"application/octet-stream": {}}}})
+@router.get("/{sha256}", response_class=FileResponse, responses={200: {"content": {"application/octet-stream": {}}}},
+            dependencies=[Depends(Requires(Scope.read, Scope.agent))])
 def download_artifact(session: Db, services: ServicesDep, sha256: str = Sha256) -> FileResponse:
     artifact = session.get(Artifact, sha256)
     path = services.store.path(sha256)
@@ -24,7 +26,7 @@ def download_artifact(session: Db, services: ServicesDep, sha256: str = Sha256) 
     return FileResponse(path, media_type="application/octet-stream", filename=f"{sha256}.{artifact.format}")
 
 
-@router.post("", status_code=status.HTTP_201_CREATED,
+@router.post("", status_code=status.HTTP_201_CREATED, dependencies=[SUBMIT],
              openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
 async def upload_artifact(request: Request, session: Db, services: ServicesDep) -> ArtifactOut:
     """Upload an ONNX model (raw bytes); it is checked with onnx.checker before it is stored."""

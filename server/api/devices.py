@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 from sqlalchemy import exists, select
 
 from server.api.deps import Db, ServicesDep
+from server.auth import ADMIN, READ, SUBMIT
 from server.api.onboardings import onboarding_out
 from server.errors import Conflict
 from server.models import Architecture, Device, Job, Measurement
@@ -16,7 +17,7 @@ from server.services.catalog import get_device, resolve_space, space_row
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
 
-@router.get("")
+@router.get("", dependencies=[READ])
 def list_devices(session: Db, space: str | None = Query(None, description="only devices measured in this space")) -> list[DeviceOut]:
     query = select(Device).order_by(Device.name)
     if space is not None:
@@ -29,7 +30,7 @@ def list_devices(session: Db, space: str | None = Query(None, description="only 
     return [DeviceOut.model_validate(device) for device in session.scalars(query)]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post("", status_code=status.HTTP_201_CREATED, dependencies=[ADMIN])
 def create_device(body: DeviceIn, session: Db) -> DeviceOut:
     if session.scalar(select(Device).where(Device.name == body.name)) is not None:
         raise Conflict(f"device {body.name!r} already exists", "name")
@@ -39,21 +40,25 @@ def create_device(body: DeviceIn, session: Db) -> DeviceOut:
     return DeviceOut.model_validate(device)
 
 
-@router.post("/{name:path}/onboard", status_code=status.HTTP_202_ACCEPTED)
-def onboard(name: str, body: OnboardIn, session: Db, services: ServicesDep) -> OnboardingOut:
+@router.post("/{name:path}/onboard", status_code=status.HTTP_202_ACCEPTED, dependencies=[SUBMIT])
+def onboard(name: str, body: OnboardIn, session: Db, services: ServicesDep,
+            background: BackgroundTasks) -> OnboardingOut:
     """Measure sampler-chosen architectures on the device, then adapt a predictor to it."""
     device = get_device(session, name)
-    started = onboarding_service.start(session, services.predictors, device, resolve_space(body.space), body.samples,
-                                       body.sampler, body.preset.value, body.seed)
+    started = onboarding_service.start(session, services.settings, services.predictors, device,
+                                       resolve_space(body.space), body.samples, body.sampler, body.preset, body.seed)
+    # every sample may already have been measured: then adaptation can start now
+    background.add_task(onboarding_service.finish_if_measured, services.sessions, services.predictors, started.id,
+                        services.settings.train_on_flagged)
     return onboarding_out(session, started)
 
 
-@router.get("/{name:path}")
+@router.get("/{name:path}", dependencies=[READ])
 def read_device(name: str, session: Db) -> DeviceOut:
     return DeviceOut.model_validate(get_device(session, name, "name"))
 
 
-@router.patch("/{name:path}")
+@router.patch("/{name:path}", dependencies=[ADMIN])
 def update_device(name: str, body: DevicePatch, session: Db) -> DeviceOut:
     device = get_device(session, name, "name")
     for field, value in body.model_dump(exclude_unset=True).items():
@@ -61,7 +66,7 @@ def update_device(name: str, body: DevicePatch, session: Db) -> DeviceOut:
     return DeviceOut.model_validate(device)
 
 
-@router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[ADMIN])
 def delete_device(name: str, session: Db) -> Response:
     device = get_device(session, name, "name")
     if session.scalar(select(exists().where(Measurement.device_id == device.id))) or session.scalar(

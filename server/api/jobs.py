@@ -1,4 +1,4 @@
-"""Profiling jobs: submit and inspect (users), heartbeat and results (agents)."""
+"""Profiling jobs: submit, list, inspect and cancel (users); heartbeat and results (agents)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from agent.protocol import HeartbeatRequest, HeartbeatResponse, JobResult
-from server.api.deps import CurrentAgent, Db, ServicesDep
+from server.api.deps import Db, ServicesDep
+from server.auth import READ, SUBMIT, AgentPrincipal
 from server.context import Services
 from server.errors import Conflict, NotFound
-from server.models import Artifact, Job, JobStatus, Measurement, utcnow
+from server.models import Artifact, Job, JobKind, JobStatus, Measurement, utcnow
 from server.schemas import JobIn, JobOut
 from server.services import jobs as job_service
 from server.services import onboarding as onboarding_service
@@ -20,21 +21,26 @@ router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
 
 def job_out(session: Session, job: Job) -> JobOut:
-    measurement = session.scalar(select(Measurement).where(Measurement.job_id == job.id))
+    measurement = session.get(Measurement, job.measurement_id) if job.measurement_id is not None else None
     return JobOut(
         id=job.id,
-        device=job.device.name,
+        kind=job.kind,
+        device=job.device.name if job.device else None,
+        selector=job.selector,
         space=job.architecture.space.name if job.architecture else None,
         architecture=job.architecture.key if job.architecture else None,
         artifact_sha256=job.artifact_sha256,
         preset=job.preset,
         priority=job.priority,
         status=job.status,
+        queue_position=job_service.queue_position(session, job),
         attempts=job.attempts,
         error=job.error,
         failure_class=job.failure_class,
-        measurement_id=measurement.id if measurement else None,
+        measurement_id=job.measurement_id,
+        reused=job.reused,
         latency_ms=measurement.latency_ms if measurement else None,
+        flags=measurement.flags if measurement else None,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -48,30 +54,36 @@ def _job(session: Session, job_id: int) -> Job:
     return job
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
-def submit_job(body: JobIn, session: Db) -> JobOut:
-    """Queue a measurement of an architecture (exported to ONNX when leased) or an uploaded artifact."""
-    device = get_device(session, body.device)
-    job = Job(device_id=device.id, preset=body.preset.value, priority=body.priority)
+@router.post("", status_code=status.HTTP_201_CREATED, dependencies=[SUBMIT])
+def submit_job(body: JobIn, session: Db, services: ServicesDep) -> JobOut:
+    """Queue a measurement of an architecture (exported when leased) or an uploaded artifact, on a
+    named device or on any device matching a selector. A valid earlier measurement of the same
+    thing on the same device and preset is reused (`reused: true`) unless `force`."""
     if body.architecture is not None:
         assert body.space is not None
         space = resolve_space(body.space)
-        job.architecture_id = ensure_architecture(session, space, canonical_key(space, body.architecture)).id
+        target = job_service.Target(architecture_id=ensure_architecture(
+            session, space, canonical_key(space, body.architecture)).id)
     else:
         if session.get(Artifact, body.artifact) is None:
             raise NotFound(f"no artifact {body.artifact}; upload it first (POST /api/v1/artifacts)", "artifact")
-        job.artifact_sha256 = body.artifact
-    session.add(job)
-    session.flush()
+        target = job_service.Target(artifact_sha256=body.artifact)
+    job = job_service.submit(
+        session, services.settings, target, device=get_device(session, body.device) if body.device else None,
+        selector=body.selector, preset=body.preset, priority=body.priority, force=body.force,
+        queue_deadline_s=body.queue_deadline_s, run_timeout_s=body.run_timeout_s,
+    )
     return job_out(session, job)
 
 
-@router.get("")
+@router.get("", dependencies=[READ])
 def list_jobs(
     session: Db,
     device: str | None = None,
     status_: JobStatus | None = Query(None, alias="status"),
-    cursor: int = Query(0, ge=0),
+    kind: JobKind | None = None,
+    onboarding: int | None = Query(None, description="only the jobs of this onboarding"),
+    cursor: int = Query(0, ge=0, description="only jobs with a larger id"),
     limit: int = Query(100, ge=1, le=1000),
 ) -> list[JobOut]:
     query = select(Job).where(Job.id > cursor).order_by(Job.id).limit(limit)
@@ -79,22 +91,26 @@ def list_jobs(
         query = query.where(Job.device_id == get_device(session, device).id)
     if status_ is not None:
         query = query.where(Job.status == status_)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    if onboarding is not None:
+        query = query.where(Job.onboarding_id == onboarding)
     return [job_out(session, job) for job in session.scalars(query)]
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", dependencies=[READ])
 def read_job(job_id: int, session: Db) -> JobOut:
     return job_out(session, _job(session, job_id))
 
 
 def _finish_onboarding_later(job: Job, services: Services, background: BackgroundTasks) -> None:
     """A finished job may be its onboarding's last: adapt (or record the failure) after the response."""
-    if job.onboarding_id is not None:
+    if job.onboarding_id is not None and job.status in job_service.FINISHED:
         background.add_task(onboarding_service.finish_if_measured, services.sessions, services.predictors,
-                            job.onboarding_id)
+                            job.onboarding_id, services.settings.train_on_flagged)
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", dependencies=[SUBMIT])
 def cancel_job(job_id: int, session: Db, services: ServicesDep, background: BackgroundTasks) -> JobOut:
     """Cancel a queued job at once; a running one is told to stop at its next heartbeat."""
     job = _job(session, job_id)
@@ -109,16 +125,19 @@ def cancel_job(job_id: int, session: Db, services: ServicesDep, background: Back
 
 
 @router.post("/{job_id}/heartbeat")
-def heartbeat(job_id: int, body: HeartbeatRequest, session: Db, agent: CurrentAgent,
+def heartbeat(job_id: int, body: HeartbeatRequest, session: Db, agent: AgentPrincipal,
               services: ServicesDep) -> HeartbeatResponse:
-    return job_service.heartbeat(session, agent, job_id, body.lease_id, services.settings.lease_ttl_s)
+    """Extend the lease; the answer says whether the job should stop. 409 for a stale lease."""
+    assert agent.agent_id is not None
+    return job_service.heartbeat(session, agent.agent_id, job_id, body.lease_id, services.settings.lease_ttl_s)
 
 
 @router.post("/{job_id}/result")
-def post_result(job_id: int, body: JobResult, session: Db, agent: CurrentAgent, services: ServicesDep,
+def post_result(job_id: int, body: JobResult, session: Db, agent: AgentPrincipal, services: ServicesDep,
                 background: BackgroundTasks) -> JobOut:
     """Record an agent's result for a job it holds the lease of. Idempotent; 409 for a stale lease."""
-    job = job_service.record_result(session, agent, job_id, body)
+    assert agent.agent_id is not None
+    job = job_service.record_result(session, agent.agent_id, job_id, body, services.settings)
     _finish_onboarding_later(job, services, background)
     session.flush()
     return job_out(session, job)

@@ -13,6 +13,7 @@ from sqlalchemy import Select, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.api.deps import Db, ServicesDep
+from server.auth import ADMIN, READ
 from server.errors import Invalid
 from server.models import Architecture, Device, Measurement, SearchSpaceRow
 from server.schemas import ImportSummary, MeasurementImport, MeasurementOut, Page
@@ -50,7 +51,7 @@ def _out(measurement: Measurement, device: str, space: str | None, key: str | No
     )
 
 
-@router.get("", responses={200: {"content": {"text/csv": {}}}})
+@router.get("", responses={200: {"content": {"text/csv": {}}}}, dependencies=[READ])
 def list_measurements(
     session: Db,
     services: ServicesDep,
@@ -84,7 +85,7 @@ def _csv(sessions: sessionmaker[Session], query: Select) -> Iterator[str]:
     yield buffer.getvalue()
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post("", status_code=status.HTTP_201_CREATED, dependencies=[ADMIN])
 def import_measurements(body: MeasurementImport, session: Db) -> ImportSummary:
     """Bulk import of latencies measured elsewhere, e.g. a published table or another farm."""
     space = resolve_space(body.space)

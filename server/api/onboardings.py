@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from sqlalchemy.orm import Session
 
 from server.api.deps import Db
+from server.auth import READ
 from server.errors import NotFound
 from server.models import Onboarding
 from server.schemas import OnboardingOut
@@ -30,7 +31,7 @@ def onboarding_out(session: Session, onboarding: Onboarding) -> OnboardingOut:
     )
 
 
-@router.get("/{onboarding_id}")
+@router.get("/{onboarding_id}", dependencies=[READ])
 def read_onboarding(onboarding_id: int, session: Db) -> OnboardingOut:
     onboarding = session.get(Onboarding, onboarding_id)
     if onboarding is None:

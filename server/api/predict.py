@@ -5,13 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from server.api.deps import Db, ServicesDep
+from server.auth import PREDICT
 from server.schemas import PredictIn, PredictOut
 from server.services.predictors import predict_batch
 
 router = APIRouter(prefix="/api/v1", tags=["predict"])
 
 
-@router.post("/predict")
+@router.post("/predict", dependencies=[PREDICT])
 def predict(body: PredictIn, session: Db, services: ServicesDep) -> PredictOut:
     """Latency in ms (and its uncertainty) of many architectures on one device, in one call."""
     return predict_batch(session, services.predictors, body)

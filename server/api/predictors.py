@@ -7,6 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.api.deps import Db
+from server.auth import ADMIN, READ
 from server.models import Device, Predictor
 from server.schemas import PredictorOut, PretrainIn
 from server.services import predictors as predictor_service
@@ -22,7 +23,7 @@ def predictor_out(session: Session, row: Predictor) -> PredictorOut:
                         metrics=row.metrics, created_at=row.created_at)
 
 
-@router.get("")
+@router.get("", dependencies=[READ])
 def list_predictors(session: Db, space: str | None = None) -> list[PredictorOut]:
     query = select(Predictor).order_by(Predictor.id)
     if space is not None:
@@ -30,7 +31,7 @@ def list_predictors(session: Db, space: str | None = None) -> list[PredictorOut]
     return [predictor_out(session, row) for row in session.scalars(query)]
 
 
-@router.post("/pretrain", status_code=status.HTTP_201_CREATED)
+@router.post("/pretrain", status_code=status.HTTP_201_CREATED, dependencies=[ADMIN])
 def pretrain(body: PretrainIn, session: Db) -> PredictorOut:
     """Pre-train a base predictor on the imported reference devices of a space (blocks until done)."""
     row = predictor_service.pretrain(session, resolve_space(body.space), body.devices, body.seed)

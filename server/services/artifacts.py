@@ -1,4 +1,4 @@
-"""Content-addressed artifact storage and on-demand ONNX materialisation of architectures."""
+"""Content-addressed artifact storage and on-demand export of architectures (ONNX or torch.export)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from predictor.export import export_onnx
+from agent.protocol import ArtifactFormat
+from predictor.export import export_onnx, export_torch
 from predictor.spaces import get_space
 from server.models import Architecture, Artifact
 
@@ -24,7 +25,7 @@ class ArtifactStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / f"{sha256}.onnx"
+        return self.root / sha256[:2] / sha256
 
     def put(self, data: bytes) -> str:
         sha256 = hashlib.sha256(data).hexdigest()
@@ -41,17 +42,23 @@ class ArtifactStore:
 _export_lock = threading.Lock()
 
 
-def materialise(session: Session, store: ArtifactStore, arch: Architecture) -> Artifact:
-    """The ONNX artifact of an architecture, exported and stored on first request."""
-    existing = session.scalar(select(Artifact).where(Artifact.architecture_id == arch.id))
+_EXPORTERS = {ArtifactFormat.onnx: export_onnx, ArtifactFormat.torch_export: export_torch}
+
+
+def materialise(session: Session, store: ArtifactStore, arch: Architecture,
+                fmt: ArtifactFormat = ArtifactFormat.onnx) -> Artifact:
+    """The artifact of an architecture in a format, exported and stored on first request."""
+    existing = session.scalar(
+        select(Artifact).where(Artifact.architecture_id == arch.id, Artifact.format == fmt.value).limit(1)
+    )
     if existing is not None and store.path(existing.sha256).exists():
         return existing
     with _export_lock:
-        data = export_onnx(get_space(arch.space.name), arch.key)
+        data = _EXPORTERS[fmt](get_space(arch.space.name), arch.key)
     sha256 = store.put(data)
     artifact = session.get(Artifact, sha256)
     if artifact is None:
-        artifact = Artifact(sha256=sha256, architecture_id=arch.id, format="onnx", size_bytes=len(data))
+        artifact = Artifact(sha256=sha256, architecture_id=arch.id, format=fmt.value, size_bytes=len(data))
         session.add(artifact)
         session.flush()
     return artifact

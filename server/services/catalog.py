@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from predictor.spaces import InvalidArchitecture, SearchSpace, UnknownSpace, get_space
+from server.db import insert_missing
 from server.errors import Invalid, NotFound
 from server.models import Architecture, Device, SearchSpaceRow
 
@@ -27,22 +28,23 @@ def canonical_key(space: SearchSpace, key: str, field: str = "architecture") -> 
 
 
 def space_row(session: Session, space: SearchSpace) -> SearchSpaceRow:
-    row = session.scalar(select(SearchSpaceRow).where(SearchSpaceRow.name == space.name))
+    query = select(SearchSpaceRow).where(SearchSpaceRow.name == space.name)
+    row = session.scalar(query)
     if row is None:
-        row = SearchSpaceRow(name=space.name, description=(type(space).__doc__ or "").strip().split("\n")[0])
-        session.add(row)
-        session.flush()
+        description = (type(space).__doc__ or "").strip().split("\n")[0]
+        insert_missing(session, SearchSpaceRow, [{"name": space.name, "description": description}])
+        row = session.scalars(query).one()
     return row
 
 
 def ensure_architecture(session: Session, space: SearchSpace, key: str) -> Architecture:
     """The architecture row of a canonical key, created on first use."""
-    row = space_row(session, space)
-    arch = session.scalar(select(Architecture).where(Architecture.space_id == row.id, Architecture.key == key))
+    space_id = space_row(session, space).id
+    query = select(Architecture).where(Architecture.space_id == space_id, Architecture.key == key)
+    arch = session.scalar(query)
     if arch is None:
-        arch = Architecture(space_id=row.id, key=key)
-        session.add(arch)
-        session.flush()
+        insert_missing(session, Architecture, [{"space_id": space_id, "key": key}])
+        arch = session.scalars(query).one()
     return arch
 
 
@@ -66,9 +68,7 @@ def ensure_architectures(
     missing = sorted(set(keys) - set(known))
     if missing:
         index = dataset_index or {}
-        session.execute(
-            insert(Architecture),
-            [{"space_id": space_id, "key": key, "dataset_index": index.get(key)} for key in missing],
-        )
+        insert_missing(session, Architecture,
+                       [{"space_id": space_id, "key": key, "dataset_index": index.get(key)} for key in missing])
         known = dict(session.execute(ids_by_key).all())
     return known, len(missing)

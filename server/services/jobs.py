@@ -1,159 +1,305 @@
-"""Job lifecycle: submit, lease to an agent, heartbeat, record the result."""
+"""Job lifecycle: submit (or reuse a measurement), lease to an agent, heartbeat, record the result."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, exists, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from agent.protocol import (
+    INFRASTRUCTURE_FAILURES,
     PRESETS,
+    PROTOCOL_VERSION,
+    ArtifactFormat,
     ArtifactRef,
     HeartbeatResponse,
     JobLease,
     JobResult,
     Preset,
     ResultStatus,
+    Runtime,
 )
-from server.errors import Conflict, Forbidden, NotFound
-from server.models import Agent, Artifact, Device, DeviceState, Job, JobStatus, Measurement, utcnow
+from agent.quality import quality_flags
+from server.errors import Conflict, Forbidden, Invalid, NotFound
+from server.models import (
+    Agent,
+    AgentDevice,
+    Artifact,
+    Device,
+    DeviceState,
+    Job,
+    JobKind,
+    JobStatus,
+    Measurement,
+    utcnow,
+)
+from server.services import health, selectors
 from server.services.artifacts import ArtifactStore, materialise
+from server.services.wakeup import jobs_changed
+from server.settings import Settings
 
-MAX_ATTEMPTS = 3
-UNSTABLE_IQR_RATIO = 0.10
+FINISHED = (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
+#: how many queued selector jobs one claim looks through for one its devices match
+SELECTOR_SCAN = 50
 
 
-def requeue_expired(session: Session) -> int:
-    """Put jobs whose lease ran out back in the queue (or fail them after MAX_ATTEMPTS)."""
+@dataclass(frozen=True)
+class Target:
+    """What a job measures: an architecture (exported when leased) or an uploaded artifact."""
+
+    architecture_id: int | None = None
+    artifact_sha256: str | None = None
+
+
+def submit(session: Session, settings: Settings, target: Target, *, device: Device | None = None,
+           selector: str | None = None, preset: Preset = Preset.standard, priority: int = 0, force: bool = False,
+           queue_deadline_s: float | None = None, run_timeout_s: float | None = None,
+           onboarding_id: int | None = None) -> Job:
+    """Queue a job for a device, or for any device matching `selector`.
+
+    Unless `force`, a valid measurement of the same target on the same device with the same
+    preset and protocol version is reused: the job is done at once, marked `reused`.
+    """
+    if (device is None) == (selector is None):
+        raise ValueError("give a device or a selector")
+    if selector is not None:
+        check_selector(session, selector)
     now = utcnow()
-    expired = session.scalars(
-        select(Job)
-        .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
-        .with_for_update(of=Job, skip_locked=True)
-    ).all()
-    for job in expired:
-        if job.attempts >= MAX_ATTEMPTS:
-            job.status, job.failure_class, job.finished_at = JobStatus.failed, "lease_expired", now
-            job.error = f"lease expired {job.attempts} times; giving up"
-        else:
-            job.status, job.lease_id, job.agent_id, job.lease_expires_at = JobStatus.queued, None, None, None
-    return len(expired)
+    job = Job(device_id=device.id if device else None, selector=selector, architecture_id=target.architecture_id,
+              artifact_sha256=target.artifact_sha256, preset=preset.value, priority=priority, force=force,
+              deadline_at=now + timedelta(seconds=queue_deadline_s) if queue_deadline_s else None,
+              run_timeout_s=run_timeout_s or settings.run_timeout_s, onboarding_id=onboarding_id)
+    reusable = None if force or device is None else reusable_measurement(session, device, target, preset)
+    if reusable is not None:
+        job.status, job.reused, job.measurement_id, job.finished_at = JobStatus.done, True, reusable, now
+    else:
+        jobs_changed(session, job.device_id)
+    session.add(job)
+    session.flush()
+    return job
 
 
-def claim_next(session: Session, agent: Agent, store: ArtifactStore, lease_ttl_s: float) -> JobLease | None:
-    """Lease the most urgent queued job of one of the agent's devices that is not already busy."""
-    requeue_expired(session)
+def check_selector(session: Session, selector: str) -> None:
+    """422 unless the selector parses and some device that is not retired matches it."""
+    try:
+        selectors.parse(selector)
+    except selectors.SelectorError as exc:
+        raise Invalid(str(exc), "selector") from exc
+    devices = session.scalars(select(Device).where(Device.state != DeviceState.retired, Device.source != "imported"))
+    if not any(selectors.matches(selector, device) for device in devices):
+        raise Invalid(f"no device matches {selector!r}, so the job could never run", "selector")
+
+
+def reusable_measurement(session: Session, device: Device, target: Target, preset: Preset) -> int | None:
+    same_target = (Measurement.architecture_id == target.architecture_id if target.architecture_id is not None
+                   else Measurement.artifact_sha256 == target.artifact_sha256)
+    return session.scalar(
+        select(Measurement.id)
+        .where(Measurement.device_id == device.id, same_target, Measurement.valid,
+               Measurement.preset == preset.value, Measurement.protocol_version == PROTOCOL_VERSION)
+        .order_by(Measurement.id.desc())
+        .limit(1)
+    )
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """How many queued jobs are ahead of this one for its device (or among selector jobs)."""
+    if job.status is not JobStatus.queued:
+        return None
+    same_queue = Job.device_id == job.device_id if job.device_id is not None else Job.device_id.is_(None)
+    ahead = or_(Job.priority > job.priority, and_(Job.priority == job.priority, Job.id < job.id))
+    return session.scalar(select(func.count()).where(Job.status == JobStatus.queued, same_queue, ahead))
+
+
+# ------------------------------------------------------------------------------------ leasing
+
+
+def claim_next(session: Session, agent_id: int, store: ArtifactStore, settings: Settings) -> JobLease | None:
+    """Lease the most urgent queued job one of the agent's idle devices may run.
+
+    Atomic on both backends: the job row is locked (`FOR UPDATE SKIP LOCKED` on Postgres) and
+    flipped from queued with a guarded UPDATE, and a partial unique index allows one running job
+    per device; losing either race means no lease this time, never a double one.
+    """
+    now = utcnow()
+    session.execute(update(Agent).where(Agent.id == agent_id).values(last_seen=now))
     running = aliased(Job)
-    candidate = (
-        select(Job.id)
-        .join(Device, Device.id == Job.device_id)
-        .where(
-            Job.status == JobStatus.queued,
-            Device.agent_id == agent.id,
-            Device.state.not_in([DeviceState.paused, DeviceState.retired]),
-            ~exists().where(and_(running.device_id == Job.device_id, running.status == JobStatus.running)),
-        )
+    devices = session.scalars(
+        select(Device)
+        .join(AgentDevice, AgentDevice.device_id == Device.id)
+        .where(AgentDevice.agent_id == agent_id, Device.state.not_in([DeviceState.paused, DeviceState.retired]),
+               ~exists().where(running.device_id == Device.id, running.status == JobStatus.running))
+    ).all()
+    if not devices:
+        return None
+    healthy = [d.id for d in devices if d.state is not DeviceState.degraded]
+    degraded = [d.id for d in devices if d.state is DeviceState.degraded]
+    named = session.execute(
+        select(Job.id, Job.priority, Job.device_id)
+        .where(Job.status == JobStatus.queued,
+               or_(Job.device_id.in_(healthy), and_(Job.device_id.in_(degraded), Job.kind == JobKind.canary)))
         .order_by(Job.priority.desc(), Job.id)
         .limit(1)
         .with_for_update(of=Job, skip_locked=True)
-    )
-    job_id = session.scalar(candidate)
-    if job_id is None:
+    ).first()
+    choice = (named.id, named.priority, named.device_id) if named else None
+    if healthy:
+        matching = _selector_candidate(session, [d for d in devices if d.id in healthy])
+        if matching is not None and (choice is None or (matching[1], -matching[0]) > (choice[1], -choice[0])):
+            choice = matching
+    if choice is None:
         return None
+    job_id, _, device_id = choice
     lease_id = str(uuid.uuid4())
-    now = utcnow()
-    expires = now + timedelta(seconds=lease_ttl_s)
-    claimed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.running, agent_id=agent.id, lease_id=lease_id, lease_expires_at=expires,
-                started_at=now, attempts=Job.attempts + 1)
-    ).rowcount
+    expires = now + timedelta(seconds=settings.lease_ttl_s)
+    try:
+        with session.begin_nested():
+            claimed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.queued)
+                .values(status=JobStatus.running, device_id=device_id, agent_id=agent_id, lease_id=lease_id,
+                        lease_expires_at=expires, started_at=now, attempts=Job.attempts + 1,
+                        cancel_requested=False)
+            ).rowcount
+    except IntegrityError:  # another agent of the same device won it a moment ago
+        return None
     if claimed != 1:
         return None
-    job = session.get_one(Job, job_id)
-    session.refresh(job)
+    job = session.get_one(Job, job_id, populate_existing=True)
+    device = job.device
+    assert device is not None
+    if device.state in (DeviceState.online, DeviceState.offline):
+        device.state = DeviceState.busy
+    device.last_seen = now
+    runtime = Runtime(device.runtime) if device.runtime in Runtime._value2member_map_ else Runtime.onnxruntime
     if job.artifact_sha256 is None:
         assert job.architecture is not None
-        job.artifact_sha256 = materialise(session, store, job.architecture).sha256
+        fmt = ArtifactFormat.torch_export if runtime is Runtime.pytorch else ArtifactFormat.onnx
+        job.artifact_sha256 = materialise(session, store, job.architecture, fmt).sha256
     artifact = session.get_one(Artifact, job.artifact_sha256)
-    job.device.state = DeviceState.busy
+    protocol = PRESETS[Preset(job.preset)].model_copy(update={"timeout_s": job.run_timeout_s or settings.run_timeout_s})
+    provider = device.attributes.get("provider")
     return JobLease(
         job_id=job.id,
         lease_id=lease_id,
         lease_expires_at=expires.isoformat(),
-        device=job.device.name,
-        threads=job.device.threads or 1,
-        artifact=ArtifactRef(sha256=artifact.sha256, format=artifact.format, size_bytes=artifact.size_bytes,
-                             url=f"/api/v1/artifacts/{artifact.sha256}"),
-        protocol=PRESETS[Preset(job.preset)],
+        device=device.name,
+        threads=device.threads or 1,
+        runtime=runtime,
+        provider=str(provider) if provider else None,
+        artifact=ArtifactRef(sha256=artifact.sha256, format=ArtifactFormat(artifact.format),
+                             size_bytes=artifact.size_bytes, url=f"/api/v1/artifacts/{artifact.sha256}"),
+        protocol=protocol,
     )
 
 
-def _leased_job(session: Session, agent: Agent, job_id: int, lease_id: str) -> Job:
+def _selector_candidate(session: Session, devices: list[Device]) -> tuple[int, int, int] | None:
+    """(job id, priority, device id) of the first queued selector job one of `devices` matches."""
+    rows = session.execute(
+        select(Job.id, Job.priority, Job.selector)
+        .where(Job.status == JobStatus.queued, Job.device_id.is_(None))
+        .order_by(Job.priority.desc(), Job.id)
+        .limit(SELECTOR_SCAN)
+        .with_for_update(of=Job, skip_locked=True)
+    ).all()
+    for job_id, priority, selector in rows:
+        for device in devices:
+            if selectors.matches(selector, device):
+                return job_id, priority, device.id
+    return None
+
+
+def _leased_job(session: Session, agent_id: int, job_id: int, lease_id: str) -> Job:
     job = session.scalar(select(Job).where(Job.id == job_id).with_for_update(of=Job))
     if job is None:
         raise NotFound(f"no job {job_id}", "job_id")
-    if job.agent_id != agent.id:
-        raise Forbidden(f"job {job_id} is not leased to this agent")
     if job.lease_id != lease_id:
-        raise Conflict(f"lease {lease_id} of job {job_id} is stale: the job was re-leased", "lease_id")
+        raise Conflict(f"lease {lease_id} of job {job_id} is stale: it expired or the job was re-leased", "lease_id")
+    if job.agent_id != agent_id:
+        raise Forbidden(f"job {job_id} is not leased to this agent")
     return job
 
 
-def heartbeat(session: Session, agent: Agent, job_id: int, lease_id: str, lease_ttl_s: float) -> HeartbeatResponse:
-    job = _leased_job(session, agent, job_id, lease_id)
-    if job.status != JobStatus.running:
-        raise Conflict(f"job {job_id} is {job.status.value}, not running", "lease_id")
-    job.lease_expires_at = utcnow() + timedelta(seconds=lease_ttl_s)
-    return HeartbeatResponse(lease_expires_at=job.lease_expires_at.isoformat(), cancel_requested=job.cancel_requested)
-
-
-def measurement_flags(result: JobResult) -> list[str]:
-    stats = result.stats
-    assert stats is not None
-    flags = []
-    if stats.iqr_ms / stats.median_ms >= UNSTABLE_IQR_RATIO:
-        flags.append("unstable")
-    return flags
-
-
-def record_result(session: Session, agent: Agent, job_id: int, result: JobResult) -> Job:
-    """Store the agent's result; posting the same result twice is harmless."""
-    job = _leased_job(session, agent, job_id, result.lease_id)
-    if job.status in (JobStatus.done, JobStatus.failed, JobStatus.cancelled):
-        return job
+def heartbeat(session: Session, agent_id: int, job_id: int, lease_id: str, lease_ttl_s: float) -> HeartbeatResponse:
+    job = _leased_job(session, agent_id, job_id, lease_id)
     if job.status != JobStatus.running:
         raise Conflict(f"job {job_id} is {job.status.value}, not running", "lease_id")
     now = utcnow()
+    job.lease_expires_at = now + timedelta(seconds=lease_ttl_s)
+    session.execute(update(Agent).where(Agent.id == agent_id).values(last_seen=now))
+    return HeartbeatResponse(lease_expires_at=job.lease_expires_at.isoformat(), cancel_requested=job.cancel_requested)
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+def record_result(session: Session, agent_id: int, job_id: int, result: JobResult, settings: Settings) -> Job:
+    """Store the agent's result; posting the same result twice is harmless.
+
+    An infrastructure failure puts the job back in the queue (up to `max_attempts` tries); any
+    other failure is the model's and is the job's result.
+    """
+    job = _leased_job(session, agent_id, job_id, result.lease_id)
+    if job.status in FINISHED:
+        return job
+    if job.status != JobStatus.running:
+        raise Conflict(f"job {job_id} is {job.status.value}, not running", "lease_id")
+    if result.status is ResultStatus.failed and result.failure_class in INFRASTRUCTURE_FAILURES:
+        retry(job, f"{result.failure_class}: {result.error}", settings.max_attempts, result.failure_class)
+        jobs_changed(session, job.device_id)
+        return job
+    now = utcnow()
     job.finished_at = now
-    job.device.state = DeviceState.online
-    job.device.last_seen = now
+    measurement = None
     if result.status is ResultStatus.failed:
         job.status = JobStatus.cancelled if result.failure_class == "cancelled" else JobStatus.failed
         job.error, job.failure_class = result.error, result.failure_class
-        return job
-    assert result.stats is not None
-    provenance = {**result.provenance, "artifact_sha256": job.artifact_sha256, "preset": job.preset}
-    if result.load_ms is not None:
-        provenance["load_ms"] = result.load_ms
-    if result.first_inference_ms is not None:
-        provenance["first_inference_ms"] = result.first_inference_ms
-    session.add(
-        Measurement(
-            device_id=job.device_id,
-            architecture_id=job.architecture_id,
-            artifact_sha256=job.artifact_sha256,
-            job_id=job.id,
-            latency_ms=result.stats.median_ms,
-            stats=result.stats.model_dump(),
-            samples_ms=result.samples_ms,
-            flags=measurement_flags(result),
-            provenance=provenance,
-            source="measured",
-        )
-    )
-    job.status = JobStatus.done
+    else:
+        measurement = _store_measurement(session, job, result)
+        job.status, job.measurement_id = JobStatus.done, measurement.id
+    release_device(job)
+    health.after_job(session, job, measurement, settings)
+    jobs_changed(session, job.device_id)
     return job
+
+
+def retry(job: Job, reason: str, max_attempts: int, failure_class: str) -> None:
+    """Back to the queue after an infrastructure failure, or failed once the tries are used up."""
+    release_device(job)
+    job.lease_id, job.agent_id, job.lease_expires_at = None, None, None
+    if job.attempts >= max_attempts:
+        job.status, job.failure_class, job.finished_at = JobStatus.failed, failure_class, utcnow()
+        job.error = f"gave up after {job.attempts} attempts; last: {reason}"
+    else:
+        job.status, job.error = JobStatus.queued, f"attempt {job.attempts}: {reason}"
+        if job.selector is not None:
+            job.device_id = None
+
+
+def release_device(job: Job) -> None:
+    device = job.device
+    if device is not None and device.state is DeviceState.busy:
+        device.state = DeviceState.online
+
+
+def _store_measurement(session: Session, job: Job, result: JobResult) -> Measurement:
+    assert result.stats is not None
+    flags = quality_flags(result.samples_ms, PRESETS[Preset(job.preset)])
+    provenance = {**result.provenance, "artifact_sha256": job.artifact_sha256, "preset": job.preset,
+                  "protocol_version": result.protocol_version}
+    for field in ("load_ms", "first_inference_ms", "warmup_runs"):
+        if getattr(result, field) is not None:
+            provenance[field] = getattr(result, field)
+    measurement = Measurement(
+        device_id=job.device_id, architecture_id=job.architecture_id, artifact_sha256=job.artifact_sha256,
+        job_id=job.id, latency_ms=result.stats.median_ms, stats=result.stats.model_dump(),
+        samples_ms=result.samples_ms, flags=flags, valid=not flags, preset=job.preset,
+        protocol_version=result.protocol_version, provenance=provenance, source="measured",
+    )
+    session.add(measurement)
+    session.flush()
+    return measurement

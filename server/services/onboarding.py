@@ -7,20 +7,22 @@ import logging
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.protocol import Preset
 from predictor import get_sampler
 from predictor.spaces import SearchSpace, get_space
 from server.db import session_scope
 from server.errors import Conflict, Invalid
 from server.models import Architecture, Device, Job, JobStatus, Measurement, Onboarding, OnboardingStatus, utcnow
-from server.services import predictors
+from server.services import jobs, predictors
 from server.services.catalog import ensure_architecture, space_row
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
-FINISHED = (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
 
 
-def start(session: Session, cache: predictors.PredictorCache, device: Device, space: SearchSpace, samples: int,
-          sampler_name: str, preset: str, seed: int) -> Onboarding:
+def start(session: Session, settings: Settings, cache: predictors.PredictorCache, device: Device, space: SearchSpace,
+          samples: int, sampler_name: str, preset: Preset, seed: int) -> Onboarding:
+    """Queue a job per sampler-chosen architecture; valid earlier measurements are reused."""
     base = predictors.latest_base(session, space)
     if base is None:
         raise Conflict(f"no base predictor for {space.name!r}: pre-train one first (POST /api/v1/predictors/pretrain)",
@@ -35,9 +37,8 @@ def start(session: Session, cache: predictors.PredictorCache, device: Device, sp
     session.add(onboarding)
     session.flush()
     for key in keys:
-        arch = ensure_architecture(session, space, key)
-        session.add(Job(device_id=device.id, architecture_id=arch.id, preset=preset, onboarding_id=onboarding.id))
-    session.flush()
+        target = jobs.Target(architecture_id=ensure_architecture(session, space, key).id)
+        jobs.submit(session, settings, target, device=device, preset=preset, onboarding_id=onboarding.id)
     return onboarding
 
 
@@ -54,11 +55,15 @@ def progress(session: Session, onboarding: Onboarding) -> dict[str, int]:
     }
 
 
-def finish_if_measured(factory: sessionmaker[Session], cache: predictors.PredictorCache, onboarding_id: int) -> None:
-    """Adapt the base predictor once every job of the onboarding has finished (runs once)."""
+def finish_if_measured(factory: sessionmaker[Session], cache: predictors.PredictorCache, onboarding_id: int,
+                       train_on_flagged: bool = False) -> None:
+    """Adapt the base predictor once every job of the onboarding has finished (runs once).
+
+    Measurements flagged unstable, drift or short are left out unless `train_on_flagged`.
+    """
     with session_scope(factory) as session:
         unfinished = session.scalar(
-            select(func.count()).where(Job.onboarding_id == onboarding_id, Job.status.not_in(FINISHED))
+            select(func.count()).where(Job.onboarding_id == onboarding_id, Job.status.not_in(jobs.FINISHED))
         )
         if unfinished:
             return
@@ -72,17 +77,17 @@ def finish_if_measured(factory: sessionmaker[Session], cache: predictors.Predict
     try:
         with session_scope(factory) as session:
             onboarding = session.get_one(Onboarding, onboarding_id)
-            samples = dict(
-                session.execute(
-                    select(Architecture.key, Measurement.latency_ms)
-                    .join(Job, Job.id == Measurement.job_id)
-                    .join(Architecture, Architecture.id == Job.architecture_id)
-                    .where(Job.onboarding_id == onboarding_id)
-                ).all()
-            )
+            measured = session.execute(
+                select(Architecture.key, Measurement.latency_ms, Measurement.valid)
+                .join(Job, Job.measurement_id == Measurement.id)
+                .join(Architecture, Architecture.id == Job.architecture_id)
+                .where(Job.onboarding_id == onboarding_id)
+            ).all()
+            samples = {key: ms for key, ms, valid in measured if valid or train_on_flagged}
             base = predictors.latest_base(session, get_space(onboarding.space.name))
             if base is None or len(samples) < 2:
-                raise ValueError(f"{len(samples)} successful measurements; adaptation needs at least 2")
+                raise ValueError(f"{len(samples)} usable measurements ({len(measured) - len(samples)} more flagged "
+                                 "unstable, drift or short); adaptation needs at least 2")
             adapted = predictors.adapt(session, cache, base, onboarding.device, samples)
             onboarding.predictor_id = adapted.id
             onboarding.status, onboarding.finished_at = OnboardingStatus.ready, utcnow()

@@ -1,0 +1,188 @@
+"""Dispatch throughput: N simulated agents lease jobs and post results over real HTTP against a
+`latfarm server` process on a real Postgres database.
+
+Each simulated agent registers with one device (two agents per device, so agents contend for
+devices as well as for jobs), then loops: long-poll for a job, post an ok result at once. The
+measurement itself is not simulated; this measures the farm's dispatch path. Afterwards the
+database is checked: every job done exactly once, one measurement per job, no job leased twice.
+
+    python benchmarks/dispatch.py --agents 10 100 --jobs-per-agent 30
+
+Prints one line per N, ending with `dispatch: N=... jobs_per_s=... claim_p50_ms=... claim_p99_ms=...
+double_leases=...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import psycopg
+from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.local import free_port, server_process, temporary_postgres_database  # noqa: E402
+
+ADMIN_TOKEN = "dispatch-bench-admin"
+CAPABILITIES = {"hostname": "bench", "cpu_model": "simulated", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",
+                "python": "3", "agent_version": "bench"}
+SAMPLES = [1.0] * 30
+
+
+def tiny_onnx() -> bytes:
+    """A one-node ONNX model: the artifact every job 'measures'."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "tiny",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    buffer = io.BytesIO()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), buffer)
+    return buffer.getvalue()
+
+
+def result_body(lease_id: str) -> dict[str, object]:
+    stats = {"n": 30, "median_ms": 1.0, "mean_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0, "p90_ms": 1.0,
+             "iqr_ms": 0.0, "cv": 0.0}
+    return {"lease_id": lease_id, "status": "ok", "stats": stats, "samples_ms": SAMPLES}
+
+
+@dataclass
+class Tally:
+    claim_ms: list[float] = field(default_factory=list)
+    results: int = 0
+    #: device -> (claimed at, posted at) of every lease, to look for overlaps
+    spans: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+
+async def simulated_agent(http: httpx.AsyncClient, index: int, device: str, tally: Tally,
+                          done: asyncio.Event) -> None:
+    registered = await http.post("/agents/register", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                                 json={"name": f"sim-{index}", "devices": [{"name": device}],
+                                       "capabilities": CAPABILITIES})
+    registered.raise_for_status()
+    auth = {"Authorization": f"Bearer {registered.json()['agent_token']}"}
+    while not done.is_set():
+        started = time.perf_counter()
+        leased = await http.get("/agents/me/jobs/next", params={"wait": "1"}, headers=auth)
+        if leased.status_code == 204:
+            continue
+        leased.raise_for_status()
+        claimed = time.perf_counter()
+        tally.claim_ms.append((claimed - started) * 1000)
+        lease = leased.json()
+        posted = await http.post(f"/jobs/{lease['job_id']}/result", json=result_body(lease["lease_id"]), headers=auth)
+        posted.raise_for_status()
+        tally.spans.setdefault(lease["device"], []).append((claimed, time.perf_counter()))
+        tally.results += 1
+
+
+async def canaries_done(http: httpx.AsyncClient, devices: int) -> None:
+    """Wait until every device's registration canary has been measured (they go first)."""
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    while True:
+        canaries = (await http.get("/jobs", params={"kind": "canary", "limit": 1000}, headers=admin)).json()
+        finished = [job for job in canaries if job["status"] == "done"]
+        if len(canaries) >= devices and len(finished) == len(canaries):
+            return
+        await asyncio.sleep(0.2)
+
+
+async def submit_jobs(http: httpx.AsyncClient, devices: list[str], per_device: int, sha256: str) -> int:
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    queue = [{"device": device, "artifact": sha256, "preset": "quick", "force": True}
+             for _ in range(per_device) for device in devices]
+
+    async def post(body: dict[str, object]) -> None:
+        (await http.post("/jobs", json=body, headers=admin)).raise_for_status()
+
+    for start in range(0, len(queue), 50):
+        await asyncio.gather(*(post(body) for body in queue[start:start + 50]))
+    return len(queue)
+
+
+async def run_round(url: str, agents: int, jobs_per_agent: int, sha256: str) -> dict[str, float]:
+    devices = [f"sim-device-{agents}-{i}" for i in range(max(1, agents // 2))]
+    limits = httpx.Limits(max_connections=agents + 50, max_keepalive_connections=agents + 50)
+    async with httpx.AsyncClient(base_url=f"{url}/api/v1", limits=limits, timeout=60) as http:
+        tally, done = Tally(), asyncio.Event()
+        workers = [asyncio.create_task(simulated_agent(http, i, devices[i % len(devices)], tally, done))
+                   for i in range(agents)]
+        await canaries_done(http, len(devices))
+        submitted_at = time.perf_counter()
+        total = await submit_jobs(http, devices, agents * jobs_per_agent // len(devices), sha256)
+        submit_s = time.perf_counter() - submitted_at
+        started, baseline = time.perf_counter(), tally.results
+        while tally.results - baseline < total:
+            await asyncio.sleep(0.05)
+            for worker in workers:
+                if worker.done() and worker.exception() is not None:
+                    raise worker.exception()  # type: ignore[misc]
+        elapsed = time.perf_counter() - started
+        done.set()
+        await asyncio.gather(*workers)
+    overlaps = sum(
+        1 for spans in tally.spans.values() for (a0, a1), (b0, _) in zip(sorted(spans), sorted(spans)[1:]) if b0 < a1
+    )
+    claims = np.asarray(tally.claim_ms)
+    return {"agents": agents, "devices": len(devices), "jobs": total, "seconds": elapsed,
+            "jobs_per_s": total / elapsed, "submit_per_s": total / submit_s,
+            "claim_p50_ms": float(np.percentile(claims, 50)), "claim_p99_ms": float(np.percentile(claims, 99)),
+            "overlapping_leases": overlaps}
+
+
+def check_database(dsn: str) -> dict[str, int]:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE status <> 'done'), count(*) FILTER (WHERE attempts > 1),"
+            " (SELECT count(*) FROM measurements) - count(*) FILTER (WHERE status = 'done'),"
+            " (SELECT count(*) FROM (SELECT job_id FROM measurements GROUP BY job_id HAVING count(*) > 1) d)"
+            " FROM jobs"
+        ).fetchone()
+    assert row is not None
+    unfinished, retried, extra_measurements, doubled = row
+    return {"unfinished": unfinished, "leased_twice": retried, "extra_measurements": extra_measurements,
+            "double_measurements": doubled}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agents", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--jobs-per-agent", type=int, default=30)
+    parser.add_argument("--workers", type=int, default=1, help="server processes")
+    parser.add_argument("--postgres", default=os.environ.get("LATFARM_TEST_POSTGRES_URL",
+                                                             "postgresql://postgres@127.0.0.1:5432/postgres"))
+    args = parser.parse_args()
+
+    with temporary_postgres_database(args.postgres, "latfarm_dispatch") as dsn:
+        workdir = Path(tempfile.mkdtemp(prefix="latfarm-dispatch-"))
+        port = free_port()
+        env = {"LATFARM_DATABASE_URL": dsn, "LATFARM_ADMIN_TOKEN": ADMIN_TOKEN,
+               "LATFARM_ARTIFACT_DIR": str(workdir / "artifacts"), "LATFARM_CANARY_EVERY": "0"}
+        with server_process(env, port, workers=args.workers, log=workdir / "server.log", access_log=False):
+            url = f"http://127.0.0.1:{port}"
+            uploaded = httpx.post(f"{url}/api/v1/artifacts", content=tiny_onnx(),
+                                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+            uploaded.raise_for_status()
+            for agents in args.agents:
+                report = asyncio.run(run_round(url, agents, args.jobs_per_agent, uploaded.json()["sha256"]))
+                checks = check_database(dsn)
+                double = checks["leased_twice"] + checks["double_measurements"] + report["overlapping_leases"]
+                print(f"dispatch: N={agents} devices={report['devices']} jobs={report['jobs']} "
+                      f"workers={args.workers} seconds={report['seconds']:.2f} jobs_per_s={report['jobs_per_s']:.0f} "
+                      f"claim_p50_ms={report['claim_p50_ms']:.1f} claim_p99_ms={report['claim_p99_ms']:.1f} "
+                      f"submit_per_s={report['submit_per_s']:.0f} unfinished={checks['unfinished']} "
+                      f"double_leases={double}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

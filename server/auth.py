@@ -1,0 +1,117 @@
+"""Who is calling, and may they: bearer tokens resolved to principals with scopes.
+
+Three kinds of token: the admin token (every scope but `agent`), client tokens minted by an admin
+for NAS code (any of read, predict, submit) and agent tokens (`agent` alone; an agent may only
+touch jobs leased to it). Tokens are stored as sha256 hashes. Resolved tokens are cached for
+`TOKEN_CACHE_S` seconds, so a revocation reaches other server processes within that time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+
+from server.db import session_scope
+from server.errors import Forbidden, Unauthorized
+from server.models import Agent, ClientToken, Scope
+
+TOKEN_CACHE_S = 10.0
+ADMIN_SCOPES = frozenset({Scope.read, Scope.predict, Scope.submit, Scope.admin})
+CLIENT_SCOPES = frozenset({Scope.read, Scope.predict, Scope.submit})
+
+bearer = HTTPBearer(auto_error=False)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: Literal["admin", "client", "agent"]
+    scopes: frozenset[Scope]
+    agent_id: int | None = None
+    token_id: int | None = None
+
+
+class TokenCache:
+    """token hash -> principal, for a few seconds; unknown tokens are not cached."""
+
+    def __init__(self, ttl_s: float = TOKEN_CACHE_S) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[Principal, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, token_hash: str) -> Principal | None:
+        with self._lock:
+            entry = self._entries.get(token_hash)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, token_hash: str, principal: Principal) -> None:
+        with self._lock:
+            self._entries[token_hash] = (principal, time.monotonic() + self.ttl_s)
+
+    def forget(self, token_id: int) -> None:
+        with self._lock:
+            self._entries = {h: e for h, e in self._entries.items() if e[0].token_id != token_id}
+
+
+def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    services = request.app.state.services
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("missing bearer token")
+    token = credentials.credentials
+    if hmac.compare_digest(token, services.admin_token):
+        return Principal("admin", ADMIN_SCOPES)
+    token_hash = hash_token(token)
+    principal = services.tokens.get(token_hash)
+    if principal is None:
+        principal = _lookup(services.sessions, token_hash)
+        services.tokens.put(token_hash, principal)
+    return principal
+
+
+def _lookup(sessions, token_hash: str) -> Principal:  # type: ignore[no-untyped-def]
+    with session_scope(sessions) as session:
+        agent_id = session.scalar(select(Agent.id).where(Agent.token_hash == token_hash))
+        if agent_id is not None:
+            return Principal("agent", frozenset({Scope.agent}), agent_id=agent_id)
+        client = session.scalar(
+            select(ClientToken).where(ClientToken.token_hash == token_hash, ClientToken.revoked_at.is_(None))
+        )
+        if client is not None:
+            return Principal("client", frozenset(Scope(s) for s in client.scopes), token_id=client.id)
+    raise Unauthorized("unknown or revoked token")
+
+
+class Requires:
+    """A dependency that lets a request through when its token holds any of `scopes`."""
+
+    def __init__(self, *scopes: Scope) -> None:
+        self.scopes = frozenset(scopes)
+
+    def __call__(self, request: Request, credentials: Credentials) -> Principal:
+        principal = authenticate(request, credentials)
+        if not principal.scopes & self.scopes:
+            needed = " or ".join(sorted(s.value for s in self.scopes))
+            held = ", ".join(sorted(s.value for s in principal.scopes)) or "none"
+            raise Forbidden(f"this endpoint needs the {needed} scope; the {principal.kind} token holds {held}")
+        return principal
+
+
+READ = Depends(Requires(Scope.read))
+PREDICT = Depends(Requires(Scope.predict))
+SUBMIT = Depends(Requires(Scope.submit))
+ADMIN = Depends(Requires(Scope.admin))
+AgentPrincipal = Annotated[Principal, Depends(Requires(Scope.agent))]

@@ -1,0 +1,75 @@
+"""Device health: a fixed canary architecture measured at registration and every K jobs.
+
+The first valid canary median is the device's baseline. A later canary that moves more than
+`canary_drift` from it marks the device degraded: it then gets canary jobs only, until a
+re-check canary comes back within the threshold.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session
+
+from agent.protocol import Preset
+from predictor.spaces import get_space
+from server.models import Device, DeviceState, Job, JobKind, JobStatus, Measurement
+from server.services.catalog import ensure_architecture
+from server.services.wakeup import jobs_changed
+from server.settings import Settings
+
+CANARY_SPACE = "nb201"
+#: a mid-sized NB201 cell: long enough to time stably, short enough to cost a second
+CANARY_ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|"
+CANARY_PRIORITY = 1_000_000  # ahead of every user job (user priorities are within +-1000)
+
+
+def queue_canary(session: Session, device: Device, settings: Settings) -> Job | None:
+    """Queue a canary for the device unless one is already queued or running."""
+    pending = session.scalar(
+        select(exists().where(Job.device_id == device.id, Job.kind == JobKind.canary,
+                              Job.status.in_([JobStatus.queued, JobStatus.running])))
+    )
+    if pending:
+        return None
+    arch = ensure_architecture(session, get_space(CANARY_SPACE), CANARY_ARCH)
+    job = Job(kind=JobKind.canary, device_id=device.id, architecture_id=arch.id, preset=Preset.standard.value,
+              priority=CANARY_PRIORITY, force=True, run_timeout_s=settings.run_timeout_s)
+    session.add(job)
+    device.jobs_since_canary = 0
+    jobs_changed(session, device.id)
+    return job
+
+
+def after_job(session: Session, job: Job, measurement: Measurement | None, settings: Settings) -> None:
+    """Update the device's health after one of its jobs finished."""
+    device = job.device
+    assert device is not None
+    if job.kind is JobKind.canary:
+        _judge_canary(device, job, measurement, settings)
+        return
+    device.jobs_since_canary += 1
+    if settings.canary_every and device.jobs_since_canary >= settings.canary_every:
+        queue_canary(session, device, settings)
+
+
+def _judge_canary(device: Device, job: Job, measurement: Measurement | None, settings: Settings) -> None:
+    if measurement is None:
+        _degrade(device, f"canary job {job.id} failed ({job.failure_class}): {job.error}")
+        return
+    median = measurement.latency_ms
+    device.canary_last_ms = median
+    if device.canary_baseline_ms is None:
+        if measurement.valid:
+            device.canary_baseline_ms = median
+        return
+    drift = median / device.canary_baseline_ms - 1
+    if abs(drift) > settings.canary_drift:
+        _degrade(device, f"canary {median:.3f} ms is {drift:+.0%} off its baseline {device.canary_baseline_ms:.3f} ms "
+                         f"(threshold {settings.canary_drift:.0%})")
+    elif device.state is DeviceState.degraded:
+        device.state, device.state_reason = DeviceState.online, None
+
+
+def _degrade(device: Device, reason: str) -> None:
+    if device.state is not DeviceState.retired:
+        device.state, device.state_reason = DeviceState.degraded, reason

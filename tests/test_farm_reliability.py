@@ -1,0 +1,176 @@
+"""The farm under failure, with real processes on a real Postgres: an agent killed mid-job, a
+server restarted mid-run, a stale agent posting late, three agents sharing one device."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from server.local import free_port, running_agent, running_server, server_process, temporary_postgres_database
+from server.settings import Settings
+from tests.conftest import POSTGRES_ADMIN_URL
+from tests.test_farm_e2e import registered, wait_until
+
+pytestmark = pytest.mark.slow
+
+ADMIN = "reliability-admin"
+KEYS = [
+    "|nor_conv_1x1~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|avg_pool_3x3~1|nor_conv_1x1~2|",
+    "|nor_conv_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|avg_pool_3x3~0|none~1|nor_conv_3x3~2|",
+    "|skip_connect~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_1x1~0|skip_connect~1|avg_pool_3x3~2|",
+    "|avg_pool_3x3~0|+|nor_conv_1x1~0|nor_conv_1x1~1|+|nor_conv_3x3~0|avg_pool_3x3~1|skip_connect~2|",
+    "|nor_conv_1x1~0|+|nor_conv_1x1~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|",
+    "|nor_conv_3x3~0|+|skip_connect~0|avg_pool_3x3~1|+|nor_conv_1x1~0|nor_conv_1x1~1|nor_conv_3x3~2|",
+]
+FAST = {"LATFARM_LEASE_TTL_S": "3", "LATFARM_HEARTBEAT_S": "0.5", "LATFARM_REAPER_INTERVAL_S": "0.5",
+        "LATFARM_POLL_WAIT_S": "1", "LATFARM_CANARY_EVERY": "0"}
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    with temporary_postgres_database(POSTGRES_ADMIN_URL, "latfarm_rel") as url:
+        yield url
+
+
+def fast_settings(url: str, tmp_path: Path) -> Settings:
+    return Settings(database_url=url, artifact_dir=tmp_path / "artifacts", admin_token=ADMIN, datasets=None,
+                    **{key.removeprefix("LATFARM_").lower(): float(value) for key, value in FAST.items()})
+
+
+def client(url: str) -> httpx.Client:
+    return httpx.Client(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+
+
+def submit(api: httpx.Client, device: str, keys: list[str], preset: str = "quick") -> list[int]:
+    ids = []
+    for key in keys:
+        response = api.post("/jobs", json={"device": device, "space": "nb201", "architecture": key, "preset": preset})
+        assert response.status_code == 201, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+def all_finished(api: httpx.Client, ids: list[int]) -> list[dict] | None:
+    jobs = [api.get(f"/jobs/{job_id}").json() for job_id in ids]
+    return jobs if all(job["status"] in ("done", "failed", "cancelled") for job in jobs) else None
+
+
+def canary_done(api: httpx.Client, device: str) -> bool:
+    response = api.get("/jobs", params={"device": device, "kind": "canary"})
+    canaries = response.json() if response.status_code == 200 else []
+    return bool(canaries) and all(job["status"] == "done" for job in canaries)
+
+
+def measurements_per_job(url: str) -> dict[int, int]:
+    with psycopg.connect(url) as conn:
+        return dict(conn.execute("SELECT job_id, count(*) FROM measurements GROUP BY job_id").fetchall())
+
+
+def test_agent_killed_mid_job_is_replaced(postgres_url: str, tmp_path: Path) -> None:
+    settings = fast_settings(postgres_url, tmp_path)
+    device = "shared-cpu"
+    with running_server(settings) as url, client(url) as api:
+        (tmp_path / "a").mkdir()
+        with running_agent(url, ADMIN, device, 1, tmp_path / "a", ["--name", "doomed"]) as doomed:
+            wait_until(lambda: canary_done(api, device), 120)
+            [job_id] = submit(api, device, KEYS[:1], preset="rigorous")  # >= 3 s of timed runs
+            wait_until(lambda: api.get(f"/jobs/{job_id}").json()["status"] == "running", 60)
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait()
+        (tmp_path / "b").mkdir()
+        with running_agent(url, ADMIN, device, 1, tmp_path / "b", ["--name", "rescuer"]):
+            done = wait_until(lambda: all_finished(api, [job_id]), 180)[0]
+    assert done["status"] == "done", done
+    assert done["attempts"] == 2 and "lease expired" in (done["error"] or "")
+    assert measurements_per_job(postgres_url)[job_id] == 1
+
+
+def test_server_restart_mid_run_loses_nothing(postgres_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    env = {"LATFARM_DATABASE_URL": postgres_url, "LATFARM_ADMIN_TOKEN": ADMIN,
+           "LATFARM_ARTIFACT_DIR": str(tmp_path / "artifacts"), **FAST}
+    url = f"http://127.0.0.1:{port}"
+    device = "restart-cpu"
+    with server_process(env, port, log=tmp_path / "server1.log") as first, client(url) as api:
+        agent_dir = tmp_path / "agent"
+        agent_dir.mkdir()
+        with running_agent(url, ADMIN, device, 1, agent_dir):
+            wait_until(lambda: canary_done(api, device), 120)
+            ids = submit(api, device, KEYS)
+            wait_until(lambda: sum(api.get(f"/jobs/{i}").json()["status"] == "done" for i in ids) >= 2, 120)
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            time.sleep(2)  # the agent meets a dead server: polls, heartbeats and results fail
+            with server_process(env, port, log=tmp_path / "server2.log"):
+                jobs = wait_until(lambda: all_finished(api, ids), 240)
+    assert [job["status"] for job in jobs] == ["done"] * len(KEYS), jobs
+    counts = measurements_per_job(postgres_url)
+    assert all(counts[job_id] == 1 for job_id in ids)
+
+
+def test_stale_lease_gets_409(postgres_url: str, tmp_path: Path) -> None:
+    settings = fast_settings(postgres_url, tmp_path)
+    with running_server(settings) as url, client(url) as api:
+        api.post("/devices", json={"name": "manual-dev"})
+        capabilities = {"hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",
+                        "python": "3", "agent_version": "0"}
+        tokens = []
+        for name in ("slow", "other"):
+            reply = api.post("/agents/register", json={"name": name, "devices": [{"name": "manual-dev"}],
+                                                       "capabilities": capabilities})
+            tokens.append({"Authorization": f"Bearer {reply.json()['agent_token']}"})
+        slow, other = tokens
+        canary = api.get("/agents/me/jobs/next", params={"wait": "5"}, headers=slow).json()
+        [job_id] = submit(api, "manual-dev", KEYS[:1])
+        stats = {"n": 30, "median_ms": 1.0, "mean_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0, "p90_ms": 1.0,
+                 "iqr_ms": 0.0, "cv": 0.0}
+        # another agent of the device may not post for a lease it does not hold
+        forged = api.post(f"/jobs/{canary['job_id']}/result", headers=other,
+                          json={"lease_id": canary["lease_id"], "status": "ok", "stats": stats})
+        assert forged.status_code == 403, forged.text
+        time.sleep(5)  # past the 3 s lease: the reaper re-queues the canary
+        late = api.post(f"/jobs/{canary['job_id']}/result", headers=slow,
+                        json={"lease_id": canary["lease_id"], "status": "ok", "stats": stats})
+        assert late.status_code == 409 and "stale" in late.json()["detail"]
+        assert api.post(f"/jobs/{canary['job_id']}/heartbeat", headers=slow,
+                        json={"lease_id": canary["lease_id"]}).status_code == 409
+        # the re-leased job takes a fresh lease, and its result is accepted once, idempotently
+        again = api.get("/agents/me/jobs/next", params={"wait": "5"}, headers=other).json()
+        assert again["job_id"] == canary["job_id"] and again["lease_id"] != canary["lease_id"]
+        body = {"lease_id": again["lease_id"], "status": "ok", "stats": stats, "samples_ms": [1.0] * 30}
+        first = api.post(f"/jobs/{again['job_id']}/result", headers=other, json=body)
+        second = api.post(f"/jobs/{again['job_id']}/result", headers=other, json=body)
+        assert first.status_code == second.status_code == 200 and first.json() == second.json()
+        assert api.get(f"/jobs/{job_id}").json()["status"] == "queued"
+    assert measurements_per_job(postgres_url)[canary["job_id"]] == 1
+
+
+def test_three_agents_never_run_two_jobs_on_one_device(postgres_url: str, tmp_path: Path) -> None:
+    settings = fast_settings(postgres_url, tmp_path)
+    device = "contended-cpu"
+    with running_server(settings) as url, client(url) as api:
+        dirs = [tmp_path / f"agent{i}" for i in range(3)]
+        for folder in dirs:
+            folder.mkdir()
+        with running_agent(url, ADMIN, device, 1, dirs[0], ["--name", "a0"]) as a0, \
+                running_agent(url, ADMIN, device, 1, dirs[1], ["--name", "a1"]) as a1, \
+                running_agent(url, ADMIN, device, 1, dirs[2], ["--name", "a2"]) as a2:
+            agents = [a0, a1, a2]
+            wait_until(lambda: len((registered(api, device) or {}).get("agents", [])) == 3, 60)
+            ids = submit(api, device, KEYS * 2)
+            jobs = wait_until(lambda: all_finished(api, ids), 300)
+            assert all(agent.poll() is None for agent in agents)
+    assert all(job["status"] == "done" for job in jobs), jobs
+    with psycopg.connect(postgres_url) as conn:
+        spans = conn.execute(
+            "SELECT started_at, finished_at, agent_id FROM jobs WHERE started_at IS NOT NULL ORDER BY started_at"
+        ).fetchall()
+    for (_, finished, _), (started, _, _) in zip(spans, spans[1:]):
+        assert started >= finished, "two jobs ran on the device at once"
+    assert len({agent for *_, agent in spans}) >= 2, "only one agent ever got work"

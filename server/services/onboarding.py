@@ -18,6 +18,7 @@ from server.services.catalog import ensure_architecture, space_row
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+MIN_SAMPLES = 2
 
 
 def start(session: Session, settings: Settings, cache: predictors.PredictorCache, device: Device, space: SearchSpace,
@@ -84,8 +85,12 @@ def finish_if_measured(factory: sessionmaker[Session], cache: predictors.Predict
                 .where(Job.onboarding_id == onboarding_id)
             ).all()
             samples = {key: ms for key, ms, valid in measured if valid or train_on_flagged}
+            if len(samples) < MIN_SAMPLES:  # a noisy host flags most runs: adapt on them rather than fail
+                log.warning("onboarding %s: %d unflagged measurements; using the flagged ones too", onboarding_id,
+                            len(samples))
+                samples = {key: ms for key, ms, _ in measured}
             base = predictors.latest_base(session, get_space(onboarding.space.name))
-            if base is None or len(samples) < 2:
+            if base is None or len(samples) < MIN_SAMPLES:
                 raise ValueError(f"{len(samples)} usable measurements ({len(measured) - len(samples)} more flagged "
                                  "unstable, drift or short); adaptation needs at least 2")
             adapted = predictors.adapt(session, cache, base, onboarding.device, samples)

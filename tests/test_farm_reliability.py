@@ -29,7 +29,9 @@ KEYS = [
     "|nor_conv_3x3~0|+|skip_connect~0|avg_pool_3x3~1|+|nor_conv_1x1~0|nor_conv_1x1~1|nor_conv_3x3~2|",
 ]
 FAST = {"LATFARM_LEASE_TTL_S": "3", "LATFARM_HEARTBEAT_S": "0.5", "LATFARM_REAPER_INTERVAL_S": "0.5",
-        "LATFARM_POLL_WAIT_S": "1", "LATFARM_CANARY_EVERY": "0"}
+        "LATFARM_POLL_WAIT_S": "1", "LATFARM_CANARY_EVERY": "0",
+        # a shared CI host drifts: these tests are about leases, not about degrading the device
+        "LATFARM_CANARY_DRIFT": "10"}
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Device health: a fixed canary architecture measured at registration and every K jobs.
 
-The first valid canary median is the device's baseline. A later canary that moves more than
-`canary_drift` from it marks the device degraded: it then gets canary jobs only, until a
+The first valid canary median is the device's baseline. A later valid canary that moves more
+than `canary_drift` from it marks the device degraded: it then gets canary jobs only, until a
 re-check canary comes back within the threshold.
 """
 
@@ -58,9 +58,10 @@ def _judge_canary(device: Device, job: Job, measurement: Measurement | None, set
         return
     median = measurement.latency_ms
     device.canary_last_ms = median
+    if not measurement.valid:
+        return  # a flagged (noisy) canary can neither set the baseline nor show drift
     if device.canary_baseline_ms is None:
-        if measurement.valid:
-            device.canary_baseline_ms = median
+        device.canary_baseline_ms = median
         return
     drift = median / device.canary_baseline_ms - 1
     if abs(drift) > settings.canary_drift:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import torch
+from anyio import to_thread
 from fastapi import FastAPI
 
 from server import __version__
@@ -64,6 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # FastAPI validates a sync endpoint's response on a worker thread *before* the request's
+        # session commits; with fewer threads than requests, requests waiting on that session's
+        # row locks can hold every thread and the commit never comes (seen at 100 registrations)
+        to_thread.current_default_thread_limiter().total_tokens = settings.max_concurrency
         services.wakeup.start()
         reaper = Reaper(sessions, settings, finish_onboardings)
         reaper.start()

@@ -21,6 +21,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(bench_app, name="bench")
 console = Console()
+#: seconds an idle HTTP connection is kept open (uvicorn closes them after 5 s by default)
+KEEP_ALIVE_S = 75
 
 
 def progress_bar() -> Progress:
@@ -132,9 +134,10 @@ def server(
     if settings.is_sqlite:
         upgrade(settings.database_url)
         workers = 1
-    # every worker process builds its app from the same LATFARM_* environment
+    # every worker process builds its app from the same LATFARM_* environment; idle connections
+    # stay open well past a poll interval, so agents and clients reuse them instead of racing a close
     uvicorn.run("server.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info",
-                access_log=access_log)
+                access_log=access_log, timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=settings.max_concurrency)
 
 
 @app.command()

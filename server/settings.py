@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     artifact_dir: Path = Path(".latfarm/artifacts")
     admin_token: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
+    #: requests one server process serves at once (more get 503); as many worker threads are
+    #: allowed, so a request holding a transaction always finds a thread to finish in
+    max_concurrency: int = Field(default=1000, ge=1)
     # intervals handed to agents at registration
     poll_wait_s: float = Field(default=20.0, gt=0)
     heartbeat_s: float = Field(default=10.0, gt=0)

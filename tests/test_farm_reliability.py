@@ -3,6 +3,7 @@ server restarted mid-run, a stale agent posting late, three agents sharing one d
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Iterator
@@ -176,3 +177,29 @@ def test_three_agents_never_run_two_jobs_on_one_device(postgres_url: str, tmp_pa
     for (_, finished, _), (started, _, _) in zip(spans, spans[1:]):
         assert started >= finished, "two jobs ran on the device at once"
     assert len({agent for *_, agent in spans}) >= 2, "only one agent ever got work"
+
+
+def test_a_hundred_agents_register_at_once(postgres_url: str, tmp_path: Path) -> None:
+    """Concurrent registrations contend for the same new rows; none may starve the others (before
+    the worker threads were sized to the requests, 100 of them deadlocked until the pool timed out)."""
+    settings = fast_settings(postgres_url, tmp_path)
+    capabilities = {"hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",
+                    "python": "3", "agent_version": "0"}
+
+    async def register_all(url: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {ADMIN}"},
+                                     limits=httpx.Limits(max_connections=100), timeout=60) as http:
+            replies = await asyncio.gather(*(
+                http.post("/agents/register", json={"name": f"burst-{i}", "devices": [{"name": f"burst-{i % 50}"}],
+                                                    "capabilities": capabilities})
+                for i in range(100)))
+        return [reply.status_code for reply in replies]
+
+    with running_server(settings) as url, client(url) as api:
+        started = time.monotonic()
+        codes = asyncio.run(register_all(url))
+        elapsed = time.monotonic() - started
+        canaries = api.get("/jobs", params={"kind": "canary", "limit": 1000}).json()
+    assert codes == [201] * 100
+    assert elapsed < 25, f"100 registrations took {elapsed:.0f} s"
+    assert len(canaries) == 50  # one per device: the second agent's registration found it queued

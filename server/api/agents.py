@@ -6,7 +6,7 @@ import hmac
 import secrets
 import time
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -109,15 +109,19 @@ def _try_claim(services: Services, agent_id: int) -> JobLease | None:
 
 
 @router.get("/me/jobs/next", responses={204: {"description": "no job arrived within `wait` seconds"}})
-async def next_job(agent: AgentPrincipal, services: ServicesDep,
+async def next_job(request: Request, agent: AgentPrincipal, services: ServicesDep,
                    wait: float = Query(30, ge=0, le=120, description="long-poll seconds")) -> JobLease:
-    """Lease the next job for one of the agent's devices, waiting up to `wait` seconds for one."""
+    """Lease the next job for one of the agent's devices, waiting up to `wait` seconds for one.
+    A poll whose agent hung up leases nothing (the job would sit leased to no one until its
+    lease expired)."""
     assert agent.agent_id is not None
     deadline = time.monotonic() + wait
     devices = await run_in_threadpool(_agent_devices, services, agent.agent_id)
     with services.wakeup.subscription(devices) as changed:
         while True:
             changed.clear()
+            if await request.is_disconnected():
+                return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
             lease = await run_in_threadpool(_try_claim, services, agent.agent_id)
             if lease is not None:
                 return lease

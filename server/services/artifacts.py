@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from agent.protocol import ArtifactFormat
 from predictor.export import export_onnx, export_torch
 from predictor.spaces import get_space
+from server.db import insert_missing
 from server.models import Architecture, Artifact
 
 
@@ -38,8 +39,10 @@ class ArtifactStore:
         return sha256
 
 
-# One export at a time: exports are CPU-heavy and the same architecture is often asked for twice.
+# One export at a time: exports are CPU-heavy and the same architecture is often asked for at once
+# (every new device's canary). Exports are deterministic, so each is done once per process.
 _export_lock = threading.Lock()
+_exported: dict[tuple[str, str, ArtifactFormat], tuple[str, int]] = {}
 
 
 _EXPORTERS = {ArtifactFormat.onnx: export_onnx, ArtifactFormat.torch_export: export_torch}
@@ -47,18 +50,25 @@ _EXPORTERS = {ArtifactFormat.onnx: export_onnx, ArtifactFormat.torch_export: exp
 
 def materialise(session: Session, store: ArtifactStore, arch: Architecture,
                 fmt: ArtifactFormat = ArtifactFormat.onnx) -> Artifact:
-    """The artifact of an architecture in a format, exported and stored on first request."""
+    """The artifact of an architecture in a format, exported and stored on first request.
+
+    Concurrent requests for the same export (whose artifact rows are not committed yet) wait for
+    the first and share its file; the row is inserted race-free."""
     existing = session.scalar(
         select(Artifact).where(Artifact.architecture_id == arch.id, Artifact.format == fmt.value).limit(1)
     )
     if existing is not None and store.path(existing.sha256).exists():
         return existing
+    sha256, size = _export(store, arch.space.name, arch.key, fmt)
+    insert_missing(session, Artifact, [{"sha256": sha256, "architecture_id": arch.id, "format": fmt.value,
+                                        "size_bytes": size}])
+    return session.get_one(Artifact, sha256)
+
+
+def _export(store: ArtifactStore, space: str, key: str, fmt: ArtifactFormat) -> tuple[str, int]:
     with _export_lock:
-        data = _EXPORTERS[fmt](get_space(arch.space.name), arch.key)
-    sha256 = store.put(data)
-    artifact = session.get(Artifact, sha256)
-    if artifact is None:
-        artifact = Artifact(sha256=sha256, architecture_id=arch.id, format=fmt.value, size_bytes=len(data))
-        session.add(artifact)
-        session.flush()
-    return artifact
+        done = _exported.get((space, key, fmt))
+        if done is None or not store.path(done[0]).exists():
+            data = _EXPORTERS[fmt](get_space(space), key)
+            done = _exported[(space, key, fmt)] = store.put(data), len(data)
+        return done

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Row, and_, case, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -27,6 +28,7 @@ from agent.quality import quality_flags
 from server.errors import Conflict, Forbidden, Invalid, NotFound
 from server.models import (
     Agent,
+    Architecture,
     AgentDevice,
     Artifact,
     Device,
@@ -45,6 +47,18 @@ from server.settings import Settings
 FINISHED = (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
 #: how many queued selector jobs one claim looks through for one its devices match
 SELECTOR_SCAN = 50
+#: another job of the same device (built once: aliasing a mapped class is costly)
+_RUNNING = aliased(Job)
+#: queued jobs for any device matching a selector, most urgent first
+_SELECTOR_JOBS = (
+    select(Job.id, Job.priority, Job.selector)
+    .where(Job.status == JobStatus.queued, Job.device_id.is_(None))
+    .order_by(Job.priority.desc(), Job.id)
+    .limit(SELECTOR_SCAN)
+    .with_for_update(of=Job, skip_locked=True)
+)
+#: an agent's `last_seen` is written at most this often (offline detection works in minutes)
+LAST_SEEN_RESOLUTION_S = 5
 
 
 @dataclass(frozen=True)
@@ -123,68 +137,49 @@ def claim_next(session: Session, agent_id: int, store: ArtifactStore, settings: 
 
     Atomic on both backends: the job row is locked (`FOR UPDATE SKIP LOCKED` on Postgres) and
     flipped from queued with a guarded UPDATE, and a partial unique index allows one running job
-    per device; losing either race means no lease this time, never a double one.
+    per device; losing either race means no lease this time, never a double one. This is the
+    farm's hottest path, so it is a handful of Core statements rather than ORM loads.
     """
-    now = utcnow()
-    session.execute(update(Agent).where(Agent.id == agent_id).values(last_seen=now))
-    running = aliased(Job)
-    devices = session.scalars(
-        select(Device)
-        .join(AgentDevice, AgentDevice.device_id == Device.id)
-        .where(AgentDevice.agent_id == agent_id, Device.state.not_in([DeviceState.paused, DeviceState.retired]),
-               ~exists().where(running.device_id == Device.id, running.status == JobStatus.running))
-    ).all()
-    if not devices:
-        return None
-    healthy = [d.id for d in devices if d.state is not DeviceState.degraded]
-    degraded = [d.id for d in devices if d.state is DeviceState.degraded]
-    named = session.execute(
-        select(Job.id, Job.priority, Job.device_id)
-        .where(Job.status == JobStatus.queued,
-               or_(Job.device_id.in_(healthy), and_(Job.device_id.in_(degraded), Job.kind == JobKind.canary)))
-        .order_by(Job.priority.desc(), Job.id)
-        .limit(1)
-        .with_for_update(of=Job, skip_locked=True)
-    ).first()
-    choice = (named.id, named.priority, named.device_id) if named else None
-    if healthy:
-        matching = _selector_candidate(session, [d for d in devices if d.id in healthy])
+    _touch_agent(session, agent_id, utcnow())
+    choice = _named_candidate(session, agent_id)
+    selector_jobs = session.execute(_SELECTOR_JOBS).all()
+    if selector_jobs:
+        matching = _selector_candidate(session, agent_id, selector_jobs)
         if matching is not None and (choice is None or (matching[1], -matching[0]) > (choice[1], -choice[0])):
             choice = matching
     if choice is None:
         return None
     job_id, _, device_id = choice
+    # read after the candidate query saw the device idle, so after the previous job's finish time
+    now = utcnow()
     lease_id = str(uuid.uuid4())
     expires = now + timedelta(seconds=settings.lease_ttl_s)
     try:
-        with session.begin_nested():
-            claimed = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.queued)
-                .values(status=JobStatus.running, device_id=device_id, agent_id=agent_id, lease_id=lease_id,
-                        lease_expires_at=expires, started_at=now, attempts=Job.attempts + 1,
-                        cancel_requested=False)
-            ).rowcount
+        flipped = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued)
+            .values(status=JobStatus.running, device_id=device_id, agent_id=agent_id, lease_id=lease_id,
+                    lease_expires_at=expires, started_at=now, attempts=Job.attempts + 1, cancel_requested=False)
+            .returning(Job.artifact_sha256, Job.architecture_id, Job.preset, Job.run_timeout_s)
+        ).first()
     except IntegrityError:  # another agent of the same device won it a moment ago
+        session.rollback()
         return None
-    if claimed != 1:
+    if flipped is None:
         return None
-    job = session.get_one(Job, job_id, populate_existing=True)
-    device = job.device
-    assert device is not None
-    if device.state in (DeviceState.online, DeviceState.offline):
-        device.state = DeviceState.busy
-    device.last_seen = now
+    device = session.execute(
+        update(Device)
+        .where(Device.id == device_id)
+        .values(last_seen=now, state=case((Device.state.in_([DeviceState.online, DeviceState.offline]),
+                                           DeviceState.busy), else_=Device.state))
+        .returning(Device.name, Device.threads, Device.runtime, Device.attributes)
+    ).one()
     runtime = Runtime(device.runtime) if device.runtime in Runtime._value2member_map_ else Runtime.onnxruntime
-    if job.artifact_sha256 is None:
-        assert job.architecture is not None
-        fmt = ArtifactFormat.torch_export if runtime is Runtime.pytorch else ArtifactFormat.onnx
-        job.artifact_sha256 = materialise(session, store, job.architecture, fmt).sha256
-    artifact = session.get_one(Artifact, job.artifact_sha256)
-    protocol = PRESETS[Preset(job.preset)].model_copy(update={"timeout_s": job.run_timeout_s or settings.run_timeout_s})
+    artifact = _leased_artifact(session, store, job_id, flipped.artifact_sha256, flipped.architecture_id, runtime)
+    timeout_s = flipped.run_timeout_s or settings.run_timeout_s
     provider = device.attributes.get("provider")
     return JobLease(
-        job_id=job.id,
+        job_id=job_id,
         lease_id=lease_id,
         lease_expires_at=expires.isoformat(),
         device=device.name,
@@ -193,20 +188,65 @@ def claim_next(session: Session, agent_id: int, store: ArtifactStore, settings: 
         provider=str(provider) if provider else None,
         artifact=ArtifactRef(sha256=artifact.sha256, format=ArtifactFormat(artifact.format),
                              size_bytes=artifact.size_bytes, url=f"/api/v1/artifacts/{artifact.sha256}"),
-        protocol=protocol,
+        protocol=PRESETS[Preset(flipped.preset)].model_copy(update={"timeout_s": timeout_s}),
     )
 
 
-def _selector_candidate(session: Session, devices: list[Device]) -> tuple[int, int, int] | None:
-    """(job id, priority, device id) of the first queued selector job one of `devices` matches."""
-    rows = session.execute(
-        select(Job.id, Job.priority, Job.selector)
-        .where(Job.status == JobStatus.queued, Job.device_id.is_(None))
+def _touch_agent(session: Session, agent_id: int, now: datetime) -> None:
+    """Record that the agent is alive; a write (and a WAL flush) at most every few seconds."""
+    session.execute(
+        update(Agent)
+        .where(Agent.id == agent_id,
+               or_(Agent.last_seen.is_(None), Agent.last_seen < now - timedelta(seconds=LAST_SEEN_RESOLUTION_S)))
+        .values(last_seen=now)
+    )
+
+
+def _idle_devices(agent_id: int) -> ColumnElement[bool]:
+    """Devices the agent serves that may take a job now (degraded ones take canaries only)."""
+    return and_(
+        AgentDevice.agent_id == agent_id,
+        Device.state.not_in([DeviceState.paused, DeviceState.retired]),
+        ~exists().where(_RUNNING.device_id == Device.id, _RUNNING.status == JobStatus.running),
+    )
+
+
+def _named_candidate(session: Session, agent_id: int) -> tuple[int, int, int] | None:
+    """(job id, priority, device id) of the most urgent queued job named for an idle device."""
+    row = session.execute(
+        select(Job.id, Job.priority, Job.device_id)
+        .join(Device, Device.id == Job.device_id)
+        .join(AgentDevice, AgentDevice.device_id == Device.id)
+        .where(Job.status == JobStatus.queued, _idle_devices(agent_id),
+               or_(Device.state != DeviceState.degraded, Job.kind == JobKind.canary))
         .order_by(Job.priority.desc(), Job.id)
-        .limit(SELECTOR_SCAN)
+        .limit(1)
         .with_for_update(of=Job, skip_locked=True)
+    ).first()
+    return (row.id, row.priority, row.device_id) if row else None
+
+
+def _leased_artifact(session: Session, store: ArtifactStore, job_id: int, sha256: str | None,
+                     architecture_id: int | None, runtime: Runtime) -> Artifact:
+    """The leased job's artifact; an architecture is exported in the runtime's format on first use."""
+    if sha256 is not None:
+        return session.get_one(Artifact, sha256)
+    architecture = session.get_one(Architecture, architecture_id)
+    fmt = ArtifactFormat.torch_export if runtime is Runtime.pytorch else ArtifactFormat.onnx
+    artifact = materialise(session, store, architecture, fmt)
+    session.execute(update(Job).where(Job.id == job_id).values(artifact_sha256=artifact.sha256))
+    return artifact
+
+
+def _selector_candidate(session: Session, agent_id: int,
+                        jobs: Sequence[Row[tuple[int, int, str]]]) -> tuple[int, int, int] | None:
+    """(job id, priority, device id) of the first of the queued selector `jobs` that one of the
+    agent's idle, healthy devices matches."""
+    devices = session.scalars(
+        select(Device).join(AgentDevice, AgentDevice.device_id == Device.id)
+        .where(_idle_devices(agent_id), Device.state != DeviceState.degraded)
     ).all()
-    for job_id, priority, selector in rows:
+    for job_id, priority, selector in jobs:
         for device in devices:
             if selectors.matches(selector, device):
                 return job_id, priority, device.id

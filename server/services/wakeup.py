@@ -2,8 +2,9 @@
 
 Code that queues or frees a job calls `jobs_changed(session, device_id)` (None: a selector job,
 any device may take it). When that session commits, the long polls of this process that serve
-the device wake; on Postgres a `NOTIFY` sent in the same transaction carries the device to the
-long polls of every other server process sharing the database, through a `LISTEN` thread. Only
+the device wake; on Postgres a `NOTIFY` sent in the same transaction carries the devices to the
+long polls of every other server process sharing the database, through a `LISTEN` thread (a
+process skips its own notices: it woke its polls already). Only
 the agents of that device wake, so a finished job does not make a hundred idle agents query the
 queue. Waiters also re-check on their own every few seconds, so a lost wake-up only costs latency.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
@@ -25,16 +27,13 @@ log = logging.getLogger(__name__)
 CHANNEL = "latfarm_jobs"
 ANY_DEVICE = "*"
 _PENDING = "latfarm_jobs_changed"
+#: a NOTIFY payload must stay under 8000 bytes; longer device lists become "any device"
+NOTIFY_MAX_DEVICES_CHARS = 7000
 
 
 def jobs_changed(session: Session, device_id: int | None) -> None:
     """Wake the long polls of `device_id` (None: of every device) once this session commits."""
-    target = ANY_DEVICE if device_id is None else str(device_id)
-    pending: set[str] = session.info.setdefault(_PENDING, set())
-    if target not in pending:
-        pending.add(target)
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(text("SELECT pg_notify(:channel, :device)"), {"channel": CHANNEL, "device": target})
+    session.info.setdefault(_PENDING, set()).add(ANY_DEVICE if device_id is None else str(device_id))
 
 
 class JobWakeup:
@@ -42,8 +41,11 @@ class JobWakeup:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._dsn = postgres_dsn
+        self._origin = uuid.uuid4().hex
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
+        if postgres_dsn is not None:
+            event.listen(sessions, "before_commit", self._notify)
         event.listen(sessions, "after_commit", self._after_commit)
         event.listen(sessions, "after_rollback", lambda session: session.info.pop(_PENDING, None))
 
@@ -92,6 +94,14 @@ class JobWakeup:
             for woken in self._waiters.get(key, ()):
                 woken.set()
 
+    def _notify(self, session: Session) -> None:
+        """NOTIFY the other server processes, in the transaction that changed the jobs."""
+        targets = session.info.get(_PENDING)
+        if targets:
+            devices = ",".join(sorted(targets))
+            payload = f"{self._origin}:{devices if len(devices) < NOTIFY_MAX_DEVICES_CHARS else ANY_DEVICE}"
+            session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": payload})
+
     def _after_commit(self, session: Session) -> None:
         targets = session.info.pop(_PENDING, None)
         if targets:
@@ -104,7 +114,9 @@ class JobWakeup:
                 with psycopg.connect(self._dsn, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     while not self._stop.is_set():
-                        targets = [notice.payload for notice in conn.notifies(timeout=0.5)]
+                        targets = {target for notice in conn.notifies(timeout=0.5)
+                                   for origin, _, devices in [notice.payload.partition(":")]
+                                   if origin != self._origin for target in devices.split(",")}
                         if targets:
                             self.wake(targets)
             except psycopg.Error as exc:

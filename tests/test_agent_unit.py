@@ -35,6 +35,13 @@ from agent.timing import classify_failure, compute_stats, measure, warm_up
 from agent.worker import Worker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_output(code: str) -> str:
+    """What `code` prints, run in a fresh interpreter (imports there start from nothing)."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                          check=True)
+    return done.stdout.strip()
 FAST = TimingProtocol(preset=Preset.quick, warmup_runs=2, min_runs=20, min_seconds=0.05, max_runs=60, timeout_s=60)
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed (the pytorch runtime is optional)")
@@ -475,10 +482,8 @@ def test_capabilities_list_pytorch_without_importing_it() -> None:
         "attrs = device_attributes(caps, 1, Runtime.pytorch)\n"
         "print(json.dumps([caps.runtimes, attrs, 'torch' in sys.modules]))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True
-    )
-    runtimes, attrs, imported = json.loads(done.stdout)
+    output = python_output(code)
+    runtimes, attrs, imported = json.loads(output)
     import torch
 
     assert runtimes["pytorch"] == torch.__version__ and not imported
@@ -488,10 +493,8 @@ def test_capabilities_list_pytorch_without_importing_it() -> None:
 
 def test_capabilities_without_torch(torch_blocked: None) -> None:
     code = "from agent.capabilities import detect_capabilities\nprint(sorted(detect_capabilities().runtimes))\n"
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True
-    )
-    assert done.stdout.strip() == "['onnxruntime']"
+    output = python_output(code)
+    assert output == "['onnxruntime']"
 
 
 def _clear_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -589,10 +592,8 @@ def test_agent_imports_stay_light() -> None:
         "{'server', 'predictor', 'torch', 'fastapi', 'sqlalchemy', 'typer', 'pydantic_settings', 'onnx'})\n"
         "print(','.join(bad))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True
-    )
-    assert done.stdout.strip() == "", f"agent imports pulled in: {done.stdout.strip()}"
+    output = python_output(code)
+    assert output == "", f"agent imports pulled in: {output}"
 
 
 # ----------------------------------------------------------------- worker against a fake server

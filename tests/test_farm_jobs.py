@@ -16,12 +16,11 @@ from server.local import running_server, temporary_postgres_database
 from server.settings import Settings
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.test_farm_e2e import wait_until
+from tests.test_farm_reliability import CAPABILITIES
 
 ADMIN = "jobs-admin"
 ARCH = "|nor_conv_1x1~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|avg_pool_3x3~1|nor_conv_1x1~2|"
 OTHER_ARCH = "|nor_conv_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|avg_pool_3x3~0|none~1|nor_conv_3x3~2|"
-CAPABILITIES = {"hostname": "h", "cpu_model": "scripted", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",
-                "python": "3", "agent_version": "0"}
 CANARY_EVERY = 2
 
 

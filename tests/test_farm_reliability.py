@@ -7,12 +7,14 @@ import asyncio
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
+from server.api import agents as agents_api
 from server.local import free_port, running_agent, running_server, server_process, temporary_postgres_database
 from server.settings import Settings
 from tests.conftest import POSTGRES_ADMIN_URL
@@ -29,6 +31,8 @@ KEYS = [
     "|nor_conv_1x1~0|+|nor_conv_1x1~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|",
     "|nor_conv_3x3~0|+|skip_connect~0|avg_pool_3x3~1|+|nor_conv_1x1~0|nor_conv_1x1~1|nor_conv_3x3~2|",
 ]
+CAPABILITIES = {"hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",
+                "python": "3", "agent_version": "0"}
 FAST = {"LATFARM_LEASE_TTL_S": "3", "LATFARM_HEARTBEAT_S": "0.5", "LATFARM_REAPER_INTERVAL_S": "0.5",
         "LATFARM_POLL_WAIT_S": "1", "LATFARM_CANARY_EVERY": "0",
         # a shared CI host drifts: these tests are about leases, not about degrading the device
@@ -121,12 +125,10 @@ def test_stale_lease_gets_409(postgres_url: str, tmp_path: Path) -> None:
     settings = fast_settings(postgres_url, tmp_path)
     with running_server(settings) as url, client(url) as api:
         api.post("/devices", json={"name": "manual-dev"})
-        capabilities = {"hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",
-                        "python": "3", "agent_version": "0"}
         tokens = []
         for name in ("slow", "other"):
             reply = api.post("/agents/register", json={"name": name, "devices": [{"name": "manual-dev"}],
-                                                       "capabilities": capabilities})
+                                                       "capabilities": CAPABILITIES})
             tokens.append({"Authorization": f"Bearer {reply.json()['agent_token']}"})
         slow, other = tokens
         canary = api.get("/agents/me/jobs/next", params={"wait": "5"}, headers=slow).json()
@@ -183,15 +185,13 @@ def test_a_hundred_agents_register_at_once(postgres_url: str, tmp_path: Path) ->
     """Concurrent registrations contend for the same new rows; none may starve the others (before
     the worker threads were sized to the requests, 100 of them deadlocked until the pool timed out)."""
     settings = fast_settings(postgres_url, tmp_path)
-    capabilities = {"hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",
-                    "python": "3", "agent_version": "0"}
 
     async def register_all(url: str) -> list[int]:
         async with httpx.AsyncClient(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {ADMIN}"},
                                      limits=httpx.Limits(max_connections=100), timeout=60) as http:
             replies = await asyncio.gather(*(
                 http.post("/agents/register", json={"name": f"burst-{i}", "devices": [{"name": f"burst-{i % 50}"}],
-                                                    "capabilities": capabilities})
+                                                    "capabilities": CAPABILITIES})
                 for i in range(100)))
         return [reply.status_code for reply in replies]
 
@@ -203,3 +203,32 @@ def test_a_hundred_agents_register_at_once(postgres_url: str, tmp_path: Path) ->
     assert codes == [201] * 100
     assert elapsed < 25, f"100 registrations took {elapsed:.0f} s"
     assert len(canaries) == 50  # one per device: the second agent's registration found it queued
+
+
+def test_notify_wakes_a_long_poll_served_by_another_server(postgres_url: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job submitted through one server process reaches an agent long-polling another at once:
+    the NOTIFY carries it (the fallback re-check is pushed past the poll here, so only it can)."""
+    monkeypatch.setattr(agents_api, "RECHECK_S", 60.0)
+    settings = fast_settings(postgres_url, tmp_path)
+    with running_server(settings) as polled_url, running_server(settings) as submit_url, \
+            client(polled_url) as polled, client(submit_url) as submitting:
+        polled.post("/devices", json={"name": "notify-dev"})
+        reply = polled.post("/agents/register", json={"name": "listener", "devices": [{"name": "notify-dev"}],
+                                                      "capabilities": CAPABILITIES}).json()
+        agent = {"Authorization": f"Bearer {reply['agent_token']}"}
+        canary = polled.get("/agents/me/jobs/next", params={"wait": "5"}, headers=agent).json()
+        polled.post(f"/jobs/{canary['job_id']}/result", headers=agent,
+                    json={"lease_id": canary["lease_id"], "status": "failed", "failure_class": "load_error"})
+
+        def submit_soon() -> float:
+            time.sleep(1.0)  # the poll is waiting by then
+            submit(submitting, "notify-dev", KEYS[:1])
+            return time.monotonic()
+
+        with ThreadPoolExecutor(1) as pool:
+            submitted = pool.submit(submit_soon)
+            lease = polled.get("/agents/me/jobs/next", params={"wait": "20"}, headers=agent)
+            latency = time.monotonic() - submitted.result()
+    assert lease.status_code == 200, lease.text
+    assert latency < 3.0, f"the poll took {latency:.1f} s to see a job submitted elsewhere"

@@ -107,3 +107,21 @@ def test_onboarding_whose_jobs_all_fail_is_marked_failed(imported, api: httpx.Cl
     )
     assert final["status"] == "failed" and "0 usable measurements" in final["error"]
     assert final["jobs_failed"] == 3 and final["predictor_id"] is None
+
+
+@pytest.mark.slow
+def test_agent_measures_a_torch_export_program(server_url: str, api: httpx.Client, tmp_path: Path) -> None:
+    """A device served with the PyTorch runtime gets `torch.export` artifacts and times them."""
+    device = f"e2e-torch-{tmp_path.name[-8:]}"
+    with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1", "--runtime", "pytorch"]):
+        info = wait_until(lambda: registered(api, device), 60)
+        assert info["runtime"] == "pytorch"
+        job = api.post("/jobs", json={"device": device, "space": "nb201", "architecture": NB201_KEY,
+                                      "preset": "quick"}).json()
+        done = wait_until(lambda: (j := api.get(f"/jobs/{job['id']}").json())["status"] in ("done", "failed") and j,
+                          300)
+    assert done["status"] == "done", done
+    [measurement] = api.get("/measurements", params={"device": device, "space": "nb201",
+                                                     "architecture": NB201_KEY}).json()["items"]
+    provenance = measurement["provenance"]
+    assert "torch" in str(provenance["runtime"]) and provenance["intra_op_threads"] == 1, provenance

@@ -29,6 +29,7 @@ from server.auth import TokenCache
 from server.context import Services
 from server.db import make_engine, make_session_factory, normalise_url
 from server.errors import BodySizeLimit, install_error_handlers
+from server.logs import RequestId, configure_worker_logging
 from server.services.artifacts import ArtifactStore
 from server.services import onboarding
 from server.services.predictors import PredictorCache
@@ -43,6 +44,7 @@ ROUTERS = tuple(module.router for module in (system, devices, architectures, art
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_worker_logging(settings.log_format, settings.log_level)
     torch.set_num_threads(settings.torch_threads)
     admin_token = settings.admin_token or secrets.token_urlsafe(24)
     if settings.admin_token is None:
@@ -86,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -129,15 +129,18 @@ def server(
     import uvicorn
 
     from server.db import upgrade
+    from server.logs import configure_logging
 
     settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
     if settings.is_sqlite:
         upgrade(settings.database_url)
         workers = 1
     # every worker process builds its app from the same LATFARM_* environment; idle connections
     # stay open well past a poll interval, so agents and clients reuse them instead of racing a close
     uvicorn.run("server.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info",
-                access_log=access_log, timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=settings.max_concurrency)
+                log_config=None, access_log=access_log, timeout_keep_alive=KEEP_ALIVE_S,
+                limit_concurrency=settings.max_concurrency)
 
 
 @app.command()

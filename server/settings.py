@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,11 @@ class Settings(BaseSettings):
     #: torch threads for training and prediction; with more than one, a busy 2-core host (an agent
     #: measuring beside the server) slowed pre-training 24-fold, while one thread lost nothing
     torch_threads: int = Field(default=1, ge=1)
+    #: "json": one JSON object per log line, for log collectors; "text": one readable line; both carry
+    #: the request id
+    log_format: Literal["text", "json"] = "text"
+    #: the least severe level logged (uvicorn's access lines are INFO)
+    log_level: str = "INFO"
 
     @property
     def is_sqlite(self) -> bool:

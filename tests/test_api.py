@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from tests.conftest import ADMIN_TOKEN
+from tests.test_farm_jobs import scrape
 
 NB201_KEY = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
 
@@ -189,6 +190,9 @@ def test_whole_space_predict_on_an_imported_device(imported, api: httpx.Client) 
     assert body["predictor_id"] == base.json()["id"]
     assert all(ms > 0 for ms in body["latency_ms"])
     print(f"whole-space predict: {elapsed:.2f} s, {len(response.content) / 1e6:.1f} MB")
+    metrics = scrape(f"{api.base_url.scheme}://{api.base_url.netloc.decode()}")
+    assert metrics[("latfarm_predicted_architectures_total", ())] >= 15_625
+    assert metrics[("latfarm_predict_seconds_count", ())] >= 1
     # the base predictor tracks the device it was trained on
     truth = api.get("/measurements", params={"device": "titan_rtx_256", "space": "nb201", "limit": 2000}).json()
     predicted = dict(zip(body["architectures"], body["latency_ms"]))

@@ -13,7 +13,7 @@ from server.app import ROUTERS
 from server.auth import Requires
 from server.models import Scope
 
-PUBLIC = {"/healthz"}
+PUBLIC = {"/healthz", "/metrics"}
 #: authenticates with a registration, admin or agent token of its own (tested in test_api)
 OWN_AUTH = {"/api/v1/agents/register"}
 PATH_VALUES = {"sha256": "0" * 64, "name": "some-device"}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.db import upgrade
 from server.local import running_server, temporary_postgres_database
@@ -229,4 +230,46 @@ def test_canary_drift_degrades_the_device_until_a_recheck_passes(admin: httpx.Cl
     assert recheck["job_id"] != held["id"]
     assert agent.finish(recheck, 10.4)["kind"] == "canary"
     assert admin.get(f"/devices/{device}").json()["state"] == "online"
-    assert agent.claim(wait=5)["job_id"] == held["id"]
+    resumed = agent.claim(wait=5)
+    assert resumed["job_id"] == held["id"]
+    agent.finish(resumed)  # no lease left to expire during later tests (metrics count them)
+
+
+def scrape(farm_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics, fetched without a token, as {(sample name, labels): value}."""
+    reply = httpx.get(f"{farm_url}/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(reply.text) for sample in family.samples}
+
+
+def test_metrics_count_farm_events_and_show_its_state(admin: httpx.Client, farm_url: str, tmp_path: Path) -> None:
+    device = unique("metered", tmp_path)
+    agent = ScriptedAgent(admin, "metered", {device: {}})
+    agent.pass_canary(10.0)
+    before = scrape(farm_url)
+    abandoned = submit(admin, device=device).json()
+    agent.claim(wait=5)  # then silence: the 3 s lease expires and the job is queued again
+    wait_until(lambda: admin.get(f"/jobs/{abandoned['id']}").json()["status"] == "queued", 30)
+    assert agent.fail(agent.claim(wait=5), "artifact_error")["status"] == "failed"  # max_attempts is 2 here
+    flaky = submit(admin, device=device, architecture=OTHER_ARCH).json()
+    assert agent.fail(agent.claim(wait=5), "artifact_error")["status"] == "queued"
+    assert agent.finish(agent.claim(wait=5), 12.0)["id"] == flaky["id"]
+    after = scrape(farm_url)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("latfarm_job_retries_total", failure_class="artifact_error") == 1
+    assert delta("latfarm_job_retries_total", failure_class="lease_expired") == 1
+    assert delta("latfarm_lease_expirations_total") == 1
+    assert delta("latfarm_job_wait_seconds_count", kind="measure") == 4
+    assert delta("latfarm_job_run_seconds_count", kind="measure", status="done") == 1
+    assert after[("latfarm_jobs", (("kind", "canary"), ("status", "done")))] >= 1
+    assert ("latfarm_predict_seconds_count", ()) in after
+    assert after[("latfarm_devices", (("state", "online"),))] >= 1
+    [age] = [value for (name, labels), value in after.items()
+             if name == "latfarm_agent_heartbeat_age_seconds" and dict(labels)["agent"].endswith(":metered")]
+    assert 0 <= age < 30
+    assert after[("latfarm_device_canary_drift_ratio", (("device", device),))] == pytest.approx(0.0)

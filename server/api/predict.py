@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from server import metrics
 from server.api.deps import Db, ServicesDep
 from server.auth import PREDICT
 from server.schemas import PredictIn, PredictOut
@@ -15,4 +16,7 @@ router = APIRouter(prefix="/api/v1", tags=["predict"])
 @router.post("/predict", dependencies=[PREDICT])
 def predict(body: PredictIn, session: Db, services: ServicesDep) -> PredictOut:
     """Latency in ms (and its uncertainty) of many architectures on one device, in one call."""
-    return predict_batch(session, services.predictors, body)
+    with metrics.PREDICT_SECONDS.time():
+        answer = predict_batch(session, services.predictors, body)
+    metrics.PREDICT_ARCHITECTURES.inc(len(answer.architectures))
+    return answer

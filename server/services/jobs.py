@@ -25,6 +25,7 @@ from agent.protocol import (
     Runtime,
 )
 from agent.quality import quality_flags
+from server import metrics
 from server.errors import Conflict, Forbidden, Invalid, NotFound
 from server.models import (
     Agent,
@@ -37,6 +38,7 @@ from server.models import (
     JobKind,
     JobStatus,
     Measurement,
+    as_utc,
     utcnow,
 )
 from server.services import health, selectors
@@ -160,13 +162,15 @@ def claim_next(session: Session, agent_id: int, store: ArtifactStore, settings: 
             .where(Job.id == job_id, Job.status == JobStatus.queued)
             .values(status=JobStatus.running, device_id=device_id, agent_id=agent_id, lease_id=lease_id,
                     lease_expires_at=expires, started_at=now, attempts=Job.attempts + 1, cancel_requested=False)
-            .returning(Job.artifact_sha256, Job.architecture_id, Job.preset, Job.run_timeout_s)
+            .returning(Job.artifact_sha256, Job.architecture_id, Job.preset, Job.run_timeout_s, Job.kind,
+                       Job.created_at)
         ).first()
     except IntegrityError:  # another agent of the same device won it a moment ago
         session.rollback()
         return None
     if flipped is None:
         return None
+    metrics.JOB_WAIT.labels(flipped.kind.value).observe((now - as_utc(flipped.created_at)).total_seconds())
     device = session.execute(
         update(Device)
         .where(Device.id == device_id)
@@ -302,6 +306,8 @@ def record_result(session: Session, agent_id: int, job_id: int, result: JobResul
         measurement = _store_measurement(session, job, result)
         job.status, job.measurement_id = JobStatus.done, measurement.id
     release_device(job)
+    if job.started_at is not None:
+        metrics.JOB_RUN.labels(job.kind.value, job.status.value).observe((now - as_utc(job.started_at)).total_seconds())
     health.after_job(session, job, measurement, settings)
     jobs_changed(session, job.device_id)
     return job
@@ -316,6 +322,7 @@ def retry(job: Job, reason: str, max_attempts: int, failure_class: str) -> None:
         job.error = f"gave up after {job.attempts} attempts; last: {reason}"
     else:
         job.status, job.error = JobStatus.queued, f"attempt {job.attempts}: {reason}"
+        metrics.JOB_RETRIES.labels(failure_class).inc()
         if job.selector is not None:
             job.device_id = None
 

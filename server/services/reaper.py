@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from server import metrics
 from server.db import session_scope
-from server.models import Agent, AgentDevice, Device, DeviceState, Job, JobKind, JobStatus, utcnow
+from server.models import Agent, AgentDevice, Device, DeviceState, Job, JobKind, JobStatus, as_utc, utcnow
 from server.services import health
 from server.services.jobs import release_device, retry
 from server.services.wakeup import jobs_changed
@@ -30,11 +31,12 @@ def reap(session: Session, settings: Settings) -> set[int]:
     ).all()
     for job in running:
         timeout = job.run_timeout_s or settings.run_timeout_s
-        if job.started_at is not None and _aware(job.started_at) + timedelta(seconds=timeout) < now:
+        if job.started_at is not None and as_utc(job.started_at) + timedelta(seconds=timeout) < now:
             release_device(job)
             job.status, job.failure_class, job.finished_at = JobStatus.failed, "run_timeout", now
             job.error = f"run timeout fired: still running {timeout:g} s after it started"
-        elif job.lease_expires_at is not None and _aware(job.lease_expires_at) < now:
+        elif job.lease_expires_at is not None and as_utc(job.lease_expires_at) < now:
+            metrics.LEASE_EXPIRATIONS.inc()
             retry(job, "lease expired: the agent stopped heartbeating", settings.max_attempts, "lease_expired")
         else:
             continue
@@ -48,7 +50,7 @@ def reap(session: Session, settings: Settings) -> set[int]:
         .with_for_update(of=Job, skip_locked=True)
     ).all()
     for job in overdue:
-        waited = (now - _aware(job.created_at)).total_seconds()
+        waited = (now - as_utc(job.created_at)).total_seconds()
         job.status, job.failure_class, job.finished_at = JobStatus.failed, "queue_deadline", now
         job.error = f"queue deadline fired: not started {waited:.0f} s after submission"
         if job.onboarding_id is not None:
@@ -57,11 +59,6 @@ def reap(session: Session, settings: Settings) -> set[int]:
     _mark_offline(session, now - timedelta(seconds=settings.offline_after_s))
     _recheck_degraded(session, settings, now - timedelta(seconds=settings.canary_recheck_s))
     return touched
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; they are stored in UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _mark_offline(session: Session, seen_before: datetime) -> None:
@@ -85,7 +82,7 @@ def _recheck_degraded(session: Session, settings: Settings, finished_before: dat
         last = session.scalar(
             select(func.max(Job.finished_at)).where(Job.device_id == device.id, Job.kind == JobKind.canary)
         )
-        if last is None or _aware(last) < finished_before:
+        if last is None or as_utc(last) < finished_before:
             health.queue_canary(session, device, settings)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 
@@ -67,7 +68,8 @@ class TokenCache:
             self._entries = {h: e for h, e in self._entries.items() if e[0].token_id != token_id}
 
 
-def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+async def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    """The caller's principal; the database is asked (on a worker thread) only on a cache miss."""
     services = request.app.state.services
     if credentials is None or not credentials.credentials:
         raise Unauthorized("missing bearer token")
@@ -77,7 +79,7 @@ def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | N
     token_hash = hash_token(token)
     principal = services.tokens.get(token_hash)
     if principal is None:
-        principal = _lookup(services.sessions, token_hash)
+        principal = await run_in_threadpool(_lookup, services.sessions, token_hash)
         services.tokens.put(token_hash, principal)
     return principal
 
@@ -101,8 +103,8 @@ class Requires:
     def __init__(self, *scopes: Scope) -> None:
         self.scopes = frozenset(scopes)
 
-    def __call__(self, request: Request, credentials: Credentials) -> Principal:
-        principal = authenticate(request, credentials)
+    async def __call__(self, request: Request, credentials: Credentials) -> Principal:
+        principal = await authenticate(request, credentials)
         if not principal.scopes & self.scopes:
             needed = " or ".join(sorted(s.value for s in self.scopes))
             held = ", ".join(sorted(s.value for s in principal.scopes)) or "none"

@@ -190,6 +190,11 @@ def test_whole_space_predict_on_an_imported_device(imported, api: httpx.Client) 
     assert body["predictor_id"] == base.json()["id"]
     assert all(ms > 0 for ms in body["latency_ms"])
     print(f"whole-space predict: {elapsed:.2f} s, {len(response.content) / 1e6:.1f} MB")
+    # answers are remembered per predictor and device: a later batch (reordered, repeated) agrees
+    some = [body["architectures"][i] for i in (7, 3, 7, 15_000)]
+    again = api.post("/predict", json={"device": "titan_rtx_256", "space": "nb201", "architectures": some}).json()
+    assert again["latency_ms"] == [body["latency_ms"][i] for i in (7, 3, 7, 15_000)]
+    assert again["uncertainty_ms"] == [body["uncertainty_ms"][i] for i in (7, 3, 7, 15_000)]
     metrics = scrape(f"{api.base_url.scheme}://{api.base_url.netloc.decode()}")
     assert metrics[("latfarm_predicted_architectures_total", ())] >= 15_625
     assert metrics[("latfarm_predict_seconds_count", ())] >= 1

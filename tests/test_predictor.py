@@ -108,3 +108,19 @@ def test_default_sampler_is_known() -> None:
     assert get_sampler("default").name in SAMPLERS
     with pytest.raises(ValueError, match="unknown sampler"):
         get_sampler("nope")
+
+
+def test_served_answers_are_the_models_for_seen_and_unseen_keys(base: LatencyPredictor) -> None:
+    from server.models import Predictor
+    from server.services.predictors import PredictorCache
+
+    cache = PredictorCache(answers_per_device=3)  # a tiny cap: the second call starts over
+    row = Predictor(id=1, checkpoint=base.to_bytes())
+    device = base.reference_devices[0]
+    keys = get_space("nb201").sample(4, seed=5)
+    cache.predict(row, device, keys[:2])
+    batch = [keys[1], keys[2], keys[0], keys[2], keys[3]]
+    ms, std = cache.predict(row, device, batch)
+    truth_ms, truth_std = base.predict(batch, device=device)  # float32: a batch's make-up moves the last digits
+    assert ms == pytest.approx(truth_ms.tolist(), rel=1e-4) and std == pytest.approx(truth_std.tolist(), rel=1e-4)
+    assert ms[1] == ms[3] and ms[0] == cache.predict(row, device, [keys[1]])[0][0]

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from predictor import LatencyPredictor
 from predictor.spaces import SearchSpace
@@ -20,14 +20,21 @@ from server.services.catalog import canonical_key, get_device, resolve_space, sp
 from server.services.datasets import iter_reference_rows
 
 MAX_BATCH = 100_000
+#: picking a predictor reads its row, not its checkpoint (megabytes; loaded once into the cache)
+_NO_CHECKPOINT = defer(Predictor.checkpoint)
 
 
 class PredictorCache:
-    """Loaded predictors by id: deserialising a checkpoint costs more than a whole-space predict."""
+    """Loaded predictors by id (deserialising a checkpoint costs more than a whole-space predict),
+    and their answers: a predictor is frozen once stored, so what it said of an architecture on a
+    device stays true, and NAS clients ask about the same architectures again and again."""
 
-    def __init__(self, capacity: int = 16) -> None:
+    def __init__(self, capacity: int = 16, answers_per_device: int = 200_000) -> None:
         self.capacity = capacity
+        self.answers_per_device = answers_per_device
         self._items: OrderedDict[int, LatencyPredictor] = OrderedDict()
+        #: (predictor id, device) -> {architecture key: (ms, uncertainty ms)}
+        self._answers: OrderedDict[tuple[int, str], dict[str, tuple[float, float]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, row: Predictor) -> LatencyPredictor:
@@ -41,6 +48,36 @@ class PredictorCache:
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
         return model
+
+    def predict(self, row: Predictor, device: str, keys: list[str]) -> tuple[list[float], list[float]]:
+        """Latency and uncertainty (ms) of each key on `device`; only unseen keys reach the model."""
+        answers = self._answers_of(row.id, device)
+        unseen = [key for key in dict.fromkeys(keys) if key not in answers]
+        fresh: dict[str, tuple[float, float]] = {}
+        if unseen:
+            ms, std = self.get(row).predict(unseen, device=device)
+            fresh = dict(zip(unseen, zip(ms.tolist(), std.tolist())))
+            self._remember(row.id, device, answers, fresh)
+        pairs = [fresh[key] if key in fresh else answers[key] for key in keys]
+        return [ms for ms, _ in pairs], [std for _, std in pairs]
+
+    def _answers_of(self, predictor_id: int, device: str) -> dict[str, tuple[float, float]]:
+        with self._lock:
+            answers = self._answers.setdefault((predictor_id, device), {})
+            self._answers.move_to_end((predictor_id, device))
+            while len(self._answers) > self.capacity * 4:
+                self._answers.popitem(last=False)
+            return answers
+
+    def _remember(self, predictor_id: int, device: str, answers: dict[str, tuple[float, float]],
+                  fresh: dict[str, tuple[float, float]]) -> None:
+        """Add `fresh` to `answers`, or start over from it when that would pass the cap (a new dict:
+        concurrent readers keep the one they hold)."""
+        if len(answers) + len(fresh) <= self.answers_per_device:
+            answers.update(fresh)
+            return
+        with self._lock:
+            self._answers[(predictor_id, device)] = dict(fresh)
 
 
 def _next_version(session: Session, space_id: int, device_id: int | None) -> int:
@@ -114,7 +151,7 @@ def predictor_for(session: Session, space: SearchSpace, device: Device, predicto
     """The named predictor, else the newest adapted one of the device, else a base trained on it."""
     space_id = space_row(session, space).id
     if predictor_id is not None:
-        row = session.get(Predictor, predictor_id)
+        row = session.get(Predictor, predictor_id, options=[_NO_CHECKPOINT])
         if row is None:
             raise NotFound(f"no predictor {predictor_id}", "predictor_id")
         if row.space_id != space_id:
@@ -125,6 +162,7 @@ def predictor_for(session: Session, space: SearchSpace, device: Device, predicto
         return row
     adapted = session.scalar(
         select(Predictor)
+        .options(_NO_CHECKPOINT)
         .where(Predictor.space_id == space_id, Predictor.device_id == device.id)
         .order_by(Predictor.id.desc())
         .limit(1)
@@ -133,6 +171,7 @@ def predictor_for(session: Session, space: SearchSpace, device: Device, predicto
         return adapted
     for base in session.scalars(
         select(Predictor)
+        .options(_NO_CHECKPOINT)
         .where(Predictor.space_id == space_id, Predictor.kind == PredictorKind.base)
         .order_by(Predictor.id.desc())
     ):
@@ -158,6 +197,6 @@ def predict_batch(session: Session, cache: PredictorCache, request: PredictIn) -
         keys = [canonical_key(space, key, f"architectures.{i}") for i, key in enumerate(request.architectures)]
     if len(keys) > MAX_BATCH:
         raise Invalid(f"at most {MAX_BATCH} architectures per call", "architectures")
-    ms, std = cache.get(row).predict(keys, device=device.name)
+    ms, std = cache.predict(row, device.name, keys)
     return PredictOut(device=device.name, space=space.name, predictor_id=row.id, predictor_version=row.version,
-                      predictor_kind=row.kind, architectures=keys, latency_ms=ms.tolist(), uncertainty_ms=std.tolist())
+                      predictor_kind=row.kind, architectures=keys, latency_ms=ms, uncertainty_ms=std)

@@ -30,6 +30,7 @@ from server.context import Services
 from server.db import make_engine, make_session_factory, normalise_url
 from server.errors import BodySizeLimit, install_error_handlers
 from server.logs import RequestId, configure_worker_logging
+from server.ratelimit import RateLimiter
 from server.services.artifacts import ArtifactStore
 from server.services import onboarding
 from server.services.predictors import PredictorCache
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         admin_token=admin_token,
         tokens=TokenCache(),
         wakeup=JobWakeup(sessions, url.replace("+psycopg", "") if url.startswith("postgresql") else None),
+        predict_limiter=RateLimiter(settings.predict_rate_limit),
     )
 
     def finish_onboardings(ids: set[int]) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.auth import TokenCache
+from server.ratelimit import RateLimiter
 from server.services.artifacts import ArtifactStore
 from server.services.predictors import PredictorCache
 from server.services.wakeup import JobWakeup
@@ -22,3 +23,4 @@ class Services:
     admin_token: str
     tokens: TokenCache
     wakeup: JobWakeup
+    predict_limiter: RateLimiter

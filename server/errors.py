@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +23,9 @@ class ApiError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.field = field
+
+    def headers(self) -> dict[str, str] | None:
+        return None
 
 
 class NotFound(ApiError):
@@ -37,9 +43,23 @@ class Invalid(ApiError):
 class Unauthorized(ApiError):
     status_code = 401
 
+    def headers(self) -> dict[str, str] | None:
+        return {"WWW-Authenticate": "Bearer"}
+
 
 class Forbidden(ApiError):
     status_code = 403
+
+
+class TooManyRequests(ApiError):
+    status_code = 429
+
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 def _body(detail: str, field: str | None = None, **extra: object) -> dict[str, object]:
@@ -50,11 +70,25 @@ def _body(detail: str, field: str | None = None, **extra: object) -> dict[str, o
     return body
 
 
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class Error(BaseModel):
+    """The body of every 4xx answer."""
+
+    detail: str
+    field: str | None = None
+    errors: list[FieldError] | None = None
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    _document_errors(app)
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return JSONResponse(_body(exc.detail, exc.field), status_code=exc.status_code, headers=headers)
+        return JSONResponse(_body(exc.detail, exc.field), status_code=exc.status_code, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -66,6 +100,13 @@ def install_error_handlers(app: FastAPI) -> None:
             _body(f"{first['field']}: {first['message']}", first["field"], errors=errors), status_code=422
         )
 
+    @app.exception_handler(DataError)
+    async def _unstorable(_: Request, exc: DataError) -> JSONResponse:
+        # the database refused a value the client sent: a NUL character in text (Postgres), a
+        # string longer than its column, a number out of range
+        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
+        return JSONResponse(_body(f"a value the database cannot store: {reason}"), status_code=422)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
@@ -74,6 +115,34 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(_body("internal server error"), status_code=500)
+
+
+def _document_errors(app: FastAPI) -> None:
+    """Say in the OpenAPI document that any operation may answer a 4xx `Error` body (a bad or
+    missing token, an unknown name, a conflict, a body too large, ...), and that a 422 is one too,
+    not FastAPI's HTTPValidationError, which the handlers above replace."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        error = Error.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(error.pop("$defs"))
+        components["Error"] = error
+        response = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.setdefault("responses", {})
+                if "422" in responses:
+                    responses["422"] = {"description": "Validation Error", **response}
+                responses["4XX"] = {"description": "Client Error", **response}
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class PayloadTooLarge(ApiError):

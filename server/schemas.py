@@ -9,7 +9,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.protocol import Preset
-from server.models import DeviceState, JobKind, JobStatus, OnboardingStatus, PredictorKind, Scope
+from server.models import DeviceState, JobKind, JobStatus, OnboardingStatus, PredictorKind, Scope, as_utc
 
 
 def _finite_positive(value: float) -> float:
@@ -21,6 +21,14 @@ def _finite_positive(value: float) -> float:
 LatencyMs = Annotated[float, AfterValidator(_finite_positive)]
 ArchKey = Annotated[str, Field(min_length=1, max_length=4096)]
 DeviceName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+#: answered with its UTC offset, as an OpenAPI date-time must be (SQLite hands back naive datetimes)
+Timestamp = Annotated[datetime, AfterValidator(as_utc)]
+#: the largest value an INTEGER column holds (on Postgres)
+INT_MAX = 2**31 - 1
+#: the id of a row (ids count from 1): SQLite cannot even bind an int beyond 64 bits
+RowId = Annotated[int, Field(ge=1, le=INT_MAX)]
+#: what both numpy's and torch's generators take as a seed
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
 
 
 class Strict(BaseModel):
@@ -40,8 +48,8 @@ class DeviceIn(Strict):
     hardware: str = ""
     category: str = ""
     runtime: str = ""
-    threads: int | None = Field(default=None, ge=1)
-    batch_size: int | None = Field(default=None, ge=1)
+    threads: int | None = Field(default=None, ge=1, le=INT_MAX)
+    batch_size: int | None = Field(default=None, ge=1, le=INT_MAX)
     precision: str = ""
     attributes: dict[str, Any] = Field(default_factory=dict)
 
@@ -68,7 +76,7 @@ class DeviceOut(BaseModel):
     state: DeviceState
     state_reason: str | None
     agents: list[int] = Field(description="ids of the agents serving the device")
-    last_seen: datetime | None
+    last_seen: Timestamp | None
     canary_baseline_ms: float | None
     canary_last_ms: float | None
 
@@ -129,7 +137,7 @@ class MeasurementOut(BaseModel):
     flags: list[Any] | None
     provenance: dict[str, Any] | None
     job_id: int | None
-    created_at: datetime | None
+    created_at: Timestamp | None
 
 
 class JobIn(Strict):
@@ -179,9 +187,9 @@ class JobOut(BaseModel):
     reused: bool = Field(description="the measurement is an earlier valid one, not measured for this job")
     latency_ms: float | None
     flags: list[str] | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
 
 
 class RegistrationTokenOut(BaseModel):
@@ -197,8 +205,8 @@ class ClientTokenOut(BaseModel):
     id: int
     name: str
     scopes: list[Scope]
-    created_at: datetime
-    revoked_at: datetime | None
+    created_at: Timestamp
+    revoked_at: Timestamp | None
     token: str | None = Field(default=None, description="shown once, when the token is created")
 
 
@@ -208,7 +216,7 @@ class PredictIn(Strict):
     architectures: list[ArchKey] | Literal["all"] = Field(
         description='canonical keys, or "all" for every architecture of an enumerable space'
     )
-    predictor_id: int | None = None
+    predictor_id: RowId | None = None
 
 
 class PredictOut(BaseModel):
@@ -231,7 +239,7 @@ class PredictorOut(BaseModel):
     device: str | None
     training_devices: list[str]
     metrics: dict[str, Any]
-    created_at: datetime
+    created_at: Timestamp
 
 
 class PretrainIn(Strict):
@@ -239,7 +247,7 @@ class PretrainIn(Strict):
     devices: list[DeviceName] | None = Field(
         default=None, description="reference devices to train on; default: every imported device of the space"
     )
-    seed: int = 0
+    seed: Seed = 0
 
 
 class OnboardIn(Strict):
@@ -247,7 +255,7 @@ class OnboardIn(Strict):
     samples: int = Field(default=20, ge=2, le=1000)
     sampler: str = "default"
     preset: Preset = Preset.standard
-    seed: int = 0
+    seed: Seed = 0
 
 
 class OnboardingOut(BaseModel):
@@ -262,6 +270,6 @@ class OnboardingOut(BaseModel):
     jobs_failed: int
     predictor_id: int | None
     error: str | None
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: Timestamp
+    finished_at: Timestamp | None
 

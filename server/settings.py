@@ -6,7 +6,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+import limits
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from predictor.datasets import find_datasets
@@ -23,6 +24,8 @@ class Settings(BaseSettings):
     #: requests one server process serves at once (more get 503); as many worker threads are
     #: allowed, so a request holding a transaction always finds a thread to finish in
     max_concurrency: int = Field(default=1000, ge=1)
+    #: calls to /predict one token may make per server process, e.g. "1000/second" ("": no limit)
+    predict_rate_limit: str = "1000/second"
     # intervals handed to agents at registration
     poll_wait_s: float = Field(default=20.0, gt=0)
     heartbeat_s: float = Field(default=10.0, gt=0)
@@ -51,6 +54,13 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     #: the least severe level logged (uvicorn's access lines are INFO)
     log_level: str = "INFO"
+
+    @field_validator("predict_rate_limit")
+    @classmethod
+    def _rate_limit_parses(cls, value: str) -> str:
+        if value:
+            limits.parse(value)  # ValueError, shown as a settings error, for "100 per sec"
+        return value
 
     @property
     def is_sqlite(self) -> bool:

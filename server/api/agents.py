@@ -16,9 +16,9 @@ from server.api.deps import Db, ServicesDep
 from server.auth import ADMIN, AgentPrincipal, Credentials, hash_token
 from server.context import Services
 from server.db import insert_missing, session_scope
-from server.errors import Conflict, Unauthorized
+from server.errors import Conflict, Invalid, Unauthorized
 from server.models import Agent, AgentDevice, Device, DeviceState, RegistrationToken, utcnow
-from server.schemas import RegistrationTokenOut
+from server.schemas import INT_MAX, RegistrationTokenOut
 from server.services import health
 from server.services import jobs as job_service
 
@@ -43,6 +43,9 @@ def register(body: RegisterRequest, session: Db, services: ServicesDep,
     An agent that presents its own agent token (after a restart) is registered again as the
     same agent, keeping its id and token. Every registered device gets a canary job.
     """
+    names = [spec.name for spec in body.devices]
+    if len(set(names)) < len(names):
+        raise Invalid("a device is listed more than once", "devices")
     presented = credentials.credentials if credentials else ""
     agent, token = _registrant(session, services, presented)
     agent.name, agent.capabilities, agent.last_seen = body.name, body.capabilities.model_dump(), utcnow()
@@ -87,8 +90,8 @@ def _serve_device(session: Session, name: str, attributes: dict[str, object], cp
     device.hardware = str(attributes.get("hardware") or cpu_model)
     device.category = str(attributes.get("category") or "cpu")
     device.runtime = str(attributes.get("runtime") or "onnxruntime")
-    device.threads = int(attributes.get("threads") or 1)  # type: ignore[call-overload]
-    device.batch_size = int(attributes.get("batch_size") or 1)  # type: ignore[call-overload]
+    device.threads = _count(attributes, "threads")
+    device.batch_size = _count(attributes, "batch_size")
     device.precision = str(attributes.get("precision") or "fp32")
     device.attributes = attributes
     if device.state is DeviceState.offline:
@@ -96,6 +99,17 @@ def _serve_device(session: Session, name: str, attributes: dict[str, object], cp
     device.last_seen = utcnow()
     session.flush()
     return device
+
+
+def _count(attributes: dict[str, object], key: str) -> int:
+    """A device's thread count or batch size: a positive integer, 1 when not given."""
+    try:
+        count = int(attributes.get(key) or 1)  # type: ignore[call-overload]
+    except (ValueError, OverflowError):  # "four", nan, inf
+        count = 0
+    if not 1 <= count <= INT_MAX:
+        raise Invalid(f"device attribute {key!r} must be a positive integer, got {attributes.get(key)!r}", "devices")
+    return count
 
 
 def _agent_devices(services: Services, agent_id: int) -> list[int]:

@@ -9,7 +9,7 @@ from server.api.deps import Db, ServicesDep
 from server.auth import READ, SUBMIT
 from server.errors import NotFound
 from server.models import Architecture
-from server.schemas import ArchitectureIn, ArchitectureOut, ArtifactOut, Page
+from server.schemas import INT_MAX, ArchitectureIn, ArchitectureOut, ArtifactOut, Page, RowId
 from server.services.artifacts import materialise
 from server.services.catalog import canonical_key, ensure_architecture, resolve_space, space_row
 
@@ -24,7 +24,7 @@ def architecture_out(arch: Architecture) -> ArchitectureOut:
 def list_architectures(
     session: Db,
     space: str,
-    cursor: int = Query(0, ge=0, description="id after which the page starts"),
+    cursor: int = Query(0, ge=0, le=INT_MAX, description="id after which the page starts"),
     limit: int = Query(1000, ge=1, le=10_000),
 ) -> Page[ArchitectureOut]:
     space_id = space_row(session, resolve_space(space)).id
@@ -50,7 +50,7 @@ def create_architecture(body: ArchitectureIn, session: Db, response: Response) -
 
 
 @router.post("/{architecture_id}/artifact", dependencies=[SUBMIT])
-def build_artifact(architecture_id: int, session: Db, services: ServicesDep) -> ArtifactOut:
+def build_artifact(architecture_id: RowId, session: Db, services: ServicesDep) -> ArtifactOut:
     """Export the architecture to ONNX (once; later calls return the stored artifact)."""
     arch = session.get(Architecture, architecture_id)
     if arch is None:

@@ -61,7 +61,8 @@ def read_device(name: str, session: Db) -> DeviceOut:
 @router.patch("/{name:path}", dependencies=[ADMIN])
 def update_device(name: str, body: DevicePatch, session: Db) -> DeviceOut:
     device = get_device(session, name, "name")
-    for field, value in body.model_dump(exclude_unset=True).items():
+    # a null leaves the field as it is: none of them may be empty
+    for field, value in body.model_dump(exclude_unset=True, exclude_none=True).items():
         setattr(device, field, value)
     return DeviceOut.model_validate(device)
 

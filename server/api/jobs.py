@@ -12,7 +12,7 @@ from server.auth import READ, SUBMIT, AgentPrincipal
 from server.context import Services
 from server.errors import Conflict, NotFound
 from server.models import Artifact, Job, JobKind, JobStatus, Measurement, utcnow
-from server.schemas import JobIn, JobOut
+from server.schemas import INT_MAX, JobIn, JobOut, RowId
 from server.services import jobs as job_service
 from server.services import onboarding as onboarding_service
 from server.services.catalog import canonical_key, ensure_architecture, get_device, resolve_space
@@ -82,8 +82,8 @@ def list_jobs(
     device: str | None = None,
     status_: JobStatus | None = Query(None, alias="status"),
     kind: JobKind | None = None,
-    onboarding: int | None = Query(None, description="only the jobs of this onboarding"),
-    cursor: int = Query(0, ge=0, description="only jobs with a larger id"),
+    onboarding: int | None = Query(None, ge=1, le=INT_MAX, description="only the jobs of this onboarding"),
+    cursor: int = Query(0, ge=0, le=INT_MAX, description="only jobs with a larger id"),
     limit: int = Query(100, ge=1, le=1000),
 ) -> list[JobOut]:
     query = select(Job).where(Job.id > cursor).order_by(Job.id).limit(limit)
@@ -99,7 +99,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", dependencies=[READ])
-def read_job(job_id: int, session: Db) -> JobOut:
+def read_job(job_id: RowId, session: Db) -> JobOut:
     return job_out(session, _job(session, job_id))
 
 
@@ -111,7 +111,7 @@ def _finish_onboarding_later(job: Job, services: Services, background: Backgroun
 
 
 @router.post("/{job_id}/cancel", dependencies=[SUBMIT])
-def cancel_job(job_id: int, session: Db, services: ServicesDep, background: BackgroundTasks) -> JobOut:
+def cancel_job(job_id: RowId, session: Db, services: ServicesDep, background: BackgroundTasks) -> JobOut:
     """Cancel a queued job at once; a running one is told to stop at its next heartbeat."""
     job = _job(session, job_id)
     if job.status == JobStatus.queued:
@@ -125,7 +125,7 @@ def cancel_job(job_id: int, session: Db, services: ServicesDep, background: Back
 
 
 @router.post("/{job_id}/heartbeat")
-def heartbeat(job_id: int, body: HeartbeatRequest, session: Db, agent: AgentPrincipal,
+def heartbeat(job_id: RowId, body: HeartbeatRequest, session: Db, agent: AgentPrincipal,
               services: ServicesDep) -> HeartbeatResponse:
     """Extend the lease; the answer says whether the job should stop. 409 for a stale lease."""
     assert agent.agent_id is not None
@@ -133,7 +133,7 @@ def heartbeat(job_id: int, body: HeartbeatRequest, session: Db, agent: AgentPrin
 
 
 @router.post("/{job_id}/result")
-def post_result(job_id: int, body: JobResult, session: Db, agent: AgentPrincipal, services: ServicesDep,
+def post_result(job_id: RowId, body: JobResult, session: Db, agent: AgentPrincipal, services: ServicesDep,
                 background: BackgroundTasks) -> JobOut:
     """Record an agent's result for a job it holds the lease of. Idempotent; 409 for a stale lease."""
     assert agent.agent_id is not None

@@ -16,7 +16,7 @@ from server.api.deps import Db, ServicesDep
 from server.auth import ADMIN, READ
 from server.errors import Invalid
 from server.models import Architecture, Device, Measurement, SearchSpaceRow
-from server.schemas import ImportSummary, MeasurementImport, MeasurementOut, Page
+from server.schemas import INT_MAX, ImportSummary, MeasurementImport, MeasurementOut, Page
 from server.services.catalog import canonical_key, ensure_architectures, get_device, resolve_space, space_row
 
 router = APIRouter(prefix="/api/v1/measurements", tags=["measurements"])
@@ -58,7 +58,7 @@ def list_measurements(
     device: str | None = None,
     space: str | None = None,
     architecture: str | None = Query(None, description="canonical key; needs `space`"),
-    cursor: int = Query(0, ge=0, description="id after which the page starts"),
+    cursor: int = Query(0, ge=0, le=INT_MAX, description="id after which the page starts"),
     limit: int = Query(1000, ge=1, le=50_000),
     format: Literal["json", "csv"] = "json",
 ) -> Page[MeasurementOut]:

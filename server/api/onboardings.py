@@ -9,7 +9,7 @@ from server.api.deps import Db
 from server.auth import READ
 from server.errors import NotFound
 from server.models import Onboarding
-from server.schemas import OnboardingOut
+from server.schemas import OnboardingOut, RowId
 from server.services import onboarding as onboarding_service
 
 router = APIRouter(prefix="/api/v1/onboardings", tags=["predictors"])
@@ -32,7 +32,7 @@ def onboarding_out(session: Session, onboarding: Onboarding) -> OnboardingOut:
 
 
 @router.get("/{onboarding_id}", dependencies=[READ])
-def read_onboarding(onboarding_id: int, session: Db) -> OnboardingOut:
+def read_onboarding(onboarding_id: RowId, session: Db) -> OnboardingOut:
     onboarding = session.get(Onboarding, onboarding_id)
     if onboarding is None:
         raise NotFound(f"no onboarding {onboarding_id}", "onboarding_id")

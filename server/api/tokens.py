@@ -11,7 +11,7 @@ from server.api.deps import Db, ServicesDep
 from server.auth import ADMIN, hash_token
 from server.errors import NotFound
 from server.models import ClientToken, utcnow
-from server.schemas import ClientTokenIn, ClientTokenOut
+from server.schemas import ClientTokenIn, ClientTokenOut, RowId
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"], dependencies=[ADMIN])
 
@@ -37,7 +37,7 @@ def list_tokens(session: Db) -> list[ClientTokenOut]:
 
 
 @router.delete("/{token_id}")
-def revoke_token(token_id: int, session: Db, services: ServicesDep) -> ClientTokenOut:
+def revoke_token(token_id: RowId, session: Db, services: ServicesDep) -> ClientTokenOut:
     """Revoke a client token: at once on this server, within a few seconds on the others."""
     row = session.get(ClientToken, token_id)
     if row is None:

@@ -275,7 +275,7 @@ def heartbeat(session: Session, agent_id: int, job_id: int, lease_id: str, lease
     now = utcnow()
     job.lease_expires_at = now + timedelta(seconds=lease_ttl_s)
     session.execute(update(Agent).where(Agent.id == agent_id).values(last_seen=now))
-    return HeartbeatResponse(lease_expires_at=job.lease_expires_at.isoformat(), cancel_requested=job.cancel_requested)
+    return HeartbeatResponse(lease_expires_at=as_utc(job.lease_expires_at).isoformat(), cancel_requested=job.cancel_requested)
 
 
 # ------------------------------------------------------------------------------------ results

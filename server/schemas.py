@@ -43,20 +43,25 @@ class Page(BaseModel, Generic[T]):
     next_cursor: int | None = Field(description="pass as `cursor` for the next page; null on the last")
 
 
+# the lengths of the device columns: the same 422 on SQLite (which would store longer) and Postgres
+Hardware = Annotated[str, Field(max_length=256)]
+Category = Annotated[str, Field(max_length=64)]
+
+
 class DeviceIn(Strict):
     name: DeviceName
-    hardware: str = ""
-    category: str = ""
-    runtime: str = ""
+    hardware: Hardware = ""
+    category: Category = ""
+    runtime: Annotated[str, Field(max_length=64)] = ""
     threads: int | None = Field(default=None, ge=1, le=INT_MAX)
     batch_size: int | None = Field(default=None, ge=1, le=INT_MAX)
-    precision: str = ""
+    precision: Annotated[str, Field(max_length=16)] = ""
     attributes: dict[str, Any] = Field(default_factory=dict)
 
 
 class DevicePatch(Strict):
-    hardware: str | None = None
-    category: str | None = None
+    hardware: Hardware | None = None
+    category: Category | None = None
     state: DeviceState | None = None
     attributes: dict[str, Any] | None = None
 

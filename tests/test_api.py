@@ -86,6 +86,8 @@ def test_architecture_is_canonicalised_and_idempotent(api: httpx.Client) -> None
         ("get", "/devices/no-such-device", None, 404, "name"),
         ("get", "/jobs/987654", None, 404, "job_id"),
         ("get", "/artifacts/not-a-sha", None, 422, "sha256"),
+        ("post", "/devices", {"name": "long-precision", "precision": "x" * 17}, 422, "precision"),
+        ("patch", "/devices/no-such-device", {"hardware": "x" * 257}, 422, "hardware"),
     ],
 )
 def test_bad_input_gets_a_4xx_json_error(api: httpx.Client, method: str, path: str, body: dict | None,

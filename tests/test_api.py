@@ -9,7 +9,6 @@ import httpx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.conftest import ADMIN_TOKEN
 from tests.test_farm_jobs import scrape
 
 NB201_KEY = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"

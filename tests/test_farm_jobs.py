@@ -4,7 +4,6 @@ server on each backend, with short intervals."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -274,7 +274,7 @@ def heartbeat(session: Session, agent_id: int, job_id: int, lease_id: str, lease
         raise Conflict(f"job {job_id} is {job.status.value}, not running", "lease_id")
     now = utcnow()
     job.lease_expires_at = now + timedelta(seconds=lease_ttl_s)
-    session.execute(update(Agent).where(Agent.id == agent_id).values(last_seen=now))
+    _touch_agent(session, agent_id, now)
     return HeartbeatResponse(lease_expires_at=as_utc(job.lease_expires_at).isoformat(), cancel_requested=job.cancel_requested)
 
 

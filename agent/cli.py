@@ -1,4 +1,11 @@
-"""`latfarm-agent`: command-line entry point of the measurement agent."""
+"""`latfarm-agent`: command-line entry point of the measurement agent.
+
+Exit codes (in `--help` too, from EPILOG, and in README's CLI section): 0 stopped normally (a
+signal, --max-jobs reached, idle with --exit-when-idle); 1 cannot serve (the runtime or execution
+provider is missing, another agent holds the state directory, the server refused the registration
+or the agent token); 2 usage or settings error. An unreachable server is not an exit: the agent
+retries with backoff until it is stopped.
+"""
 
 from __future__ import annotations
 
@@ -40,12 +47,33 @@ FLAGS: dict[str, str] = {
 }
 
 
+EPILOG = f"""\
+Flags override the LATFARM_AGENT_* environment variables shown in brackets.
+
+Examples:
+  # serve this machine's CPU (one thread) for a farm; the token is the admin or a registration token
+  latfarm-agent --server http://farm:8000 --token "$LATFARM_ADMIN_TOKEN"
+  # a GPU host measured with ONNX Runtime's CUDA provider, its state kept across restarts
+  latfarm-agent --server http://farm:8000 --token "$TOKEN" --device a100-ort-cuda-b1 \\
+                --provider CUDAExecutionProvider --state-dir /var/lib/latfarm-agent
+  # a batch run: measure what is queued, then exit
+  {ENV_VARS['server']}=http://farm:8000 {ENV_VARS['token']}=... latfarm-agent --exit-when-idle
+
+Exit codes:
+  0  stopped normally: a signal, --max-jobs reached, or idle with --exit-when-idle
+  1  cannot serve: runtime or provider missing, state directory in use, registration refused
+  2  usage or settings error
+An unreachable server is not an exit: the agent retries with backoff until it is stopped.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latfarm-agent",
         description="Lease latency-measurement jobs from a latfarm server and time them with ONNX Runtime "
         "or PyTorch (when installed), each in a child process of its own.",
-        epilog="Flags override the LATFARM_AGENT_* environment variables shown in brackets.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
     parser.add_argument("--server", help=f"server base URL, e.g. http://host:8000 [{ENV_VARS['server']}]")
     parser.add_argument(

@@ -9,6 +9,10 @@ the whole space (15,625 architectures) is predicted in one call `--space-calls` 
 
     python benchmarks/predict_load.py --clients 16 --seconds 20
 
+Last, a pre-training is queued through the API and, while the server's training worker runs it,
+the whole space is predicted for other reference devices, each call computing all 15,625 answers
+afresh (`pretraining_space_s`: the slowest of those calls).
+
 Ends with `predict: p50_ms=X p99_ms=Y rps=Z space_s=W` (W: median whole-space call; the first,
 which loads the predictor and computes every answer, is `first_space_s`).
 """
@@ -65,18 +69,28 @@ async def hammer(url: str, clients: int, seconds: float, keys: list[str]) -> tup
         return latencies, time.perf_counter() - started
 
 
-def whole_space_seconds(url: str, calls: int) -> float:
-    body = {"device": DEVICE, "space": "nb201", "architectures": "all"}
+def whole_space_seconds(http: httpx.Client, devices: list[str]) -> list[float]:
+    """Seconds of one whole-space call per entry of `devices`."""
     times = []
-    with httpx.Client(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                      timeout=120) as http:
-        for _ in range(calls):
-            started = time.perf_counter()
-            reply = http.post("/predict", json=body)
-            reply.raise_for_status()
-            assert len(reply.json()["latency_ms"]) == 15_625
-            times.append(time.perf_counter() - started)
-    return float(np.median(times))
+    for device in devices:
+        started = time.perf_counter()
+        reply = http.post("/predict", json={"device": device, "space": "nb201", "architectures": "all"})
+        reply.raise_for_status()
+        assert len(reply.json()["latency_ms"]) == 15_625
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def while_pretraining(http: httpx.Client) -> tuple[list[float], str]:
+    """Whole-space calls for fresh reference devices while a queued pre-training runs; the times
+    and the task's state after them (it must have been running throughout)."""
+    base = http.get("/predictors", params={"space": "nb201"}).json()[-1]
+    others = [d for d in base["training_devices"] if d != DEVICE]
+    task = http.post("/predictors/pretrain", json={"space": "nb201"}).json()
+    while http.get(f"/tasks/{task['id']}").json()["status"] == "queued":
+        time.sleep(0.2)
+    times = whole_space_seconds(http, others[:8])
+    return times, http.get(f"/tasks/{task['id']}").json()["status"]
 
 
 def main() -> None:
@@ -96,16 +110,21 @@ def main() -> None:
         print(f"prepared (import + pre-train) in {time.perf_counter() - started:.0f} s: {workdir}", flush=True)
     keys = list(get_space("nb201").enumerate())
     port = free_port()
-    with server_process(env, port, log=workdir / "server.log", access_log=False):
+    with server_process(env, port, log=workdir / "server.log", access_log=False), \
+            httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=120,
+                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
         url = f"http://127.0.0.1:{port}"
-        first_space_s = whole_space_seconds(url, 1)  # loads the predictor and computes every answer
+        first_space_s = whole_space_seconds(http, [DEVICE])[0]  # loads the predictor, computes every answer
         latencies, _ = asyncio.run(hammer(url, 1, args.seconds, keys))
         loaded, wall = asyncio.run(hammer(url, args.clients, args.seconds, keys))
-        space_s = whole_space_seconds(url, args.space_calls)
+        space_s = float(np.median(whole_space_seconds(http, [DEVICE] * args.space_calls)))
+        during, task_state = while_pretraining(http)
     ms = np.asarray(latencies)
+    print(f"while pre-training (task {task_state} after the calls): whole-space calls of "
+          f"{', '.join(f'{s:.2f}' for s in during)} s")
     print(f"predict: p50_ms={np.percentile(ms, 50):.1f} p99_ms={np.percentile(ms, 99):.1f} "
-          f"rps={len(loaded) / wall:.0f} space_s={space_s:.2f} first_space_s={first_space_s:.2f} clients={args.clients} "
-          f"loaded_p50_ms={np.percentile(loaded, 50):.1f}")
+          f"rps={len(loaded) / wall:.0f} space_s={space_s:.2f} first_space_s={first_space_s:.2f} "
+          f"pretraining_space_s={max(during):.2f} clients={args.clients} loaded_p50_ms={np.percentile(loaded, 50):.1f}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from server.api import (
     predict,
     predictors,
     system,
+    tasks,
     tokens,
 )
 from server.auth import TokenCache
@@ -36,11 +37,13 @@ from server.services import onboarding
 from server.services.predictors import PredictorCache
 from server.services.reaper import Reaper
 from server.services.wakeup import JobWakeup
+from server.services.worker import TrainingWorker
 from server.settings import Settings, get_settings
+from server.ui import router as ui_router
 
 log = logging.getLogger(__name__)
 ROUTERS = tuple(module.router for module in (system, devices, architectures, artifacts, measurements, jobs, agents,
-                                             tokens, predictors, onboardings, predict))
+                                             tokens, predictors, tasks, onboardings, predict))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -56,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         sessions=sessions,
         store=ArtifactStore(settings.artifact_dir),
-        predictors=PredictorCache(),
+        predictors=PredictorCache(torch_threads=settings.torch_threads),
         admin_token=admin_token,
         tokens=TokenCache(),
         wakeup=JobWakeup(sessions, url.replace("+psycopg", "") if url.startswith("postgresql") else None),
@@ -65,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def finish_onboardings(ids: set[int]) -> None:
         for onboarding_id in ids:
-            onboarding.finish_if_measured(sessions, services.predictors, onboarding_id, settings.train_on_flagged)
+            onboarding.finish_if_measured(sessions, onboarding_id)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -76,9 +79,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services.wakeup.start()
         reaper = Reaper(sessions, settings, finish_onboardings)
         reaper.start()
+        worker = TrainingWorker(sessions, services.predictors, settings) if settings.worker else None
+        if worker is not None:
+            worker.start()
         try:
             yield
         finally:
+            if worker is not None:
+                worker.stop()
             reaper.stop()
             services.wakeup.stop()
 
@@ -94,4 +102,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(ui_router)
     return app

@@ -77,7 +77,8 @@ def run_demo(out: Path, samples: int, check: int, seed: int, console: Console) -
         with progress_bar() as progress:
             jobs = client.wait_for_jobs(client.submit(device, SPACE, keys), progress, "measure held-out set")
         done = [job for job in jobs if job["status"] == "done"]
-        prediction = client.predict(device, SPACE, [job["architecture"] for job in done])
+        # the onboarded predictor: the held-out measurements re-adapt the device's predictor as they arrive
+        prediction = client.predict(device, SPACE, [job["architecture"] for job in done], onboarding["predictor_id"])
 
     measured = np.asarray([job["latency_ms"] for job in done])
     predicted = np.asarray(prediction["latency_ms"])

@@ -86,6 +86,18 @@ def server_process(env: dict[str, str], port: int, workers: int = 1, log: Path |
             out.close()  # type: ignore[union-attr]
 
 
+@contextmanager
+def worker_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`latfarm worker` as a child process with `env` (LATFARM_* settings) added; stopped afterwards."""
+    with open(log, "ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env={**os.environ, **env},
+                                   stdout=out, stderr=subprocess.STDOUT)
+        try:
+            yield process
+        finally:
+            stop_process(process)
+
+
 def _healthy(url: str) -> bool:
     try:
         return httpx.get(f"{url}/healthz", timeout=2).status_code == 200

@@ -76,10 +76,28 @@ class PredictorKind(str, enum.Enum):
     adapted = "adapted"
 
 
+class PredictorStatus(str, enum.Enum):
+    ready = "ready"
+    #: its device's canary drifted since it was fitted: still served, until a re-adaptation
+    stale = "stale"
+
+
 class OnboardingStatus(str, enum.Enum):
     measuring = "measuring"
     adapting = "adapting"
     ready = "ready"
+    failed = "failed"
+
+
+class TaskKind(str, enum.Enum):
+    pretrain = "pretrain"
+    adapt = "adapt"
+
+
+class TaskStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
     failed = "failed"
 
 
@@ -271,12 +289,16 @@ class Predictor(Base):
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("predictors.id"))
     device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"))
     training_devices: Mapped[list[Any]] = mapped_column(default=list)
+    status: Mapped[PredictorStatus] = mapped_column(_enum(PredictorStatus), default=PredictorStatus.ready)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: what it was trained on: measurement, device and architecture counts, their time range
+    data_snapshot: Mapped[dict[str, Any]] = mapped_column(default=dict)
     #: a `torch.save` state dict, loaded only with `weights_only=True`
     checkpoint: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     space: Mapped[SearchSpaceRow] = relationship(lazy="joined")
+    device: Mapped[Device | None] = relationship(lazy="joined")
 
 
 class Onboarding(Base):
@@ -287,6 +309,13 @@ class Onboarding(Base):
     space_id: Mapped[int] = mapped_column(ForeignKey("search_spaces.id"))
     sampler: Mapped[str] = mapped_column(String(32))
     samples: Mapped[int]
+    preset: Mapped[str] = mapped_column(String(16), default="standard")
+    #: active learning: measure more uncertain architectures, up to `budget` in all, until the
+    #: predictor's mean relative uncertainty over the space is at most `target_uncertainty`
+    budget: Mapped[int | None]
+    target_uncertainty: Mapped[float | None]
+    #: one entry per adaptation: samples used, mean relative uncertainty, predictor id
+    rounds: Mapped[list[Any]] = mapped_column(default=list)
     status: Mapped[OnboardingStatus] = mapped_column(_enum(OnboardingStatus), default=OnboardingStatus.measuring)
     predictor_id: Mapped[int | None] = mapped_column(ForeignKey("predictors.id"))
     error: Mapped[str | None] = mapped_column(Text)
@@ -295,3 +324,43 @@ class Onboarding(Base):
 
     device: Mapped[Device] = relationship(lazy="joined")
     space: Mapped[SearchSpaceRow] = relationship(lazy="joined")
+
+
+
+_PENDING_READAPT = text("status = 'queued' AND kind = 'adapt' AND onboarding_id IS NULL")
+
+
+class TrainingTask(Base):
+    """Pre-training or adaptation, claimed from the database by a worker (several may share it)."""
+
+    __tablename__ = "training_tasks"
+    __table_args__ = (
+        Index("ix_training_tasks_claim", "status", "not_before", "id"),
+        # one pending re-adaptation per device and space: new measurements push it back instead
+        Index("uq_training_tasks_pending_adapt", "space_id", "device_id", unique=True,
+              postgresql_where=_PENDING_READAPT, sqlite_where=_PENDING_READAPT),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[TaskKind] = mapped_column(_enum(TaskKind))
+    status: Mapped[TaskStatus] = mapped_column(_enum(TaskStatus), default=TaskStatus.queued)
+    space_id: Mapped[int] = mapped_column(ForeignKey("search_spaces.id"))
+    device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"))
+    onboarding_id: Mapped[int | None] = mapped_column(ForeignKey("onboardings.id"), index=True)
+    #: pre-training: reference devices and seed
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: not claimed before this moment (re-adaptation waits for measurements to settle)
+    not_before: Mapped[datetime] = mapped_column(default=utcnow)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    #: a running task whose worker stopped renewing this is claimed again
+    lease_expires_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    predictor_id: Mapped[int | None] = mapped_column(ForeignKey("predictors.id"))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    space: Mapped[SearchSpaceRow] = relationship(lazy="joined")
+    device: Mapped[Device | None] = relationship(lazy="joined")

@@ -9,7 +9,19 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.protocol import Preset
-from server.models import DeviceState, JobKind, JobStatus, OnboardingStatus, PredictorKind, Scope, as_utc
+from predictor.explain import OpCost, Resemblance
+from server.models import (
+    DeviceState,
+    JobKind,
+    JobStatus,
+    OnboardingStatus,
+    PredictorKind,
+    PredictorStatus,
+    Scope,
+    TaskKind,
+    TaskStatus,
+    as_utc,
+)
 
 
 def _finite_positive(value: float) -> float:
@@ -230,6 +242,8 @@ class PredictOut(BaseModel):
     predictor_id: int
     predictor_version: int
     predictor_kind: PredictorKind
+    #: `stale`: the device's canary drifted since this predictor was fitted
+    predictor_status: PredictorStatus
     architectures: list[str]
     latency_ms: list[float]
     uncertainty_ms: list[float]
@@ -242,8 +256,14 @@ class PredictorOut(BaseModel):
     version: int
     parent_id: int | None
     device: str | None
+    status: PredictorStatus
     training_devices: list[str]
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] = Field(
+        description="training figures; adapted predictors add `validation` (spearman, mape and "
+                    "(measured, predicted) points on measurements they did not see) and `curve` "
+                    "(validation spearman by number of samples)"
+    )
+    data_snapshot: dict[str, Any] = Field(description="measurements trained on: counts and time range")
     created_at: Timestamp
 
 
@@ -261,6 +281,22 @@ class OnboardIn(Strict):
     sampler: str = "default"
     preset: Preset = Preset.standard
     seed: Seed = 0
+    budget: int | None = Field(
+        default=None, ge=2, le=1000,
+        description="active learning: after the first `samples`, measure the architectures the predictor is "
+                    "least sure of, up to this many in all",
+    )
+    target_uncertainty: float | None = Field(
+        default=None, gt=0, le=10,
+        description="stop active learning once the mean relative uncertainty (std / prediction) over the "
+                    "space is at most this",
+    )
+
+
+class OnboardingRound(BaseModel):
+    samples: int = Field(description="architectures measured so far (flagged measurements included)")
+    uncertainty: float = Field(description="mean relative uncertainty (std / prediction) over the space")
+    predictor_id: int
 
 
 class OnboardingOut(BaseModel):
@@ -269,6 +305,10 @@ class OnboardingOut(BaseModel):
     space: str
     sampler: str
     samples: int
+    preset: str
+    budget: int | None
+    target_uncertainty: float | None
+    rounds: list[OnboardingRound]
     status: OnboardingStatus
     jobs_total: int
     jobs_done: int
@@ -278,3 +318,43 @@ class OnboardingOut(BaseModel):
     created_at: Timestamp
     finished_at: Timestamp | None
 
+
+
+class TaskOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: TaskKind
+    status: TaskStatus
+    space: str
+    device: str | None
+    onboarding_id: int | None
+    params: dict[str, Any]
+    progress: float
+    attempts: int
+    worker: str | None
+    predictor_id: int | None
+    error: str | None
+    created_at: Timestamp
+    not_before: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _space_name(cls, value: Any) -> Any:
+        return getattr(value, "name", value)
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_name(cls, value: Any) -> Any:
+        return getattr(value, "name", value)
+
+
+class ExplainOut(BaseModel):
+    device: str
+    space: str
+    predictor_id: int
+    architectures: int = Field(description="architectures of the space the comparison was made on")
+    resembles: list[Resemblance] = Field(description="reference devices, most alike first")
+    op_costs: list[OpCost] = Field(description="operations, most costly on this device first")

@@ -54,6 +54,16 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     #: the least severe level logged (uvicorn's access lines are INFO)
     log_level: str = "INFO"
+    #: run a training worker (pre-training, adaptation) in each server process; switch it off when
+    #: separate `latfarm worker` processes share the database
+    worker: bool = True
+    #: seconds an idle worker waits before looking for training tasks again
+    worker_poll_s: float = Field(default=1.0, gt=0)
+    #: a training task whose worker stops renewing its lease for this long is claimed again
+    task_lease_s: float = Field(default=120.0, gt=0)
+    #: a device's predictor is re-adapted this long after a new valid measurement of it; those
+    #: arriving meanwhile join the same re-adaptation
+    readapt_delay_s: float = Field(default=30.0, ge=0)
 
     @field_validator("predict_rate_limit")
     @classmethod

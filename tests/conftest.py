@@ -4,14 +4,16 @@ uvicorn server on a free port in front of it."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import httpx
 import pytest
 
 from server.db import upgrade
-from server.local import running_server, temporary_postgres_database
+from server.local import running_server, temporary_postgres_database, worker_process
 from server.settings import Settings
 
 POSTGRES_ADMIN_URL = os.environ.get("LATFARM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -43,13 +45,21 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         max_body_bytes=2 * 1024 * 1024,
         poll_wait_s=2.0,
         heartbeat_s=1.0,
+        readapt_delay_s=1.0,
+        # SQLite: the server's own training worker; Postgres: a separate `latfarm worker` process
+        worker=database_url.startswith("sqlite"),
     )
 
 
 @pytest.fixture(scope="session")
-def server_url(settings: Settings) -> Iterator[str]:
+def server_url(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with running_server(settings) as url:
-        yield url
+        if settings.worker:
+            yield url
+            return
+        log = tmp_path_factory.mktemp("worker") / "worker.log"
+        with worker_process({"LATFARM_DATABASE_URL": settings.database_url}, log):
+            yield url
 
 
 @pytest.fixture
@@ -75,3 +85,27 @@ def imported(settings: Settings) -> Settings:
 
     import_reference_datasets(settings, DATASETS)
     return settings
+
+
+def wait_until(predicate, timeout_s: float = 120, poll_s: float = 0.3):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+def pretrained(api: httpx.Client, space: str = "nb201") -> dict[str, Any]:
+    """The newest base predictor of `space`; pre-trains one through the API (and the server's
+    training worker) when there is none."""
+    bases = [p for p in api.get("/predictors", params={"space": space}).json() if p["kind"] == "base"]
+    if bases:
+        return bases[-1]
+    task = api.post("/predictors/pretrain", json={"space": space})
+    assert task.status_code == 202, task.text
+    done = wait_until(lambda: (t := api.get(f"/tasks/{task.json()['id']}").json())["status"] in ("done", "failed") and t,
+                      900, 1.0)
+    assert done["status"] == "done", done
+    return api.get(f"/predictors/{done['predictor_id']}").json()

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from onnx import TensorProto, helper
 
+from tests.conftest import pretrained
 from tests.test_farm_jobs import scrape
 
 NB201_KEY = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
@@ -178,17 +179,16 @@ def test_imported_datasets_are_listed_and_paged(imported, api: httpx.Client) -> 
 
 @pytest.mark.slow
 def test_whole_space_predict_on_an_imported_device(imported, api: httpx.Client) -> None:
-    base = api.post("/predictors/pretrain", json={"space": "nb201"})
-    assert base.status_code == 201, base.text
+    base = pretrained(api)
     published = {d["name"] for d in api.get("/devices", params={"space": "nb201"}).json() if d["source"] == "imported"}
-    assert published <= set(base.json()["training_devices"])
+    assert published <= set(base["training_devices"])
     started = time.perf_counter()
     response = api.post("/predict", json={"device": "titan_rtx_256", "space": "nb201", "architectures": "all"})
     elapsed = time.perf_counter() - started
     assert response.status_code == 200, response.text
     body = response.json()
     assert len(body["latency_ms"]) == len(body["uncertainty_ms"]) == len(set(body["architectures"])) == 15_625
-    assert body["predictor_id"] == base.json()["id"]
+    assert body["predictor_id"] == base["id"]
     assert all(ms > 0 for ms in body["latency_ms"])
     print(f"whole-space predict: {elapsed:.2f} s, {len(response.content) / 1e6:.1f} MB")
     # answers are remembered per predictor and device: a later batch (reordered, repeated) agrees

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from server.local import running_agent
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, pretrained, wait_until
 
 NB201_KEY = "|nor_conv_1x1~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|avg_pool_3x3~1|nor_conv_1x1~2|"
-
-
-def wait_until(predicate, timeout_s: float = 120, poll_s: float = 0.3):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"condition not met within {timeout_s} s")
 
 
 def registered(api: httpx.Client, device: str):  # type: ignore[no-untyped-def]
@@ -65,8 +54,7 @@ def test_agent_measures_a_real_nb201_model(server_url: str, api: httpx.Client, t
 @pytest.mark.slow
 def test_onboarding_adapts_a_predictor_from_real_measurements(imported, server_url: str, api: httpx.Client,
                                                              tmp_path: Path) -> None:
-    if not api.get("/predictors", params={"space": "nb201"}).json():
-        assert api.post("/predictors/pretrain", json={"space": "nb201"}).status_code == 201
+    pretrained(api)
     device = f"onboard-cpu-{tmp_path.name[-8:]}"
     with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1"]):
         wait_until(lambda: registered(api, device), 60)
@@ -93,8 +81,7 @@ def test_onboarding_adapts_a_predictor_from_real_measurements(imported, server_u
 
 @pytest.mark.slow
 def test_onboarding_whose_jobs_all_fail_is_marked_failed(imported, api: httpx.Client) -> None:
-    if not api.get("/predictors", params={"space": "nb201"}).json():
-        assert api.post("/predictors/pretrain", json={"space": "nb201"}).status_code == 201
+    pretrained(api)
     device = "onboard-no-agent"
     assert api.post("/devices", json={"name": device}).status_code == 201
     started = api.post(f"/devices/{device}/onboard", json={"space": "nb201", "samples": 3}).json()

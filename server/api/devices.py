@@ -10,8 +10,9 @@ from server.auth import ADMIN, READ, SUBMIT
 from server.api.onboardings import onboarding_out
 from server.errors import Conflict
 from server.models import Architecture, Device, Job, Measurement
-from server.schemas import DeviceIn, DeviceOut, DevicePatch, OnboardIn, OnboardingOut
+from server.schemas import DeviceIn, DeviceOut, DevicePatch, ExplainOut, OnboardIn, OnboardingOut
 from server.services import onboarding as onboarding_service
+from server.services import predictors as predictor_service
 from server.services.catalog import get_device, resolve_space, space_row
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
@@ -46,11 +47,19 @@ def onboard(name: str, body: OnboardIn, session: Db, services: ServicesDep,
     """Measure sampler-chosen architectures on the device, then adapt a predictor to it."""
     device = get_device(session, name)
     started = onboarding_service.start(session, services.settings, services.predictors, device,
-                                       resolve_space(body.space), body.samples, body.sampler, body.preset, body.seed)
+                                       resolve_space(body.space), body.samples, body.sampler, body.preset, body.seed,
+                                       body.budget, body.target_uncertainty)
     # every sample may already have been measured: then adaptation can start now
-    background.add_task(onboarding_service.finish_if_measured, services.sessions, services.predictors, started.id,
-                        services.settings.train_on_flagged)
+    background.add_task(onboarding_service.finish_if_measured, services.sessions, started.id)
     return onboarding_out(session, started)
+
+
+@router.get("/{name:path}/explain", dependencies=[READ])
+def explain_device(name: str, session: Db, services: ServicesDep, space: str = "nb201") -> ExplainOut:
+    """Which reference devices this device resembles, and what each operation costs on it compared
+    with them, from its newest adapted predictor."""
+    device = get_device(session, name, "name")
+    return predictor_service.explanation(session, services.predictors, device, resolve_space(space))
 
 
 @router.get("/{name:path}", dependencies=[READ])

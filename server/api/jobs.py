@@ -104,10 +104,9 @@ def read_job(job_id: RowId, session: Db) -> JobOut:
 
 
 def _finish_onboarding_later(job: Job, services: Services, background: BackgroundTasks) -> None:
-    """A finished job may be its onboarding's last: adapt (or record the failure) after the response."""
+    """A finished job may be its onboarding's last: queue its adaptation after the commit."""
     if job.onboarding_id is not None and job.status in job_service.FINISHED:
-        background.add_task(onboarding_service.finish_if_measured, services.sessions, services.predictors,
-                            job.onboarding_id, services.settings.train_on_flagged)
+        background.add_task(onboarding_service.finish_if_measured, services.sessions, job.onboarding_id)
 
 
 @router.post("/{job_id}/cancel", dependencies=[SUBMIT])

@@ -4,35 +4,46 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from server.api.deps import Db
 from server.auth import ADMIN, READ
-from server.models import Device, Predictor
-from server.schemas import PredictorOut, PretrainIn
-from server.services import predictors as predictor_service
+from server.errors import NotFound
+from server.models import Predictor
+from server.schemas import PredictorOut, PretrainIn, RowId, TaskOut
+from server.services import training_queue
+from server.services.predictors import NO_CHECKPOINT
 from server.services.catalog import resolve_space, space_row
 
 router = APIRouter(prefix="/api/v1/predictors", tags=["predictors"])
 
 
-def predictor_out(session: Session, row: Predictor) -> PredictorOut:
-    device = session.get(Device, row.device_id) if row.device_id is not None else None
+def predictor_out(row: Predictor) -> PredictorOut:
     return PredictorOut(id=row.id, space=row.space.name, kind=row.kind, version=row.version, parent_id=row.parent_id,
-                        device=device.name if device else None, training_devices=row.training_devices,
-                        metrics=row.metrics, created_at=row.created_at)
+                        device=row.device.name if row.device else None, status=row.status,
+                        training_devices=row.training_devices, metrics=row.metrics, data_snapshot=row.data_snapshot,
+                        created_at=row.created_at)
 
 
 @router.get("", dependencies=[READ])
 def list_predictors(session: Db, space: str | None = None) -> list[PredictorOut]:
-    query = select(Predictor).order_by(Predictor.id)
+    query = select(Predictor).options(NO_CHECKPOINT).order_by(Predictor.id)
     if space is not None:
         query = query.where(Predictor.space_id == space_row(session, resolve_space(space)).id)
-    return [predictor_out(session, row) for row in session.scalars(query)]
+    return [predictor_out(row) for row in session.scalars(query)]
 
 
-@router.post("/pretrain", status_code=status.HTTP_201_CREATED, dependencies=[ADMIN])
-def pretrain(body: PretrainIn, session: Db) -> PredictorOut:
-    """Pre-train a base predictor on the imported reference devices of a space (blocks until done)."""
-    row = predictor_service.pretrain(session, resolve_space(body.space), body.devices, body.seed)
-    return predictor_out(session, row)
+@router.get("/{predictor_id}", dependencies=[READ])
+def read_predictor(predictor_id: RowId, session: Db) -> PredictorOut:
+    row = session.get(Predictor, predictor_id, options=[NO_CHECKPOINT])
+    if row is None:
+        raise NotFound(f"no predictor {predictor_id}", "predictor_id")
+    return predictor_out(row)
+
+
+@router.post("/pretrain", status_code=status.HTTP_202_ACCEPTED, dependencies=[ADMIN])
+def pretrain(body: PretrainIn, session: Db) -> TaskOut:
+    """Queue the pre-training of a base predictor on the imported reference devices of a space;
+    follow it at `GET /api/v1/tasks/{id}` (its `predictor_id` once done)."""
+    space_id = space_row(session, resolve_space(body.space)).id
+    task = training_queue.enqueue_pretrain(session, space_id, body.devices, body.seed)
+    return TaskOut.model_validate(task)

@@ -7,12 +7,12 @@ re-check canary comes back within the threshold.
 
 from __future__ import annotations
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
 from agent.protocol import Preset
 from predictor.spaces import get_space
-from server.models import Device, DeviceState, Job, JobKind, JobStatus, Measurement
+from server.models import Device, DeviceState, Job, JobKind, JobStatus, Measurement, Predictor, PredictorStatus
 from server.services.catalog import ensure_architecture
 from server.services.wakeup import jobs_changed
 from server.settings import Settings
@@ -45,7 +45,10 @@ def after_job(session: Session, job: Job, measurement: Measurement | None, setti
     device = job.device
     assert device is not None
     if job.kind is JobKind.canary:
+        was_degraded = device.state is DeviceState.degraded
         _judge_canary(device, job, measurement, settings)
+        if device.state is DeviceState.degraded and not was_degraded:
+            _mark_predictors_stale(session, device)
         return
     device.jobs_since_canary += 1
     if settings.canary_every and device.jobs_since_canary >= settings.canary_every:
@@ -69,6 +72,15 @@ def _judge_canary(device: Device, job: Job, measurement: Measurement | None, set
                          f"(threshold {settings.canary_drift:.0%})")
     elif device.state is DeviceState.degraded:
         device.state, device.state_reason = DeviceState.online, None
+
+
+def _mark_predictors_stale(session: Session, device: Device) -> None:
+    """The device no longer times as it did when its predictors were fitted."""
+    session.execute(
+        update(Predictor)
+        .where(Predictor.device_id == device.id, Predictor.status == PredictorStatus.ready)
+        .values(status=PredictorStatus.stale)
+    )
 
 
 def _degrade(device: Device, reason: str) -> None:

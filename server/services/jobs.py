@@ -38,10 +38,11 @@ from server.models import (
     JobKind,
     JobStatus,
     Measurement,
+    Predictor,
     as_utc,
     utcnow,
 )
-from server.services import health, selectors
+from server.services import health, selectors, training_queue
 from server.services.artifacts import ArtifactStore, materialise
 from server.services.wakeup import jobs_changed
 from server.settings import Settings
@@ -306,11 +307,25 @@ def record_result(session: Session, agent_id: int, job_id: int, result: JobResul
         measurement = _store_measurement(session, job, result)
         job.status, job.measurement_id = JobStatus.done, measurement.id
     release_device(job)
+    if measurement is not None and measurement.valid and job.kind is JobKind.measure and job.onboarding_id is None:
+        _readapt_later(session, job, settings)
     if job.started_at is not None:
         metrics.JOB_RUN.labels(job.kind.value, job.status.value).observe((now - as_utc(job.started_at)).total_seconds())
     health.after_job(session, job, measurement, settings)
     jobs_changed(session, job.device_id)
     return job
+
+
+def _readapt_later(session: Session, job: Job, settings: Settings) -> None:
+    """A new valid measurement of a device with an adapted predictor in its space: re-adapt soon."""
+    if job.architecture is None or job.device_id is None:
+        return
+    space_id = job.architecture.space_id
+    adapted = session.scalar(
+        select(Predictor.id).where(Predictor.device_id == job.device_id, Predictor.space_id == space_id).limit(1)
+    )
+    if adapted is not None:
+        training_queue.schedule_readaptation(session, space_id, job.device_id, settings.readapt_delay_s)
 
 
 def retry(job: Job, reason: str, max_attempts: int, failure_class: str) -> None:

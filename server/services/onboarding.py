@@ -1,46 +1,60 @@
-"""Onboarding: sampler-chosen jobs on a new device, then adaptation once they are measured."""
+"""Onboarding: sampler-chosen jobs on a new device, adaptation once they are measured, and, with a
+budget, more rounds of the architectures the predictor is least sure about."""
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol import Preset
-from predictor import get_sampler
-from predictor.spaces import SearchSpace, get_space
+from predictor import LatencyPredictor, get_sampler
+from predictor.samplers import candidate_keys
+from predictor.spaces import SearchSpace
 from server.db import session_scope
 from server.errors import Conflict, Invalid
-from server.models import Architecture, Device, Job, JobStatus, Measurement, Onboarding, OnboardingStatus, utcnow
-from server.services import jobs, predictors
+from server.models import Architecture, Device, Job, JobStatus, Onboarding, OnboardingStatus, Predictor, utcnow
+from server.services import jobs, predictors, training_queue
 from server.services.catalog import ensure_architecture, space_row
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
-MIN_SAMPLES = 2
+#: architectures measured per active-learning round
+ACTIVE_STEP = 5
 
 
 def start(session: Session, settings: Settings, cache: predictors.PredictorCache, device: Device, space: SearchSpace,
-          samples: int, sampler_name: str, preset: Preset, seed: int) -> Onboarding:
+          samples: int, sampler_name: str, preset: Preset, seed: int, budget: int | None = None,
+          target_uncertainty: float | None = None) -> Onboarding:
     """Queue a job per sampler-chosen architecture; valid earlier measurements are reused."""
     base = predictors.latest_base(session, space)
     if base is None:
         raise Conflict(f"no base predictor for {space.name!r}: pre-train one first (POST /api/v1/predictors/pretrain)",
                        "space")
+    if budget is not None and budget < samples:
+        raise Invalid(f"budget {budget} is below the {samples} first samples", "budget")
     try:
         sampler = get_sampler(sampler_name)
     except ValueError as exc:
         raise Invalid(str(exc), "sampler") from exc
     keys = sampler.select(space, samples, seed=seed, predictor=cache.get(base))
     onboarding = Onboarding(device_id=device.id, space_id=space_row(session, space).id, sampler=sampler.name,
-                            samples=samples)
+                            samples=samples, preset=preset.value, budget=budget,
+                            target_uncertainty=target_uncertainty)
     session.add(onboarding)
     session.flush()
+    _submit(session, settings, onboarding, space, keys)
+    return onboarding
+
+
+def _submit(session: Session, settings: Settings, onboarding: Onboarding, space: SearchSpace,
+            keys: list[str]) -> None:
     for key in keys:
         target = jobs.Target(architecture_id=ensure_architecture(session, space, key).id)
-        jobs.submit(session, settings, target, device=device, preset=preset, onboarding_id=onboarding.id)
-    return onboarding
+        jobs.submit(session, settings, target, device=onboarding.device, preset=Preset(onboarding.preset),
+                    onboarding_id=onboarding.id)
 
 
 def progress(session: Session, onboarding: Onboarding) -> dict[str, int]:
@@ -56,48 +70,58 @@ def progress(session: Session, onboarding: Onboarding) -> dict[str, int]:
     }
 
 
-def finish_if_measured(factory: sessionmaker[Session], cache: predictors.PredictorCache, onboarding_id: int,
-                       train_on_flagged: bool = False) -> None:
-    """Adapt the base predictor once every job of the onboarding has finished (runs once).
+def finish_if_measured(sessions: sessionmaker[Session], onboarding_id: int) -> None:
+    """Queue the adaptation once every job of the onboarding has finished (once per round).
 
-    Measurements flagged unstable, drift or short are left out unless `train_on_flagged`.
-    """
-    with session_scope(factory) as session:
-        unfinished = session.scalar(
-            select(func.count()).where(Job.onboarding_id == onboarding_id, Job.status.not_in(jobs.FINISHED))
-        )
-        if unfinished:
-            return
-        claimed = session.execute(
-            update(Onboarding)
-            .where(Onboarding.id == onboarding_id, Onboarding.status == OnboardingStatus.measuring)
-            .values(status=OnboardingStatus.adapting)
-        ).rowcount
-    if claimed != 1:
+    Runs after the transaction that finished a job committed, so the last job's finisher sees
+    every job finished."""
+    with session_scope(sessions) as session:
+        _adapt_if_measured(session, onboarding_id)
+
+
+def _adapt_if_measured(session: Session, onboarding_id: int) -> None:
+    unfinished = session.scalar(
+        select(func.count()).where(Job.onboarding_id == onboarding_id, Job.status.not_in(jobs.FINISHED))
+    )
+    if unfinished:
         return
-    try:
-        with session_scope(factory) as session:
-            onboarding = session.get_one(Onboarding, onboarding_id)
-            measured = session.execute(
-                select(Architecture.key, Measurement.latency_ms, Measurement.valid)
-                .join(Job, Job.measurement_id == Measurement.id)
-                .join(Architecture, Architecture.id == Job.architecture_id)
-                .where(Job.onboarding_id == onboarding_id)
-            ).all()
-            samples = {key: ms for key, ms, valid in measured if valid or train_on_flagged}
-            if len(samples) < MIN_SAMPLES:  # a noisy host flags most runs: adapt on them rather than fail
-                log.warning("onboarding %s: %d unflagged measurements; using the flagged ones too", onboarding_id,
-                            len(samples))
-                samples = {key: ms for key, ms, _ in measured}
-            base = predictors.latest_base(session, get_space(onboarding.space.name))
-            if base is None or len(samples) < MIN_SAMPLES:
-                raise ValueError(f"{len(samples)} usable measurements ({len(measured) - len(samples)} more flagged "
-                                 "unstable, drift or short); adaptation needs at least 2")
-            adapted = predictors.adapt(session, cache, base, onboarding.device, samples)
-            onboarding.predictor_id = adapted.id
-            onboarding.status, onboarding.finished_at = OnboardingStatus.ready, utcnow()
-    except Exception as exc:  # recorded on the onboarding, in a transaction of its own; the server goes on
-        log.exception("onboarding %s failed", onboarding_id)
-        with session_scope(factory) as session:
-            onboarding = session.get_one(Onboarding, onboarding_id)
-            onboarding.status, onboarding.error, onboarding.finished_at = OnboardingStatus.failed, str(exc), utcnow()
+    claimed = session.execute(
+        update(Onboarding)
+        .where(Onboarding.id == onboarding_id, Onboarding.status == OnboardingStatus.measuring)
+        .values(status=OnboardingStatus.adapting)
+    ).rowcount
+    if claimed == 1:
+        onboarding = session.get_one(Onboarding, onboarding_id)
+        training_queue.enqueue_adaptation(session, onboarding.space_id, onboarding.device_id, onboarding_id)
+
+
+def after_adaptation(session: Session, settings: Settings, onboarding: Onboarding, row: Predictor,
+                     model: LatencyPredictor, seed: int = 0) -> None:
+    """Record the round; measure the least certain architectures next while the budget allows and
+    the mean relative uncertainty over the space is above the target, else the device is ready.
+
+    The budget counts architectures measured, flagged measurements included: each cost a run."""
+    requested = set(session.scalars(
+        select(Architecture.key).join(Job, Job.architecture_id == Architecture.id).where(Job.onboarding_id == onboarding.id)
+    ))
+    pool = [key for key in candidate_keys(model.space, seed, None) if key not in requested]
+    ms, std = model.predict(pool)
+    relative = std / ms
+    uncertainty = float(relative.mean())
+    onboarding.predictor_id = row.id
+    onboarding.rounds = [*onboarding.rounds,
+                         {"samples": len(requested), "uncertainty": round(uncertainty, 4), "predictor_id": row.id}]
+    room = (onboarding.budget or 0) - len(requested)
+    if room > 0 and uncertainty > (onboarding.target_uncertainty or 0.0):
+        picks = np.argsort(-relative, kind="stable")[: min(ACTIVE_STEP, room)]
+        onboarding.status = OnboardingStatus.measuring
+        _submit(session, settings, onboarding, model.space, [pool[i] for i in picks])
+        session.flush()
+        _adapt_if_measured(session, onboarding.id)  # every pick may have been measured before
+        return
+    onboarding.status, onboarding.finished_at = OnboardingStatus.ready, utcnow()
+
+
+def fail(session: Session, onboarding_id: int, error: str) -> None:
+    onboarding = session.get_one(Onboarding, onboarding_id)
+    onboarding.status, onboarding.error, onboarding.finished_at = OnboardingStatus.failed, error, utcnow()

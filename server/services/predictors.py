@@ -6,22 +6,54 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session, defer, sessionmaker
+
+import torch
 
 from predictor import LatencyPredictor
+from predictor.explain import explain
+from predictor.reference import Row
 from predictor.spaces import SearchSpace
+from server.db import session_scope
 from server.errors import Conflict, Invalid, NotFound
-from server.models import Device, Predictor, PredictorKind
-from server.schemas import PredictIn, PredictOut
+from server.models import Architecture, Device, Measurement, Predictor, PredictorKind, PredictorStatus, as_utc
+from server.schemas import ExplainOut, PredictIn, PredictOut
+from server.services import scoring
 from server.services.catalog import canonical_key, get_device, resolve_space, space_row
-from server.services.datasets import iter_reference_rows
+from server.services.datasets import IMPORTED, iter_reference_rows
 
 MAX_BATCH = 100_000
 #: picking a predictor reads its row, not its checkpoint (megabytes; loaded once into the cache)
-_NO_CHECKPOINT = defer(Predictor.checkpoint)
+NO_CHECKPOINT = defer(Predictor.checkpoint)
+#: seconds the predictor picked for a (space, device) is reused without asking the database: a
+#: new predictor of the device is served this long after it is stored at the latest
+PICK_TTL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The predictor that answers for a device: what a /predict answer says of it."""
+
+    predictor_id: int
+    version: int
+    kind: PredictorKind
+    status: PredictorStatus
+    device: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measured architecture of a device, as adaptation uses it."""
+
+    key: str
+    ms: float
+    measured_at: datetime
 
 
 class PredictorCache:
@@ -29,37 +61,79 @@ class PredictorCache:
     and their answers: a predictor is frozen once stored, so what it said of an architecture on a
     device stays true, and NAS clients ask about the same architectures again and again."""
 
-    def __init__(self, capacity: int = 16, answers_per_device: int = 200_000) -> None:
+    def __init__(self, capacity: int = 16, answers_per_device: int = 200_000, torch_threads: int = 1) -> None:
         self.capacity = capacity
         self.answers_per_device = answers_per_device
+        self.torch_threads = torch_threads
+        self._pinned = threading.local()
         self._items: OrderedDict[int, LatencyPredictor] = OrderedDict()
         #: (predictor id, device) -> {architecture key: (ms, uncertainty ms)}
         self._answers: OrderedDict[tuple[int, str], dict[str, tuple[float, float]]] = OrderedDict()
+        #: (space, device, named predictor id) -> (monotonic expiry, pick)
+        self._picks: dict[tuple[str, str, int | None], tuple[float, Pick]] = {}
         self._lock = threading.Lock()
 
     def get(self, row: Predictor) -> LatencyPredictor:
+        return self.model(row.id, lambda: row.checkpoint)
+
+    def model(self, predictor_id: int, checkpoint: Callable[[], bytes]) -> LatencyPredictor:
+        """The loaded predictor; `checkpoint` is read only when it is not in memory yet."""
         with self._lock:
-            if row.id in self._items:
-                self._items.move_to_end(row.id)
-                return self._items[row.id]
-        model = LatencyPredictor.load(row.checkpoint)
+            if predictor_id in self._items:
+                self._items.move_to_end(predictor_id)
+                return self._items[predictor_id]
+        model = LatencyPredictor.load(checkpoint())
         with self._lock:
-            self._items[row.id] = model
+            self._items[predictor_id] = model
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
         return model
 
     def predict(self, row: Predictor, device: str, keys: list[str]) -> tuple[list[float], list[float]]:
         """Latency and uncertainty (ms) of each key on `device`; only unseen keys reach the model."""
-        answers = self._answers_of(row.id, device)
+        return self.answer(row.id, device, keys, lambda: row.checkpoint)
+
+    def answer(self, predictor_id: int, device: str, keys: list[str],
+               checkpoint: Callable[[], bytes]) -> tuple[list[float], list[float]]:
+        answers = self._answers_of(predictor_id, device)
         unseen = [key for key in dict.fromkeys(keys) if key not in answers]
         fresh: dict[str, tuple[float, float]] = {}
         if unseen:
-            ms, std = self.get(row).predict(unseen, device=device)
+            self.pin_torch_threads()
+            ms, std = self.model(predictor_id, checkpoint).predict(unseen, device=device)
             fresh = dict(zip(unseen, zip(ms.tolist(), std.tolist())))
-            self._remember(row.id, device, answers, fresh)
+            self._remember(predictor_id, device, answers, fresh)
         pairs = [fresh[key] if key in fresh else answers[key] for key in keys]
         return [ms for ms, _ in pairs], [std for _, std in pairs]
+
+    def remembered(self, pick: Pick, keys: list[str]) -> tuple[list[float], list[float]] | None:
+        """The answers for `keys` if every one is already known, without touching the model."""
+        with self._lock:
+            answers = self._answers.get((pick.predictor_id, pick.device))
+        if answers is None:
+            return None
+        try:
+            pairs = [answers[key] for key in keys]
+        except KeyError:
+            return None
+        return [ms for ms, _ in pairs], [std for _, std in pairs]
+
+    def pick(self, space: str, device: str, predictor_id: int | None) -> Pick | None:
+        found = self._picks.get((space, device, predictor_id))
+        return found[1] if found is not None and found[0] > time.monotonic() else None
+
+    def remember_pick(self, space: str, device: str, predictor_id: int | None, pick: Pick) -> None:
+        if len(self._picks) > self.capacity * 64:  # many devices: forget them all rather than grow
+            self._picks = {}
+        self._picks[(space, device, predictor_id)] = (time.monotonic() + PICK_TTL_S, pick)
+
+    def pin_torch_threads(self) -> None:
+        """Set torch's thread count in the calling thread: OpenMP keeps it per thread, so the count
+        set at start-up does not reach request or worker threads, and a second OpenMP thread on a
+        busy 2-core host slowed pre-training 16-fold."""
+        if getattr(self._pinned, "threads", None) != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+            self._pinned.threads = self.torch_threads
 
     def _answers_of(self, predictor_id: int, device: str) -> dict[str, tuple[float, float]]:
         with self._lock:
@@ -88,39 +162,69 @@ def _next_version(session: Session, space_id: int, device_id: int | None) -> int
     return (latest or 0) + 1
 
 
-def pretrain(
-    session: Session, space: SearchSpace, devices: list[str] | None = None, seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> Predictor:
-    """A base predictor from the imported reference measurements of `space`."""
+def reference_rows(session: Session, space: SearchSpace, devices: list[str] | None) -> list[Row]:
+    """The imported reference measurements to pre-train on; every named device must have some."""
     rows = list(iter_reference_rows(session, space, devices))
     if not rows:
         raise Conflict(f"no reference measurements for space {space.name!r}: run `latfarm datasets import` first",
                        "space")
-    found = sorted({device for _, device, _ in rows})
-    if devices is not None and (missing := sorted(set(devices) - set(found))):
+    if devices is not None and (missing := sorted(set(devices) - {device for _, device, _ in rows})):
         raise Invalid(f"no reference measurements of {space.name} on: {', '.join(missing)}", "devices")
+    return rows
+
+
+def pretrain(sessions: sessionmaker[Session], space: SearchSpace, devices: list[str] | None = None, seed: int = 0,
+             progress: Callable[[int, int], None] | None = None) -> Predictor:
+    """A base predictor from the imported reference measurements of `space`; no transaction is
+    held open while it trains."""
+    with session_scope(sessions) as session:
+        rows = reference_rows(session, space, devices)
+        found = sorted({device for _, device, _ in rows})
+        snapshot = _snapshot(session, space, found)
     started = time.perf_counter()
     model = LatencyPredictor.pretrain(space, rows, seed=seed, progress=progress)
-    row = Predictor(
-        space_id=space_row(session, space).id,
-        kind=PredictorKind.base,
-        version=_next_version(session, space_row(session, space).id, None),
-        training_devices=found,
-        metrics={"train_seconds": round(time.perf_counter() - started, 2), "rows": len(rows),
-                 "architectures": len({key for key, _, _ in rows})},
-        checkpoint=model.to_bytes(),
-    )
-    session.add(row)
-    session.flush()
-    return row
+    metrics = {"train_seconds": round(time.perf_counter() - started, 2), "rows": len(rows),
+               "architectures": len({key for key, _, _ in rows}), "seed": seed}
+    with session_scope(sessions) as session:
+        space_id = space_row(session, space).id
+        row = Predictor(space_id=space_id, kind=PredictorKind.base, version=_next_version(session, space_id, None),
+                        training_devices=found, metrics=metrics, data_snapshot=snapshot, checkpoint=model.to_bytes())
+        session.add(row)
+        session.flush()
+        return row
 
 
-def adapt(session: Session, cache: PredictorCache, base: Predictor, device: Device,
-          samples: dict[str, float], seed: int = 0) -> Predictor:
+def _snapshot(session: Session, space: SearchSpace, devices: list[str]) -> dict[str, Any]:
+    count, first, last = session.execute(
+        select(func.count(), func.min(Measurement.created_at), func.max(Measurement.created_at))
+        .join(Architecture, Architecture.id == Measurement.architecture_id)
+        .join(Device, Device.id == Measurement.device_id)
+        .where(Architecture.space_id == space_row(session, space).id, Measurement.source == IMPORTED,
+               Device.name.in_(devices))
+    ).one()
+    return {"measurements": count, "devices": len(devices), **_time_range(first, last)}
+
+
+def _time_range(first: datetime | None, last: datetime | None) -> dict[str, str | None]:
+    return {"first_measured_at": first and as_utc(first).isoformat(), "last_measured_at": last and as_utc(last).isoformat()}
+
+
+def adapt(session: Session, cache: PredictorCache, base: Predictor, device: Device, samples: Sequence[Sample],
+          validation: Mapping[str, float], seed: int = 0) -> Predictor:
+    """An adapted predictor for `device` from its measured `samples` (in the order they were
+    chosen), scored on the `validation` measurements (other architectures of the device)."""
     started = time.perf_counter()
-    model = cache.get(base).adapt(samples, name=device.name, seed=seed)
+    base_model = cache.get(base)
+    latencies = {sample.key: sample.ms for sample in samples}
+    model = base_model.adapt(latencies, name=device.name, seed=seed)
     assert model.target is not None
+    metrics: dict[str, Any] = {
+        "adapt_seconds": round(time.perf_counter() - started, 3), "samples": len(latencies),
+        # per block; null: the block was left out (JSON has no infinity)
+        "ridge_penalties": [p if math.isfinite(p) else None for p in model.target.penalties],
+        **scoring.validate(base_model, model, latencies, validation, seed),
+    }
+    times = [sample.measured_at for sample in samples]
     row = Predictor(
         space_id=base.space_id,
         kind=PredictorKind.adapted,
@@ -128,9 +232,9 @@ def adapt(session: Session, cache: PredictorCache, base: Predictor, device: Devi
         parent_id=base.id,
         device_id=device.id,
         training_devices=base.training_devices,
-        metrics={"adapt_seconds": round(time.perf_counter() - started, 3), "samples": len(samples),
-                 # per block; null: the block was left out (JSON has no infinity)
-                 "ridge_penalties": [p if math.isfinite(p) else None for p in model.target.penalties]},
+        metrics=metrics,
+        data_snapshot={"measurements": len(latencies), "validation_measurements": len(validation),
+                       **_time_range(min(times), max(times))},
         checkpoint=model.to_bytes(),
     )
     session.add(row)
@@ -148,10 +252,11 @@ def latest_base(session: Session, space: SearchSpace) -> Predictor | None:
 
 
 def predictor_for(session: Session, space: SearchSpace, device: Device, predictor_id: int | None) -> Predictor:
-    """The named predictor, else the newest adapted one of the device, else a base trained on it."""
+    """The named predictor, else the device's newest ready adapted one (its newest stale one when
+    none is ready: an answer flagged stale beats none), else a base trained on it."""
     space_id = space_row(session, space).id
     if predictor_id is not None:
-        row = session.get(Predictor, predictor_id, options=[_NO_CHECKPOINT])
+        row = session.get(Predictor, predictor_id, options=[NO_CHECKPOINT])
         if row is None:
             raise NotFound(f"no predictor {predictor_id}", "predictor_id")
         if row.space_id != space_id:
@@ -162,16 +267,16 @@ def predictor_for(session: Session, space: SearchSpace, device: Device, predicto
         return row
     adapted = session.scalar(
         select(Predictor)
-        .options(_NO_CHECKPOINT)
+        .options(NO_CHECKPOINT)
         .where(Predictor.space_id == space_id, Predictor.device_id == device.id)
-        .order_by(Predictor.id.desc())
+        .order_by(Predictor.status == PredictorStatus.stale, Predictor.id.desc())
         .limit(1)
     )
     if adapted is not None:
         return adapted
     for base in session.scalars(
         select(Predictor)
-        .options(_NO_CHECKPOINT)
+        .options(NO_CHECKPOINT)
         .where(Predictor.space_id == space_id, Predictor.kind == PredictorKind.base)
         .order_by(Predictor.id.desc())
     ):
@@ -184,10 +289,19 @@ def predictor_for(session: Session, space: SearchSpace, device: Device, predicto
     )
 
 
-def predict_batch(session: Session, cache: PredictorCache, request: PredictIn) -> PredictOut:
-    space = resolve_space(request.space)
-    device = get_device(session, request.device)
-    row = predictor_for(session, space, device, request.predictor_id)
+def explanation(session: Session, cache: PredictorCache, device: Device, space: SearchSpace) -> ExplainOut:
+    """What the device's newest adapted predictor says of it."""
+    row = predictor_for(session, space, device, None)
+    if row.kind is not PredictorKind.adapted:
+        raise Conflict(f"device {device.name!r} has no adapted predictor in space {space.name!r}: onboard it first",
+                       "name")
+    found = explain(cache.get(row))
+    return ExplainOut(device=device.name, space=space.name, predictor_id=row.id, architectures=found.architectures,
+                      resembles=found.resembles, op_costs=found.op_costs)
+
+
+def requested_keys(space: SearchSpace, request: PredictIn) -> list[str]:
+    """The canonical keys a /predict request asks about (every key of the space for "all")."""
     if request.architectures == "all":
         try:
             keys = list(space.enumerate())
@@ -197,6 +311,41 @@ def predict_batch(session: Session, cache: PredictorCache, request: PredictIn) -
         keys = [canonical_key(space, key, f"architectures.{i}") for i, key in enumerate(request.architectures)]
     if len(keys) > MAX_BATCH:
         raise Invalid(f"at most {MAX_BATCH} architectures per call", "architectures")
-    ms, std = cache.predict(row, device.name, keys)
-    return PredictOut(device=device.name, space=space.name, predictor_id=row.id, predictor_version=row.version,
-                      predictor_kind=row.kind, architectures=keys, latency_ms=ms, uncertainty_ms=std)
+    return keys
+
+
+def predict_from_memory(cache: PredictorCache, request: PredictIn) -> PredictOut | None:
+    """The answer when the predictor pick and every answer are in memory (no I/O, no model): what
+    NAS clients asking about the same architectures again and again get; None otherwise."""
+    space = resolve_space(request.space)
+    pick = cache.pick(space.name, request.device, request.predictor_id)
+    if pick is None:
+        return None
+    keys = requested_keys(space, request)
+    found = cache.remembered(pick, keys)
+    return _answer(space, pick, keys, *found) if found is not None else None
+
+
+def predict_batch(sessions: sessionmaker[Session], cache: PredictorCache, request: PredictIn) -> PredictOut:
+    space = resolve_space(request.space)
+    keys = requested_keys(space, request)
+    pick = cache.pick(space.name, request.device, request.predictor_id)
+    if pick is None:
+        with session_scope(sessions) as session:
+            device = get_device(session, request.device)
+            row = predictor_for(session, space, device, request.predictor_id)
+            pick = Pick(row.id, row.version, row.kind, row.status, device.name)
+        cache.remember_pick(space.name, request.device, request.predictor_id, pick)
+    ms, std = cache.answer(pick.predictor_id, pick.device, keys, lambda: _checkpoint(sessions, pick.predictor_id))
+    return _answer(space, pick, keys, ms, std)
+
+
+def _checkpoint(sessions: sessionmaker[Session], predictor_id: int) -> bytes:
+    with session_scope(sessions) as session:
+        return session.scalars(select(Predictor.checkpoint).where(Predictor.id == predictor_id)).one()
+
+
+def _answer(space: SearchSpace, pick: Pick, keys: list[str], ms: list[float], std: list[float]) -> PredictOut:
+    return PredictOut(device=pick.device, space=space.name, predictor_id=pick.predictor_id,
+                      predictor_version=pick.version, predictor_kind=pick.kind, predictor_status=pick.status,
+                      architectures=keys, latency_ms=ms, uncertainty_ms=std)

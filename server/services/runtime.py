@@ -10,9 +10,9 @@ from rich.progress import Progress
 
 from server.db import make_engine, make_session_factory, session_scope, upgrade
 from server.models import Predictor
-from server.schemas import PredictIn, PredictOut
+from server.schemas import ExplainOut, PredictIn, PredictOut
 from server.services import predictors
-from server.services.catalog import resolve_space
+from server.services.catalog import get_device, resolve_space
 from server.services.datasets import ImportReport, import_datasets
 from server.settings import Settings
 
@@ -46,11 +46,15 @@ def pretrain_base(settings: Settings, space: str, devices: list[str] | None, see
         if progress is not None and task is not None:
             progress.update(task, completed=step, total=total)
 
+    return predictors.pretrain(_sessions(settings), resolve_space(space), devices, seed, report)
+
+
+def explain_device(settings: Settings, device: str, space: str) -> ExplainOut:
     with session_scope(_sessions(settings)) as session:
-        return predictors.pretrain(session, resolve_space(space), devices, seed, report)
+        return predictors.explanation(session, predictors.PredictorCache(), get_device(session, device),
+                                      resolve_space(space))
 
 
 def predict_latencies(settings: Settings, device: str, space: str, architectures: list[str] | Literal["all"]) -> PredictOut:
-    with session_scope(_sessions(settings)) as session:
-        request = PredictIn(device=device, space=space, architectures=architectures)
-        return predictors.predict_batch(session, predictors.PredictorCache(), request)
+    request = PredictIn(device=device, space=space, architectures=architectures)
+    return predictors.predict_batch(_sessions(settings), predictors.PredictorCache(), request)

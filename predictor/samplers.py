@@ -9,6 +9,7 @@ import numpy as np
 
 from predictor.model import LatencyPredictor
 from predictor.spaces import SearchSpace
+from predictor.validation import sampler_for
 
 #: candidates considered for spaces too large to enumerate
 CANDIDATE_POOL = 5000
@@ -121,14 +122,38 @@ def _check_k(k: int, pool_size: int) -> None:
         raise ValueError(f"k must be between 1 and {pool_size}, got {k}")
 
 
+class DefaultSampler(Sampler):
+    """The sampler the predictor's pre-training validated best at the nearest sample count.
+
+    Pre-training holds out reference devices in turn and compares the candidate samplers' k-shot
+    adaptations on them (`predictor.validation`); the winners travel in the checkpoint as
+    `preferred_samplers`. Without a predictor, or with one that made no choice (too few reference
+    devices, an older checkpoint), this is `FALLBACK_SAMPLER`.
+    """
+
+    name = "default"
+
+    def resolve(self, k: int, predictor: LatencyPredictor | None = None) -> str:
+        """The name of the sampler `select` delegates to for `k` samples."""
+        preferred = getattr(predictor, "preferred_samplers", None) or {}
+        return sampler_for(preferred, k) or FALLBACK_SAMPLER
+
+    def select(self, space, k, seed=0, predictor=None, candidates=None):  # type: ignore[no-untyped-def]
+        return SAMPLERS[self.resolve(k, predictor)]().select(space, k, seed=seed, predictor=predictor,
+                                                            candidates=candidates)
+
+
 SAMPLERS: dict[str, type[Sampler]] = {"random": RandomSampler, "kmeans": KMeansSampler,
                                       "stratified": StratifiedSampler}
-DEFAULT_SAMPLER = "stratified"
+#: what "default" uses when the predictor holds no validated preference
+FALLBACK_SAMPLER = "stratified"
 
 
 def get_sampler(name: str) -> Sampler:
-    """A sampler by name; "default" is the best one measured."""
-    resolved = DEFAULT_SAMPLER if name == "default" else name
-    if resolved not in SAMPLERS:
+    """A sampler by name; "default" follows the predictor's validated preference (see
+    `DefaultSampler`)."""
+    if name == "default":
+        return DefaultSampler()
+    if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of: default, {', '.join(SAMPLERS)}")
-    return SAMPLERS[resolved]()
+    return SAMPLERS[name]()

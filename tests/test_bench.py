@@ -152,6 +152,14 @@ def test_harness_keeps_test_devices_out_of_pretraining_and_sampling(
         return original(cls, space, rows, **kwargs)
 
     monkeypatch.setattr(LatencyPredictor, "pretrain", classmethod(recording_pretrain))
+    fitted_devices: list[set[str]] = []  # every network fitted: the base and the validation folds
+    original_fit = LatencyPredictor._fit.__func__  # type: ignore[attr-defined]
+
+    def recording_fit(cls, space, table, **kwargs):  # type: ignore[no-untyped-def]
+        fitted_devices.append(set(table.devices))
+        return original_fit(cls, space, table, **kwargs)
+
+    monkeypatch.setattr(LatencyPredictor, "_fit", classmethod(recording_fit))
     seen: list[dict] = []
 
     class SpySampler:
@@ -168,6 +176,11 @@ def test_harness_keeps_test_devices_out_of_pretraining_and_sampling(
               sampler_lookup=SpySampler, report=False)
 
     assert pretrained_devices == [set(TRAIN)]
+    # the default sampler is chosen by holding out each train device in turn; no test device
+    assert fitted_devices == [set(TRAIN), *(set(TRAIN) - {device} for device in TRAIN)]
+    diagnostics = list(csv.DictReader(open(tmp_path / "diagnostics.csv")))
+    validation = {(r["metric"], r["k"]) for r in diagnostics if r["metric"].startswith("validation_rho_")}
+    assert validation == {(f"validation_rho_{s}", str(k)) for s in ("stratified", "random") for k in (5, 10, 20)}
     device_keys = set(load_space_table(datasets, "fbnet").keys)
     assert len(seen) == 2 * len(TEST)  # default (ours) and random (spy) sampler per device
     for call in seen:

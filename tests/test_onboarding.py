@@ -5,6 +5,10 @@ own worker trains; on Postgres a separate `latfarm worker` process does."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -98,6 +102,10 @@ def test_a_new_device_is_onboarded_with_20_samples_and_served(imported: Settings
         assert {r["device"] for r in explained["resembles"]} == set(base["training_devices"])
         assert {c["op"] for c in explained["op_costs"]} >= {"nor_conv_3x3", "skip_connect"}
         assert min(c["effect_pct"] for c in explained["op_costs"]) == 0
+        command = subprocess.run([sys.executable, "-m", "server.cli", "explain", device, "--json"], capture_output=True,
+                                 text=True, env={**os.environ, "LATFARM_DATABASE_URL": imported.database_url})
+        assert command.returncode == 0, command.stderr
+        assert json.loads(command.stdout)["predictor_id"] == adapted["id"]
 
         # new valid measurements re-adapt the predictor (after the debounce): version 2 is served
         fresh = [a["key"] for a in api.get("/architectures", params={"space": "nb201", "limit": 5,

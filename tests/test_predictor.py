@@ -11,9 +11,10 @@ from scipy.stats import spearmanr
 
 from predictor import LatencyPredictor, TrainConfig, get_sampler, get_space
 from predictor.cost import analytic_cost
-from predictor.samplers import SAMPLERS
+from predictor.samplers import SAMPLERS, DefaultSampler
+from predictor.validation import held_out_devices, sampler_for, spearman
 
-TINY = TrainConfig(members=2, hidden=64, depth=2, epochs=20)
+TINY = TrainConfig(members=2, hidden=64, depth=2, epochs=20, sampler_folds=3)
 SPACE = get_space("nb201")
 
 
@@ -90,7 +91,7 @@ def test_checkpoint_round_trip_with_weights_only(base: LatencyPredictor) -> None
         LatencyPredictor.load(bad.getvalue())
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", [*sorted(SAMPLERS), "default"])
 def test_samplers_are_deterministic_distinct_and_valid(name: str, base: LatencyPredictor) -> None:
     sampler = get_sampler(name)
     candidates = SPACE.sample(600, seed=4)
@@ -105,9 +106,86 @@ def test_samplers_are_deterministic_distinct_and_valid(name: str, base: LatencyP
 
 
 def test_default_sampler_is_known() -> None:
-    assert get_sampler("default").name in SAMPLERS
+    default = get_sampler("default")
+    assert isinstance(default, DefaultSampler) and default.resolve(20) in SAMPLERS  # no predictor: the fallback
     with pytest.raises(ValueError, match="unknown sampler"):
         get_sampler("nope")
+
+
+def test_pretraining_chooses_the_default_sampler_on_held_out_reference_devices(
+    reference, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    keys, rows = reference
+    few = set(keys[:400])
+    rows = [row for row in rows if row[1] != "ref5" and row[0] in few]  # ref5: a device never seen
+    fitted: list[set[str]] = []
+    original = LatencyPredictor._fit.__func__  # type: ignore[attr-defined]
+
+    def recording_fit(cls, space, table, **kwargs):  # type: ignore[no-untyped-def]
+        fitted.append(set(table.devices))
+        return original(cls, space, table, **kwargs)
+
+    monkeypatch.setattr(LatencyPredictor, "_fit", classmethod(recording_fit))
+    config = TrainConfig(members=1, hidden=32, depth=2, epochs=8, sampler_folds=3)
+    first = LatencyPredictor.pretrain(SPACE, rows, config=config, seed=3)
+    references = {f"ref{d}" for d in range(5)}
+    held_out = held_out_devices(sorted(references), 3, seed=3)
+    assert fitted[0] == references  # the base, then one fold per held-out reference device
+    assert fitted[1:] == [references - {device} for device in held_out]
+    assert set(first.preferred_samplers) == {5, 10, 20}
+    assert set(first.preferred_samplers.values()) <= set(SAMPLERS)
+    assert all(0 < rho <= 1 for per_k in first.sampler_scores.values() for rho in per_k.values())
+    again = LatencyPredictor.pretrain(SPACE, rows, config=config, seed=3)
+    assert again.preferred_samplers == first.preferred_samplers
+    assert again.sampler_scores == first.sampler_scores
+    # without folds (or with a single reference device) no choice is made
+    single = [row for row in rows if row[1] == "ref0"]
+    assert LatencyPredictor.pretrain(SPACE, single, config=config).preferred_samplers == {}
+    assert LatencyPredictor.pretrain(SPACE, rows, config=TrainConfig(members=1, epochs=2, sampler_folds=0)).sampler_scores == {}
+
+
+def test_default_sampler_follows_the_checkpointed_preference(base: LatencyPredictor) -> None:
+    candidates = SPACE.sample(600, seed=4)
+    for choice in ("random", "stratified"):
+        chosen = LatencyPredictor.load(base.to_bytes())  # a copy: the fixture is shared
+        chosen.preferred_samplers = {5: "stratified" if choice == "random" else "random", 20: choice}
+        loaded = LatencyPredictor.load(chosen.to_bytes())
+        assert loaded.preferred_samplers == chosen.preferred_samplers
+        assert loaded.sampler_scores == base.sampler_scores
+        picked = get_sampler("default").select(SPACE, 16, seed=2, predictor=loaded, candidates=candidates)
+        assert picked == get_sampler(choice).select(SPACE, 16, seed=2, predictor=loaded, candidates=candidates)
+        adapted = loaded.adapt(dict(zip(picked, np.linspace(1, 2, 16))))
+        assert adapted.preferred_samplers == chosen.preferred_samplers  # carried to adapted predictors
+
+
+def test_sampler_for_takes_the_nearest_validated_count() -> None:
+    preferred = {5: "a", 10: "b", 20: "c"}
+    assert [sampler_for(preferred, k) for k in (2, 5, 7, 8, 10, 14, 15, 20, 100)] == list("aaabbbccc")
+    assert sampler_for({}, 20) is None
+    assert held_out_devices(["x"], 5, 0) == [] and held_out_devices(list("abc"), 0, 0) == []
+    assert held_out_devices(list("abc"), 5, 0) == list("abc")
+    picked = held_out_devices(list("abcdefgh"), 3, 1)
+    assert len(picked) == 3 and picked == held_out_devices(list("abcdefgh"), 3, 1)
+
+
+def test_spearman_matches_scipy_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 6, 200).astype(float), rng.normal(size=200)
+    b[:50] = np.round(b[:50])
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
+
+
+def test_older_checkpoints_load_without_a_preference(base: LatencyPredictor) -> None:
+    state = base.state()
+    state["format"] = "latfarm.predictor/2"
+    del state["preferred_samplers"], state["sampler_scores"]
+    del state["config"]["sampler_folds"]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    loaded = LatencyPredictor.load(buffer.getvalue())
+    assert loaded.preferred_samplers == {} and loaded.sampler_scores == {}
+    assert DefaultSampler().resolve(20, loaded) == "stratified"
 
 
 def test_served_answers_are_the_models_for_seen_and_unseen_keys(base: LatencyPredictor) -> None:

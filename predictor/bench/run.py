@@ -1,6 +1,7 @@
 """The bench harness: the MLSys 2024 few-shot latency tasks, every method, resumable.
 
-Per task: pre-train one base predictor on the task's train devices only; then for each test
+Per task: pre-train one base predictor on the task's train devices only (which also chooses its
+default sampler, by leave-one-train-device-out validation; see `predictor.validation`); then for each test
 device, k and seed, let each method's sampler pick k of the device's keys (it sees keys, never
 latencies), "measure" them by reading the table, let the method predict every other key of the
 device, and score Spearman's rho against the table. Raw rows go to `predictor.csv`, one per
@@ -39,14 +40,14 @@ DEFAULT_SEEDS = 3
 QUICK_TASKS = ("N0",)
 QUICK_KS = (5, 20)
 QUICK_SEEDS = 1
-QUICK_CONFIG = TrainConfig(members=1, epochs=6)
+QUICK_CONFIG = TrainConfig(members=1, epochs=6, sampler_folds=2)
 
 #: progress(done, total, description), counted in raw rows
 Progress = Callable[[int, int, str], None]
 RowKey = tuple[str, str, str, int, int]
 
 #: files whose edits change the numbers; a resumed run refuses rows from other versions of them
-_SOURCES = ("model.py", "samplers.py", "reference.py", "spaces/*.py", "bench/data.py", "cost.py", "datasets.py",
+_SOURCES = ("model.py", "samplers.py", "validation.py", "reference.py", "spaces/*.py", "bench/data.py", "cost.py", "datasets.py",
             "bench/methods.py", "bench/run.py")
 
 
@@ -126,9 +127,11 @@ def run_bench(
             counter.describe(f"{name}: pre-training on {len(task.train)} devices")
             start = time.perf_counter()
             base = LatencyPredictor.pretrain(space, task_split.train_rows, seed=pretrain_seed, config=config)
+            validation = [(name, "", "", k, "", f"validation_rho_{sampler}", f"{rho:.6f}")
+                          for sampler, per_k in base.sampler_scores.items() for k, rho in per_k.items()]
             _append(out / DIAGNOSTICS_FILE, DIAGNOSTICS_COLUMNS,
                     [(name, "", "", "", "", "pretrain_s", f"{time.perf_counter() - start:.3f}"),
-                     (name, "", "", "", "", "torch_threads", str(torch.get_num_threads()))])
+                     (name, "", "", "", "", "torch_threads", str(torch.get_num_threads())), *validation])
             pretrained.append(name)
         context = TaskContext(space, task.train, base, {key: i for i, key in enumerate(table.keys)},
                               table.matrix(task.train))

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol import Preset
 from predictor import LatencyPredictor, get_sampler
-from predictor.samplers import candidate_keys
+from predictor.samplers import DefaultSampler, candidate_keys
 from predictor.spaces import SearchSpace
 from server.db import session_scope
 from server.errors import Conflict, Invalid
@@ -39,8 +39,11 @@ def start(session: Session, settings: Settings, cache: predictors.PredictorCache
         sampler = get_sampler(sampler_name)
     except ValueError as exc:
         raise Invalid(str(exc), "sampler") from exc
-    keys = sampler.select(space, samples, seed=seed, predictor=cache.get(base))
-    onboarding = Onboarding(device_id=device.id, space_id=space_row(session, space).id, sampler=sampler.name,
+    model = cache.get(base)
+    keys = sampler.select(space, samples, seed=seed, predictor=model)
+    # "default" is the sampler the base's pre-training validated best: record which one that was
+    name = sampler.resolve(samples, model) if isinstance(sampler, DefaultSampler) else sampler.name
+    onboarding = Onboarding(device_id=device.id, space_id=space_row(session, space).id, sampler=name,
                             samples=samples, preset=preset.value, budget=budget,
                             target_uncertainty=target_uncertainty)
     session.add(onboarding)

@@ -1,0 +1,156 @@
+"""Choosing a base predictor's default sampler by validation on its own reference devices.
+
+Which sampler's few samples adapt the predictor best depends on the space and on the reference
+devices (in the bench, stratified samples won on NAS-Bench-201 folds and random ones on FBNet
+folds, see docs/bench/predictor.md). So pre-training settles it the way one would settle any
+hyper-parameter without a test device: leave-one-reference-device-out. For each of a few
+reference devices in turn (all of them when there are at most `TrainConfig.sampler_folds`, else a
+seeded subset), it pre-trains a fold predictor on the other reference devices with the same
+configuration and seed, lets each candidate sampler pick k of the held-out device's measured
+architectures (the sampler sees keys, never latencies), adapts the fold predictor to those k
+samples, and scores Spearman's rho on the rest of the held-out device's architectures; seeds
+`VALIDATION_SEEDS`, sample counts `VALIDATION_KS`. The candidate with the best mean rho at a
+sample count becomes the predictor's preferred sampler for it (ties go to the earlier
+candidate), and `get_sampler("default")` follows it, using the validated count nearest (in log
+scale) to the k asked for. Only the rows handed to pre-training are ever read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from predictor.reference import LatencyTable
+
+if TYPE_CHECKING:
+    from predictor.model import LatencyPredictor, TrainConfig
+    from predictor.spaces import SearchSpace
+
+#: the samplers validated, in tie-break order; k-means medoids never led a validation fold's
+#: mean at k=20 and cost seconds per pick on a 15k-architecture space, so they are left out
+SAMPLER_CANDIDATES = ("stratified", "random")
+VALIDATION_KS = (5, 10, 20)
+VALIDATION_SEEDS = (0, 1, 2)
+
+#: fit(table, seed) -> a base predictor pre-trained on that table
+Fit = Callable[[LatencyTable, int], "LatencyPredictor"]
+
+
+def held_out_devices(devices: Sequence[str], folds: int, seed: int) -> list[str]:
+    """The reference devices held out in turn: all of them, or a seeded subset of `folds`."""
+    if folds <= 0 or len(devices) < 2:
+        return []
+    if len(devices) <= folds:
+        return list(devices)
+    picks = np.sort(np.random.default_rng(seed).choice(len(devices), size=folds, replace=False))
+    return [devices[i] for i in picks]
+
+
+def without_device(table: LatencyTable, device: str) -> LatencyTable:
+    """The table less one device's column, and less the architectures only it measured."""
+    keep = [i for i, d in enumerate(table.devices) if d != device]
+    log_ms = table.log_ms[:, keep]
+    rows = ~np.isnan(log_ms).all(axis=1)
+    return LatencyTable([k for k, r in zip(table.keys, rows) if r], [table.devices[i] for i in keep], log_ms[rows])
+
+
+def validate_samplers(
+    space: "SearchSpace",
+    table: LatencyTable,
+    fit: Fit,
+    *,
+    folds: int,
+    seed: int = 0,
+    candidates: Sequence[str] = SAMPLER_CANDIDATES,
+    ks: Sequence[int] = VALIDATION_KS,
+    seeds: Sequence[int] = VALIDATION_SEEDS,
+) -> dict[str, dict[int, float]]:
+    """Mean leave-one-reference-device-out Spearman rho per candidate sampler and sample count;
+    empty when there are too few reference devices (or folds) to hold one out."""
+    from predictor.model import bagged_centre
+    from predictor.samplers import get_sampler
+
+    samplers = [get_sampler(name) for name in candidates]
+    scores: dict[str, dict[int, list[float]]] = {name: {k: [] for k in ks} for name in candidates}
+    for device in held_out_devices(table.devices, folds, seed):
+        col = table.devices.index(device)
+        measured = ~np.isnan(table.log_ms[:, col])
+        keys = [key for key, m in zip(table.keys, measured) if m]
+        if len(keys) <= 2 * max(ks):
+            continue
+        truth = dict(zip(keys, np.exp(table.log_ms[measured, col].astype(np.float64))))
+        fold = _Designed(fit(without_device(table, device), seed), keys)
+        measured_log = np.log(np.asarray([truth[key] for key in keys]))
+        for name, sampler in zip(candidates, samplers):
+            for k in ks:
+                for sample_seed in seeds:
+                    picked = sampler.select(space, k, seed=sample_seed, predictor=fold, candidates=keys)  # type: ignore[arg-type]
+                    rest = np.ones(len(keys), dtype=bool)
+                    rest[[fold.row[key] for key in picked]] = False
+                    # what `predict` answers on the held-out rest, in log-latency (ranks are all
+                    # that count)
+                    device_fit = fold.predictor.adapt({key: truth[key] for key in picked}, name=device,
+                                                      seed=sample_seed).target
+                    predicted = bagged_centre(fold.design[rest] @ device_fit.coef.T + device_fit.intercept)
+                    scores[name][k].append(spearman(predicted, measured_log[rest]))
+    if not any(scores[candidates[0]][k] for k in ks):
+        return {}
+    return {name: {k: float(np.nanmean(values)) for k, values in per_k.items()} for name, per_k in scores.items()}
+
+
+class _Designed:
+    """A fold predictor with the adaptation's design of every candidate computed once: the
+    samplers read `descriptors`/`embed` of the same keys many times over."""
+
+    def __init__(self, predictor: "LatencyPredictor", keys: list[str]) -> None:
+        self.predictor = predictor
+        self.row = {key: i for i, key in enumerate(keys)}
+        self.design = predictor.descriptors(keys)
+        self.n_reference = len(predictor.reference_devices)
+        self.preferred_samplers: dict[int, str] = {}
+
+    def descriptors(self, keys: Sequence[str]) -> np.ndarray:
+        return self.design[[self.row[key] for key in keys]]
+
+    def embed(self, keys: Sequence[str]) -> np.ndarray:
+        return self.descriptors(keys)[:, : self.n_reference]
+
+
+def preferred_samplers(scores: dict[str, dict[int, float]]) -> dict[int, str]:
+    """Per validated sample count, the candidate with the best mean rho (the first on a tie)."""
+    if not scores:
+        return {}
+    ks = sorted(next(iter(scores.values())))
+    return {k: max(scores, key=lambda name: (scores[name][k], -list(scores).index(name))) for k in ks}
+
+
+def sampler_for(preferred: dict[int, str], k: int) -> str | None:
+    """The preferred sampler at the validated sample count nearest to `k` (in log scale)."""
+    if not preferred:
+        return None
+    nearest = min(preferred, key=lambda validated: (abs(np.log(validated) - np.log(max(k, 1))), validated))
+    return preferred[nearest]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho (average ranks for ties); NaN when either side is constant or not finite."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()) or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    ra, rb = _ranks(a), _ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    starts = np.r_[True, sorted_values[1:] != sorted_values[:-1]]
+    group = np.cumsum(starts) - 1
+    first = np.flatnonzero(starts)
+    counts = np.diff(np.r_[first, len(values)])
+    average = first + (counts - 1) / 2.0
+    ranks = np.empty(len(values))
+    ranks[order] = average[group]
+    return ranks

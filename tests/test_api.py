@@ -9,6 +9,7 @@ import httpx
 import pytest
 from onnx import TensorProto, helper
 
+from predictor.spaces import get_space
 from tests.conftest import pretrained
 from tests.test_farm_jobs import scrape
 
@@ -206,8 +207,12 @@ def test_whole_space_predict_on_an_imported_device(imported, api: httpx.Client) 
 
     rho = spearmanr([predicted[m["architecture"]] for m in truth["items"]], [m["latency_ms"] for m in truth["items"]])
     assert rho.statistic > 0.9
+    fbnet_key = get_space("fbnet").sample(1, seed=0)[0]
     assert_json_error(api.post("/predict", json={"device": "titan_rtx_256", "space": "fbnet",
-                                                 "architectures": "all"}), 409, "device")
+                                                 "architectures": [fbnet_key]}), 409, "device")
+    # a space too large to list checks the request before any device
+    assert_json_error(api.post("/predict", json={"device": "titan_rtx_256", "space": "fbnet",
+                                                 "architectures": "all"}), 422, "architectures")
     assert_json_error(api.post("/predict", json={"device": "titan_rtx_256", "space": "nb201",
                                                  "architectures": [NB201_KEY, "bad"]}), 422, "architectures.1")
 

@@ -39,8 +39,10 @@ class TrainingWorker:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop after the task in hand; a long one is not waited for (the thread is a daemon, and
+        the task is claimed again once its lease runs out)."""
         self._stop.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=5)
 
     def run_forever(self) -> None:
         self.cache.pin_torch_threads()

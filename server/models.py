@@ -281,6 +281,8 @@ class Measurement(Base):
 
 class Predictor(Base):
     __tablename__ = "predictors"
+    # /predict's pick and every new valid measurement's re-adaptation check look a device up here
+    __table_args__ = (Index("ix_predictors_device_space", "device_id", "space_id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     space_id: Mapped[int] = mapped_column(ForeignKey("search_spaces.id"))

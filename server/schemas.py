@@ -340,14 +340,10 @@ class TaskOut(BaseModel):
     started_at: Timestamp | None
     finished_at: Timestamp | None
 
-    @field_validator("space", mode="before")
+    @field_validator("space", "device", mode="before")
     @classmethod
-    def _space_name(cls, value: Any) -> Any:
-        return getattr(value, "name", value)
-
-    @field_validator("device", mode="before")
-    @classmethod
-    def _device_name(cls, value: Any) -> Any:
+    def _row_name(cls, value: Any) -> Any:
+        """The space and device rows of the task, by name."""
         return getattr(value, "name", value)
 
 

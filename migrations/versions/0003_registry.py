@@ -56,11 +56,13 @@ def upgrade() -> None:
     with op.batch_alter_table('predictors', schema=None) as batch_op:
         batch_op.add_column(sa.Column('status', sa.Enum('ready', 'stale', name='predictorstatus', native_enum=False, length=16), nullable=False, server_default='ready'))
         batch_op.add_column(sa.Column('data_snapshot', sa.JSON(), nullable=False, server_default='{}'))
+        batch_op.create_index('ix_predictors_device_space', ['device_id', 'space_id'], unique=False)
 
 
 
 def downgrade() -> None:
     with op.batch_alter_table('predictors', schema=None) as batch_op:
+        batch_op.drop_index('ix_predictors_device_space')
         batch_op.drop_column('data_snapshot')
         batch_op.drop_column('status')
 

@@ -12,7 +12,7 @@ from server.api.deps import ServicesDep
 from server.auth import PREDICT, Principal
 from server.errors import Error
 from server.schemas import PredictIn, PredictOut
-from server.services.predictors import predict_batch, predict_from_memory
+from server.services.predictors import PredictQuery, predict_batch, predict_from_memory
 
 router = APIRouter(prefix="/api/v1", tags=["predict"])
 
@@ -28,7 +28,9 @@ async def predict(body: PredictIn, services: ServicesDep, principal: Annotated[P
     # answers already known come straight from memory; the rest takes one trip to a worker thread
     # (async: a sync endpoint would take a second trip to validate the response there)
     with metrics.PREDICT_SECONDS.time():
-        answer = predict_from_memory(services.predictors, body) or await run_in_threadpool(
-            predict_batch, services.sessions, services.predictors, body)
+        query = PredictQuery.of(body)
+        answer = predict_from_memory(services.predictors, query)
+        if answer is None:
+            answer = await run_in_threadpool(predict_batch, services.sessions, services.predictors, query)
     metrics.PREDICT_ARCHITECTURES.inc(len(answer.architectures))
     return answer

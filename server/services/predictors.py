@@ -129,8 +129,8 @@ class PredictorCache:
 
     def pin_torch_threads(self) -> None:
         """Set torch's thread count in the calling thread: OpenMP keeps it per thread, so the count
-        set at start-up does not reach request or worker threads, and a second OpenMP thread on a
-        busy 2-core host slowed pre-training 16-fold."""
+        set at start-up does not reach request or worker threads. Unpinned, the server's NB201
+        pre-training on a busy 2-core host was 91 % done after 10 minutes; pinned, it took 79 s."""
         if getattr(self._pinned, "threads", None) != self.torch_threads:
             torch.set_num_threads(self.torch_threads)
             self._pinned.threads = self.torch_threads
@@ -300,44 +300,51 @@ def explanation(session: Session, cache: PredictorCache, device: Device, space: 
                       resembles=found.resembles, op_costs=found.op_costs)
 
 
-def requested_keys(space: SearchSpace, request: PredictIn) -> list[str]:
-    """The canonical keys a /predict request asks about (every key of the space for "all")."""
-    if request.architectures == "all":
-        try:
-            keys = list(space.enumerate())
-        except NotImplementedError as exc:
-            raise Invalid(f"{exc}; list the architectures instead", "architectures") from exc
-    else:
-        keys = [canonical_key(space, key, f"architectures.{i}") for i, key in enumerate(request.architectures)]
-    if len(keys) > MAX_BATCH:
-        raise Invalid(f"at most {MAX_BATCH} architectures per call", "architectures")
-    return keys
+@dataclass(frozen=True)
+class PredictQuery:
+    """A /predict request, checked and with canonical keys (every key of the space for "all")."""
+
+    space: SearchSpace
+    device: str
+    predictor_id: int | None
+    keys: list[str]
+
+    @classmethod
+    def of(cls, request: PredictIn) -> "PredictQuery":
+        space = resolve_space(request.space)
+        if request.architectures == "all":
+            try:
+                keys = list(space.enumerate())
+            except NotImplementedError as exc:
+                raise Invalid(f"{exc}; list the architectures instead", "architectures") from exc
+        else:
+            keys = [canonical_key(space, key, f"architectures.{i}") for i, key in enumerate(request.architectures)]
+        if len(keys) > MAX_BATCH:
+            raise Invalid(f"at most {MAX_BATCH} architectures per call", "architectures")
+        return cls(space, request.device, request.predictor_id, keys)
 
 
-def predict_from_memory(cache: PredictorCache, request: PredictIn) -> PredictOut | None:
+def predict_from_memory(cache: PredictorCache, query: PredictQuery) -> PredictOut | None:
     """The answer when the predictor pick and every answer are in memory (no I/O, no model): what
     NAS clients asking about the same architectures again and again get; None otherwise."""
-    space = resolve_space(request.space)
-    pick = cache.pick(space.name, request.device, request.predictor_id)
+    pick = cache.pick(query.space.name, query.device, query.predictor_id)
     if pick is None:
         return None
-    keys = requested_keys(space, request)
-    found = cache.remembered(pick, keys)
-    return _answer(space, pick, keys, *found) if found is not None else None
+    found = cache.remembered(pick, query.keys)
+    return None if found is None else _answer(query, pick, *found)
 
 
-def predict_batch(sessions: sessionmaker[Session], cache: PredictorCache, request: PredictIn) -> PredictOut:
-    space = resolve_space(request.space)
-    keys = requested_keys(space, request)
-    pick = cache.pick(space.name, request.device, request.predictor_id)
+def predict_batch(sessions: sessionmaker[Session], cache: PredictorCache, query: PredictQuery) -> PredictOut:
+    pick = cache.pick(query.space.name, query.device, query.predictor_id)
     if pick is None:
         with session_scope(sessions) as session:
-            device = get_device(session, request.device)
-            row = predictor_for(session, space, device, request.predictor_id)
+            device = get_device(session, query.device)
+            row = predictor_for(session, query.space, device, query.predictor_id)
             pick = Pick(row.id, row.version, row.kind, row.status, device.name)
-        cache.remember_pick(space.name, request.device, request.predictor_id, pick)
-    ms, std = cache.answer(pick.predictor_id, pick.device, keys, lambda: _checkpoint(sessions, pick.predictor_id))
-    return _answer(space, pick, keys, ms, std)
+        cache.remember_pick(query.space.name, query.device, query.predictor_id, pick)
+    ms, std = cache.answer(pick.predictor_id, pick.device, query.keys,
+                           lambda: _checkpoint(sessions, pick.predictor_id))
+    return _answer(query, pick, ms, std)
 
 
 def _checkpoint(sessions: sessionmaker[Session], predictor_id: int) -> bytes:
@@ -345,7 +352,7 @@ def _checkpoint(sessions: sessionmaker[Session], predictor_id: int) -> bytes:
         return session.scalars(select(Predictor.checkpoint).where(Predictor.id == predictor_id)).one()
 
 
-def _answer(space: SearchSpace, pick: Pick, keys: list[str], ms: list[float], std: list[float]) -> PredictOut:
-    return PredictOut(device=pick.device, space=space.name, predictor_id=pick.predictor_id,
+def _answer(query: PredictQuery, pick: Pick, ms: list[float], std: list[float]) -> PredictOut:
+    return PredictOut(device=pick.device, space=query.space.name, predictor_id=pick.predictor_id,
                       predictor_version=pick.version, predictor_kind=pick.kind, predictor_status=pick.status,
-                      architectures=keys, latency_ms=ms, uncertainty_ms=std)
+                      architectures=query.keys, latency_ms=ms, uncertainty_ms=std)

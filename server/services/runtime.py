@@ -56,5 +56,5 @@ def explain_device(settings: Settings, device: str, space: str) -> ExplainOut:
 
 
 def predict_latencies(settings: Settings, device: str, space: str, architectures: list[str] | Literal["all"]) -> PredictOut:
-    request = PredictIn(device=device, space=space, architectures=architectures)
-    return predictors.predict_batch(_sessions(settings), predictors.PredictorCache(), request)
+    query = predictors.PredictQuery.of(PredictIn(device=device, space=space, architectures=architectures))
+    return predictors.predict_batch(_sessions(settings), predictors.PredictorCache(), query)

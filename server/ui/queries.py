@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, func, select
-from sqlalchemy.orm import Session, defer, selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from server.models import (
     Agent,
@@ -23,6 +23,7 @@ from server.models import (
     SearchSpaceRow,
     as_utc,
 )
+from server.services.predictors import NO_CHECKPOINT
 
 #: canary runs shown in a device row's sparkline
 SPARKLINE_RUNS = 30
@@ -105,7 +106,7 @@ class PredictorRow:
     kind: str
     space: str
     version: int
-    status: str | None
+    status: str
     device: str | None
     parent_id: int | None
     training_devices: list[str]
@@ -267,29 +268,21 @@ def finished(session: Session) -> list[JobRow]:
                  .order_by(Job.finished_at.desc(), Job.id.desc()).limit(RECENT_ROWS))
 
 
-def _predictor_query() -> Select[tuple[Predictor, str | None]]:
-    # the checkpoint is megabytes and the dashboard never needs it
-    return select(Predictor, Device.name).options(defer(Predictor.checkpoint)).outerjoin(
-        Device, Device.id == Predictor.device_id)
-
-
-def _predictor_row(row: Predictor, device: str | None) -> PredictorRow:
-    status = getattr(row, "status", None)
+def _predictor_row(row: Predictor) -> PredictorRow:
     return PredictorRow(
-        id=row.id, kind=row.kind.value, space=row.space.name, version=row.version,
-        status=getattr(status, "value", status), device=device, parent_id=row.parent_id,
-        training_devices=list(row.training_devices or []), metrics=dict(row.metrics or {}),
-        created_at=as_utc(row.created_at),
+        id=row.id, kind=row.kind.value, space=row.space.name, version=row.version, status=row.status.value,
+        device=row.device.name if row.device else None, parent_id=row.parent_id,
+        training_devices=list(row.training_devices), metrics=dict(row.metrics), created_at=as_utc(row.created_at),
     )
 
 
 def predictors(session: Session, device_name: str | None = None) -> list[PredictorRow]:
-    query = _predictor_query().order_by(Predictor.id.desc())
+    query = select(Predictor).options(NO_CHECKPOINT).order_by(Predictor.id.desc())
     if device_name is not None:
-        query = query.where(Device.name == device_name)
-    return [_predictor_row(row, device) for row, device in session.execute(query)]
+        query = query.where(Predictor.device.has(Device.name == device_name))
+    return [_predictor_row(row) for row in session.scalars(query)]
 
 
 def predictor(session: Session, predictor_id: int) -> PredictorRow | None:
-    found = session.execute(_predictor_query().where(Predictor.id == predictor_id)).first()
-    return _predictor_row(*found) if found else None
+    row = session.get(Predictor, predictor_id, options=[NO_CHECKPOINT])
+    return _predictor_row(row) if row is not None else None

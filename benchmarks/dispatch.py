@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 import onnx
@@ -63,34 +64,32 @@ class Tally:
     results: int = 0
 
 
-async def register(http: httpx.AsyncClient, index: int, device: str) -> tuple[dict[str, str], float]:
+async def register(http: aiohttp.ClientSession, index: int, device: str) -> tuple[dict[str, str], float]:
     """Register a simulated agent; returns its auth header and the server's long-poll wait."""
-    registered = await http.post("/agents/register", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                                 json={"name": f"sim-{index}", "devices": [{"name": device}],
-                                       "capabilities": CAPABILITIES})
-    registered.raise_for_status()
-    reply = registered.json()
+    async with http.post("/api/v1/agents/register", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                         json={"name": f"sim-{index}", "devices": [{"name": device}],
+                               "capabilities": CAPABILITIES}) as registered:
+        reply = await registered.json()
     return {"Authorization": f"Bearer {reply['agent_token']}"}, reply["poll_wait_s"]
 
 
-async def work(http: httpx.AsyncClient, agent: tuple[dict[str, str], float], tally: Tally) -> None:
+async def work(http: aiohttp.ClientSession, agent: tuple[dict[str, str], float], tally: Tally) -> None:
     """Lease and finish jobs, long-polling like a real agent, until cancelled."""
     auth, poll_wait_s = agent
     while True:
         started = time.perf_counter()
-        leased = await http.get("/agents/me/jobs/next", params={"wait": poll_wait_s}, headers=auth)
-        if leased.status_code == 204:
-            continue
-        leased.raise_for_status()
-        claimed = time.perf_counter()
-        tally.claim_ms.append((claimed - started) * 1000)
-        lease = leased.json()
-        posted = await http.post(f"/jobs/{lease['job_id']}/result", json=result_body(lease["lease_id"]), headers=auth)
-        posted.raise_for_status()
+        async with http.get("/api/v1/agents/me/jobs/next", params={"wait": poll_wait_s}, headers=auth) as leased:
+            if leased.status == 204:
+                continue
+            lease = await leased.json()
+        tally.claim_ms.append((time.perf_counter() - started) * 1000)
+        async with http.post(f"/api/v1/jobs/{lease['job_id']}/result", json=result_body(lease["lease_id"]),
+                             headers=auth) as posted:
+            await posted.read()
         tally.results += 1
 
 
-async def drive(http: httpx.AsyncClient, agents: list[tuple[dict[str, str], float]], results: int) -> Tally:
+async def drive(http: aiohttp.ClientSession, agents: list[tuple[dict[str, str], float]], results: int) -> Tally:
     """Run the agents until they have posted `results` results, then stop them (the queue is
     empty by then, so a long poll cut short leases nothing)."""
     tally = Tally()
@@ -108,36 +107,58 @@ async def drive(http: httpx.AsyncClient, agents: list[tuple[dict[str, str], floa
     return tally
 
 
-async def submit_jobs(http: httpx.AsyncClient, devices: list[str], per_device: int, sha256: str) -> int:
+async def submit_jobs(http: aiohttp.ClientSession, devices: list[str], per_device: int, sha256: str) -> int:
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     queue = [{"device": device, "artifact": sha256, "preset": "quick", "force": True}
              for _ in range(per_device) for device in devices]
 
     async def post(body: dict[str, object]) -> None:
-        (await http.post("/jobs", json=body, headers=admin)).raise_for_status()
+        async with http.post("/api/v1/jobs", json=body, headers=admin) as submitted:
+            await submitted.read()
 
     for start in range(0, len(queue), 50):
         await asyncio.gather(*(post(body) for body in queue[start:start + 50]))
     return len(queue)
 
 
-async def run_round(url: str, agents: int, jobs_per_agent: int, sha256: str) -> dict[str, float]:
+async def run_round(url: str, agents: int, jobs_per_agent: int, sha256: str, server_pid: int) -> dict[str, float]:
     devices = [f"sim-device-{agents}-{i}" for i in range(max(1, agents // 2))]
-    limits = httpx.Limits(max_connections=agents + 50, max_keepalive_connections=agents + 50)
-    async with httpx.AsyncClient(base_url=f"{url}/api/v1", limits=limits, timeout=60) as http:
+    connector = aiohttp.TCPConnector(limit=agents + 50)
+    async with aiohttp.ClientSession(url, connector=connector, raise_for_status=True,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as http:
         simulated = await asyncio.gather(*(register(http, i, devices[i % len(devices)]) for i in range(agents)))
         # the registration canaries first, then a full queue: the timed part is dispatch alone
         await drive(http, simulated, len(devices))
         submitted_at = time.perf_counter()
         total = await submit_jobs(http, devices, agents * jobs_per_agent // len(devices), sha256)
         submit_s = time.perf_counter() - submitted_at
-        started = time.perf_counter()
+        started, server_cpu, bench_cpu = time.perf_counter(), cpu_seconds(server_pid), time.process_time()
         tally = await drive(http, simulated, total)
         elapsed = time.perf_counter() - started
+        server_cpu, bench_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - bench_cpu
     claims = np.asarray(tally.claim_ms)
     return {"agents": agents, "devices": len(devices), "jobs": total, "seconds": elapsed,
             "jobs_per_s": total / elapsed, "submit_per_s": total / submit_s,
-            "claim_p50_ms": float(np.percentile(claims, 50)), "claim_p99_ms": float(np.percentile(claims, 99))}
+            "claim_p50_ms": float(np.percentile(claims, 50)), "claim_p99_ms": float(np.percentile(claims, 99)),
+            "server_cpu_ms_per_job": server_cpu / total * 1000, "bench_cpu_ms_per_job": bench_cpu / total * 1000}
+
+
+def cpu_seconds(root: int) -> float:
+    """User + system CPU time so far of process `root` and its descendants (Linux /proc; 0 elsewhere)."""
+    stats = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    tree, ticks = {root}, 0
+    for pid in sorted(stats):  # children have larger pids than their parents (no pid wrap-around here)
+        parent, used = stats[pid]
+        if pid == root or parent in tree:
+            tree.add(pid)
+            ticks += used
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def check_database(dsn: str) -> dict[str, int]:
@@ -169,19 +190,21 @@ def main() -> None:
         port = free_port()
         env = {"LATFARM_DATABASE_URL": dsn, "LATFARM_ADMIN_TOKEN": ADMIN_TOKEN,
                "LATFARM_ARTIFACT_DIR": str(workdir / "artifacts"), "LATFARM_CANARY_EVERY": "0"}
-        with server_process(env, port, workers=args.workers, log=workdir / "server.log", access_log=False):
+        with server_process(env, port, workers=args.workers, log=workdir / "server.log", access_log=False) as server:
             url = f"http://127.0.0.1:{port}"
             uploaded = httpx.post(f"{url}/api/v1/artifacts", content=tiny_onnx(),
                                   headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
             uploaded.raise_for_status()
             for agents in args.agents:
-                report = asyncio.run(run_round(url, agents, args.jobs_per_agent, uploaded.json()["sha256"]))
+                report = asyncio.run(run_round(url, agents, args.jobs_per_agent, uploaded.json()["sha256"],
+                                                 server.pid))
                 checks = check_database(dsn)
                 double = checks["leased_twice"] + checks["measured_twice"]
                 print(f"dispatch: N={agents} devices={report['devices']} jobs={report['jobs']} "
                       f"workers={args.workers} seconds={report['seconds']:.2f} jobs_per_s={report['jobs_per_s']:.0f} "
                       f"claim_p50_ms={report['claim_p50_ms']:.1f} claim_p99_ms={report['claim_p99_ms']:.1f} "
-                      f"submit_per_s={report['submit_per_s']:.0f} unfinished={checks['unfinished']} "
+                      f"submit_per_s={report['submit_per_s']:.0f} server_cpu_ms_per_job={report['server_cpu_ms_per_job']:.1f} "
+                      f"bench_cpu_ms_per_job={report['bench_cpu_ms_per_job']:.1f} unfinished={checks['unfinished']} "
                       f"double_leases={double}", flush=True)
 
 

@@ -33,6 +33,7 @@ from server.errors import BodySizeLimit, install_error_handlers
 from server.logs import RequestId, configure_worker_logging
 from server.ratelimit import RateLimiter
 from server.services.artifacts import ArtifactStore
+from server.services.leasing import Leases
 from server.services import onboarding
 from server.services.predictors import PredictorCache
 from server.services.reaper import Reaper
@@ -55,10 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("LATFARM_ADMIN_TOKEN is not set; this run's admin token is %s", admin_token)
     sessions = make_session_factory(make_engine(settings.database_url))
     url = normalise_url(settings.database_url)
+    store = ArtifactStore(settings.artifact_dir)
     services = Services(
         settings=settings,
         sessions=sessions,
-        store=ArtifactStore(settings.artifact_dir),
+        store=store,
+        leases=Leases(store, settings),
         predictors=PredictorCache(torch_threads=settings.torch_threads),
         admin_token=admin_token,
         tokens=TokenCache(),

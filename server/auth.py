@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from server.db import session_scope
 from server.errors import Forbidden, Unauthorized
-from server.models import Agent, ClientToken, Scope
+from server.models import Agent, AgentDevice, ClientToken, Scope
 
 TOKEN_CACHE_S = 10.0
 ADMIN_SCOPES = frozenset({Scope.read, Scope.predict, Scope.submit, Scope.admin})
@@ -41,6 +41,8 @@ class Principal:
     kind: Literal["admin", "client", "agent"]
     scopes: frozenset[Scope]
     agent_id: int | None = None
+    #: the devices an agent serves (as of the lookup: for waking its long polls, not for access)
+    device_ids: tuple[int, ...] = ()
     token_id: int | None = None
 
 
@@ -67,6 +69,11 @@ class TokenCache:
         with self._lock:
             self._entries = {h: e for h, e in self._entries.items() if e[0].token_id != token_id}
 
+    def forget_agent(self, agent_id: int) -> None:
+        """Drop an agent's entry (its devices changed at re-registration)."""
+        with self._lock:
+            self._entries = {h: e for h, e in self._entries.items() if e[0].agent_id != agent_id}
+
 
 async def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
     """The caller's principal; the database is asked (on a worker thread) only on a cache miss."""
@@ -88,7 +95,8 @@ def _lookup(sessions, token_hash: str) -> Principal:  # type: ignore[no-untyped-
     with session_scope(sessions) as session:
         agent_id = session.scalar(select(Agent.id).where(Agent.token_hash == token_hash))
         if agent_id is not None:
-            return Principal("agent", frozenset({Scope.agent}), agent_id=agent_id)
+            devices = session.scalars(select(AgentDevice.device_id).where(AgentDevice.agent_id == agent_id))
+            return Principal("agent", frozenset({Scope.agent}), agent_id=agent_id, device_ids=tuple(devices))
         client = session.scalar(
             select(ClientToken).where(ClientToken.token_hash == token_hash, ClientToken.revoked_at.is_(None))
         )

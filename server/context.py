@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.auth import TokenCache
 from server.ratelimit import RateLimiter
 from server.services.artifacts import ArtifactStore
+from server.services.leasing import Leases
 from server.services.predictors import PredictorCache
 from server.services.wakeup import JobWakeup
 from server.settings import Settings
@@ -19,6 +20,7 @@ class Services:
     settings: Settings
     sessions: sessionmaker[Session]
     store: ArtifactStore
+    leases: Leases
     predictors: PredictorCache
     admin_token: str
     tokens: TokenCache

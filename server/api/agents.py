@@ -20,7 +20,6 @@ from server.errors import Conflict, Invalid, Unauthorized
 from server.models import Agent, AgentDevice, Device, DeviceState, RegistrationToken, utcnow
 from server.schemas import INT_MAX, RegistrationTokenOut
 from server.services import health
-from server.services import jobs as job_service
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
 #: a long poll re-checks the queue this often even without a wake-up (e.g. from another server)
@@ -55,6 +54,7 @@ def register(body: RegisterRequest, session: Db, services: ServicesDep,
         device = _serve_device(session, spec.name, dict(spec.attributes), body.capabilities.cpu_model)
         session.add(AgentDevice(agent_id=agent.id, device_id=device.id))
         health.queue_canary(session, device, services.settings)
+    services.tokens.forget_agent(agent.id)
     settings = services.settings
     return RegisterResponse(agent_id=agent.id, agent_token=token, poll_wait_s=settings.poll_wait_s,
                             heartbeat_s=settings.heartbeat_s, lease_ttl_s=settings.lease_ttl_s)
@@ -112,14 +112,9 @@ def _count(attributes: dict[str, object], key: str) -> int:
     return count
 
 
-def _agent_devices(services: Services, agent_id: int) -> list[int]:
-    with session_scope(services.sessions) as session:
-        return list(session.scalars(select(AgentDevice.device_id).where(AgentDevice.agent_id == agent_id)))
-
-
 def _try_claim(services: Services, agent_id: int) -> JobLease | None:
     with session_scope(services.sessions) as session:
-        return job_service.claim_next(session, agent_id, services.store, services.settings)
+        return services.leases.claim(session, agent_id)
 
 
 @router.get("/me/jobs/next", responses={204: {"description": "no job arrived within `wait` seconds"}})
@@ -130,8 +125,7 @@ async def next_job(request: Request, agent: AgentPrincipal, services: ServicesDe
     lease expired)."""
     assert agent.agent_id is not None
     deadline = time.monotonic() + wait
-    devices = await run_in_threadpool(_agent_devices, services, agent.agent_id)
-    with services.wakeup.subscription(devices) as changed:
+    with services.wakeup.subscription(agent.device_ids) as changed:
         while True:
             changed.clear()
             if await request.is_disconnected():

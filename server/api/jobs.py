@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, BackgroundTasks, Query, status
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -10,6 +11,7 @@ from agent.protocol import HeartbeatRequest, HeartbeatResponse, JobResult
 from server.api.deps import Db, ServicesDep
 from server.auth import READ, SUBMIT, AgentPrincipal
 from server.context import Services
+from server.db import session_scope
 from server.errors import Conflict, NotFound
 from server.models import Artifact, Job, JobKind, JobStatus, Measurement, utcnow
 from server.schemas import INT_MAX, JobIn, JobOut, RowId
@@ -128,15 +130,25 @@ def heartbeat(job_id: RowId, body: HeartbeatRequest, session: Db, agent: AgentPr
               services: ServicesDep) -> HeartbeatResponse:
     """Extend the lease; the answer says whether the job should stop. 409 for a stale lease."""
     assert agent.agent_id is not None
+    services.leases.touch(session.connection(), agent.agent_id)
     return job_service.heartbeat(session, agent.agent_id, job_id, body.lease_id, services.settings.lease_ttl_s)
 
 
 @router.post("/{job_id}/result")
-def post_result(job_id: RowId, body: JobResult, session: Db, agent: AgentPrincipal, services: ServicesDep,
-                background: BackgroundTasks) -> JobOut:
+async def post_result(job_id: RowId, body: JobResult, agent: AgentPrincipal, services: ServicesDep,
+                      background: BackgroundTasks) -> JobOut:
     """Record an agent's result for a job it holds the lease of. Idempotent; 409 for a stale lease."""
     assert agent.agent_id is not None
-    job = job_service.record_result(session, agent.agent_id, job_id, body, services.settings)
-    _finish_onboarding_later(job, services, background)
-    session.flush()
-    return job_out(session, job)
+    recorded, finished_onboarding = await run_in_threadpool(_record_result, services, agent.agent_id, job_id, body)
+    if finished_onboarding is not None:
+        background.add_task(onboarding_service.finish_if_measured, services.sessions, finished_onboarding)
+    return recorded
+
+
+def _record_result(services: Services, agent_id: int, job_id: int, body: JobResult) -> tuple[JobOut, int | None]:
+    """The job after its result, and its onboarding if the job finished (that may have been the
+    onboarding's last job). One session and one worker-thread hop: this comes once per job."""
+    with session_scope(services.sessions) as session:
+        job = job_service.record_result(session, agent_id, job_id, body, services.settings)
+        session.flush()
+        return job_out(session, job), job.onboarding_id if job.status in job_service.FINISHED else None

@@ -1,37 +1,26 @@
-"""Job lifecycle: submit (or reuse a measurement), lease to an agent, heartbeat, record the result."""
+"""Job lifecycle: submit (or reuse a measurement), heartbeat, record the result (leasing is in `leasing`)."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import ColumnElement, Row, and_, case, exists, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
 
 from agent.protocol import (
     INFRASTRUCTURE_FAILURES,
     PRESETS,
     PROTOCOL_VERSION,
-    ArtifactFormat,
-    ArtifactRef,
     HeartbeatResponse,
-    JobLease,
     JobResult,
     Preset,
     ResultStatus,
-    Runtime,
 )
 from agent.quality import quality_flags
 from server import metrics
 from server.errors import Conflict, Forbidden, Invalid, NotFound
 from server.models import (
-    Agent,
-    Architecture,
-    AgentDevice,
-    Artifact,
     Device,
     DeviceState,
     Job,
@@ -43,25 +32,10 @@ from server.models import (
     utcnow,
 )
 from server.services import health, selectors, training_queue
-from server.services.artifacts import ArtifactStore, materialise
 from server.services.wakeup import jobs_changed
 from server.settings import Settings
 
 FINISHED = (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
-#: how many queued selector jobs one claim looks through for one its devices match
-SELECTOR_SCAN = 50
-#: another job of the same device (built once: aliasing a mapped class is costly)
-_RUNNING = aliased(Job)
-#: queued jobs for any device matching a selector, most urgent first
-_SELECTOR_JOBS = (
-    select(Job.id, Job.priority, Job.selector)
-    .where(Job.status == JobStatus.queued, Job.device_id.is_(None))
-    .order_by(Job.priority.desc(), Job.id)
-    .limit(SELECTOR_SCAN)
-    .with_for_update(of=Job, skip_locked=True)
-)
-#: an agent's `last_seen` is written at most this often (offline detection works in minutes)
-LAST_SEEN_RESOLUTION_S = 5
 
 
 @dataclass(frozen=True)
@@ -132,130 +106,7 @@ def queue_position(session: Session, job: Job) -> int | None:
     return session.scalar(select(func.count()).where(Job.status == JobStatus.queued, same_queue, ahead))
 
 
-# ------------------------------------------------------------------------------------ leasing
-
-
-def claim_next(session: Session, agent_id: int, store: ArtifactStore, settings: Settings) -> JobLease | None:
-    """Lease the most urgent queued job one of the agent's idle devices may run.
-
-    Atomic on both backends: the job row is locked (`FOR UPDATE SKIP LOCKED` on Postgres) and
-    flipped from queued with a guarded UPDATE, and a partial unique index allows one running job
-    per device; losing either race means no lease this time, never a double one. This is the
-    farm's hottest path, so it is a handful of Core statements rather than ORM loads.
-    """
-    _touch_agent(session, agent_id, utcnow())
-    choice = _named_candidate(session, agent_id)
-    selector_jobs = session.execute(_SELECTOR_JOBS).all()
-    if selector_jobs:
-        matching = _selector_candidate(session, agent_id, selector_jobs)
-        if matching is not None and (choice is None or (matching[1], -matching[0]) > (choice[1], -choice[0])):
-            choice = matching
-    if choice is None:
-        return None
-    job_id, _, device_id = choice
-    # read after the candidate query saw the device idle, so after the previous job's finish time
-    now = utcnow()
-    lease_id = str(uuid.uuid4())
-    expires = now + timedelta(seconds=settings.lease_ttl_s)
-    try:
-        flipped = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.queued)
-            .values(status=JobStatus.running, device_id=device_id, agent_id=agent_id, lease_id=lease_id,
-                    lease_expires_at=expires, started_at=now, attempts=Job.attempts + 1, cancel_requested=False)
-            .returning(Job.artifact_sha256, Job.architecture_id, Job.preset, Job.run_timeout_s, Job.kind,
-                       Job.created_at)
-        ).first()
-    except IntegrityError:  # another agent of the same device won it a moment ago
-        session.rollback()
-        return None
-    if flipped is None:
-        return None
-    metrics.JOB_WAIT.labels(flipped.kind.value).observe((now - as_utc(flipped.created_at)).total_seconds())
-    device = session.execute(
-        update(Device)
-        .where(Device.id == device_id)
-        .values(last_seen=now, state=case((Device.state.in_([DeviceState.online, DeviceState.offline]),
-                                           DeviceState.busy), else_=Device.state))
-        .returning(Device.name, Device.threads, Device.runtime, Device.attributes)
-    ).one()
-    runtime = Runtime(device.runtime) if device.runtime in Runtime._value2member_map_ else Runtime.onnxruntime
-    artifact = _leased_artifact(session, store, job_id, flipped.artifact_sha256, flipped.architecture_id, runtime)
-    timeout_s = flipped.run_timeout_s or settings.run_timeout_s
-    provider = device.attributes.get("provider")
-    return JobLease(
-        job_id=job_id,
-        lease_id=lease_id,
-        lease_expires_at=expires.isoformat(),
-        device=device.name,
-        threads=device.threads or 1,
-        runtime=runtime,
-        provider=str(provider) if provider else None,
-        artifact=ArtifactRef(sha256=artifact.sha256, format=ArtifactFormat(artifact.format),
-                             size_bytes=artifact.size_bytes, url=f"/api/v1/artifacts/{artifact.sha256}"),
-        protocol=PRESETS[Preset(flipped.preset)].model_copy(update={"timeout_s": timeout_s}),
-    )
-
-
-def _touch_agent(session: Session, agent_id: int, now: datetime) -> None:
-    """Record that the agent is alive; a write (and a WAL flush) at most every few seconds."""
-    session.execute(
-        update(Agent)
-        .where(Agent.id == agent_id,
-               or_(Agent.last_seen.is_(None), Agent.last_seen < now - timedelta(seconds=LAST_SEEN_RESOLUTION_S)))
-        .values(last_seen=now)
-    )
-
-
-def _idle_devices(agent_id: int) -> ColumnElement[bool]:
-    """Devices the agent serves that may take a job now (degraded ones take canaries only)."""
-    return and_(
-        AgentDevice.agent_id == agent_id,
-        Device.state.not_in([DeviceState.paused, DeviceState.retired]),
-        ~exists().where(_RUNNING.device_id == Device.id, _RUNNING.status == JobStatus.running),
-    )
-
-
-def _named_candidate(session: Session, agent_id: int) -> tuple[int, int, int] | None:
-    """(job id, priority, device id) of the most urgent queued job named for an idle device."""
-    row = session.execute(
-        select(Job.id, Job.priority, Job.device_id)
-        .join(Device, Device.id == Job.device_id)
-        .join(AgentDevice, AgentDevice.device_id == Device.id)
-        .where(Job.status == JobStatus.queued, _idle_devices(agent_id),
-               or_(Device.state != DeviceState.degraded, Job.kind == JobKind.canary))
-        .order_by(Job.priority.desc(), Job.id)
-        .limit(1)
-        .with_for_update(of=Job, skip_locked=True)
-    ).first()
-    return (row.id, row.priority, row.device_id) if row else None
-
-
-def _leased_artifact(session: Session, store: ArtifactStore, job_id: int, sha256: str | None,
-                     architecture_id: int | None, runtime: Runtime) -> Artifact:
-    """The leased job's artifact; an architecture is exported in the runtime's format on first use."""
-    if sha256 is not None:
-        return session.get_one(Artifact, sha256)
-    architecture = session.get_one(Architecture, architecture_id)
-    fmt = ArtifactFormat.torch_export if runtime is Runtime.pytorch else ArtifactFormat.onnx
-    artifact = materialise(session, store, architecture, fmt)
-    session.execute(update(Job).where(Job.id == job_id).values(artifact_sha256=artifact.sha256))
-    return artifact
-
-
-def _selector_candidate(session: Session, agent_id: int,
-                        jobs: Sequence[Row[tuple[int, int, str]]]) -> tuple[int, int, int] | None:
-    """(job id, priority, device id) of the first of the queued selector `jobs` that one of the
-    agent's idle, healthy devices matches."""
-    devices = session.scalars(
-        select(Device).join(AgentDevice, AgentDevice.device_id == Device.id)
-        .where(_idle_devices(agent_id), Device.state != DeviceState.degraded)
-    ).all()
-    for job_id, priority, selector in jobs:
-        for device in devices:
-            if selectors.matches(selector, device):
-                return job_id, priority, device.id
-    return None
+# ------------------------------------------------------------------------------------ agents' calls
 
 
 def _leased_job(session: Session, agent_id: int, job_id: int, lease_id: str) -> Job:
@@ -273,9 +124,7 @@ def heartbeat(session: Session, agent_id: int, job_id: int, lease_id: str, lease
     job = _leased_job(session, agent_id, job_id, lease_id)
     if job.status != JobStatus.running:
         raise Conflict(f"job {job_id} is {job.status.value}, not running", "lease_id")
-    now = utcnow()
-    job.lease_expires_at = now + timedelta(seconds=lease_ttl_s)
-    _touch_agent(session, agent_id, now)
+    job.lease_expires_at = utcnow() + timedelta(seconds=lease_ttl_s)
     return HeartbeatResponse(lease_expires_at=as_utc(job.lease_expires_at).isoformat(), cancel_requested=job.cancel_requested)
 
 

@@ -1,0 +1,183 @@
+"""Leasing: hand a polling agent the most urgent job one of its idle devices may run.
+
+Atomic on both backends: the job row is locked (`FOR UPDATE SKIP LOCKED` on Postgres) and flipped
+from queued with a guarded UPDATE, and a partial unique index allows one running job per device;
+losing either race means no lease this time, never a double one.
+
+This is the farm's hottest path (every poll of every agent), so it runs statements built once, on
+the session's connection, rather than ORM loads. Artifacts are content-addressed, so each is
+described from memory after its first lease; an agent's `last_seen` is written at most every few
+seconds.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+
+from sqlalchemy import Connection, Row, and_, bindparam, case, exists, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
+
+from agent.protocol import PRESETS, ArtifactFormat, ArtifactRef, JobLease, Preset, Runtime
+from server import metrics
+from server.models import (
+    Agent,
+    AgentDevice,
+    Architecture,
+    Artifact,
+    Device,
+    DeviceState,
+    Job,
+    JobKind,
+    JobStatus,
+    as_utc,
+    utcnow,
+)
+from server.services import selectors
+from server.services.artifacts import ArtifactStore, materialise
+from server.settings import Settings
+
+#: how many queued selector jobs one claim looks through for one its devices match
+SELECTOR_SCAN = 50
+#: an agent's `last_seen` is written at most this often (offline detection works in minutes)
+LAST_SEEN_RESOLUTION_S = 5
+
+_RUNNING = aliased(Job)
+#: devices of the agent (bound as `agent`) that may take a job now (degraded ones take canaries only)
+_IDLE_DEVICES = and_(
+    AgentDevice.agent_id == bindparam("agent"),
+    Device.state.not_in([DeviceState.paused, DeviceState.retired]),
+    ~exists().where(_RUNNING.device_id == Device.id, _RUNNING.status == JobStatus.running),
+)
+#: queued jobs named for an idle device of the agent, most urgent first
+_NAMED_JOBS = (
+    select(Job.id, Job.priority, Job.device_id)
+    .join(Device, Device.id == Job.device_id)
+    .join(AgentDevice, AgentDevice.device_id == Device.id)
+    .where(Job.status == JobStatus.queued, _IDLE_DEVICES,
+           or_(Device.state != DeviceState.degraded, Job.kind == JobKind.canary))
+    .order_by(Job.priority.desc(), Job.id)
+    .limit(1)
+    .with_for_update(of=Job, skip_locked=True)
+)
+#: queued jobs for any device matching a selector, most urgent first
+_SELECTOR_JOBS = (
+    select(Job.id, Job.priority, Job.selector)
+    .where(Job.status == JobStatus.queued, Job.device_id.is_(None))
+    .order_by(Job.priority.desc(), Job.id)
+    .limit(SELECTOR_SCAN)
+    .with_for_update(of=Job, skip_locked=True)
+)
+#: the agent's idle, healthy devices, which selector jobs are matched against
+_SELECTABLE_DEVICES = (
+    select(Device).join(AgentDevice, AgentDevice.device_id == Device.id)
+    .where(_IDLE_DEVICES, Device.state != DeviceState.degraded)
+)
+#: lease the chosen job for the chosen device (a selector job names none)
+_LEASE_JOB = (
+    update(Job)
+    .where(Job.id == bindparam("job"), Job.status == JobStatus.queued)
+    .values(status=JobStatus.running, device_id=bindparam("device"), agent_id=bindparam("agent"),
+            lease_id=bindparam("lease"), lease_expires_at=bindparam("expires"), started_at=bindparam("now"),
+            attempts=Job.attempts + 1, cancel_requested=False)
+    .returning(Job.artifact_sha256, Job.architecture_id, Job.preset, Job.run_timeout_s, Job.kind, Job.created_at)
+)
+_MARK_BUSY = (
+    update(Device)
+    .where(Device.id == bindparam("device"))
+    .values(last_seen=bindparam("now"), state=case(
+        (Device.state.in_([DeviceState.online, DeviceState.offline]), DeviceState.busy), else_=Device.state))
+    .returning(Device.name, Device.threads, Device.runtime, Device.attributes)
+)
+_TOUCH_AGENT = update(Agent).where(Agent.id == bindparam("agent")).values(last_seen=bindparam("now"))
+_ARTIFACT = select(Artifact.sha256, Artifact.format, Artifact.size_bytes).where(Artifact.sha256 == bindparam("sha256"))
+
+class Leases:
+    """Leasing for one server process, which remembers the agents it saw lately and the artifacts
+    it described (content-addressed, so never out of date)."""
+
+    def __init__(self, store: ArtifactStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self._touched: dict[int, float] = {}
+        self._artifacts: dict[str, ArtifactRef] = {}
+
+    def claim(self, session: Session, agent_id: int) -> JobLease | None:
+        """Lease the most urgent queued job one of the agent's idle devices may run, or None."""
+        conn = session.connection()
+        self.touch(conn, agent_id)
+        selector_jobs = conn.execute(_SELECTOR_JOBS).all()
+        named = conn.execute(_NAMED_JOBS, {"agent": agent_id}).first()
+        choice = _most_urgent(session, agent_id, named, selector_jobs) if selector_jobs else named
+        if choice is None:
+            return None
+        job_id, _, device_id = choice
+        # read after the candidate query saw the device idle, so after its previous job's finish time
+        now = utcnow()
+        lease_id, expires = str(uuid.uuid4()), now + timedelta(seconds=self.settings.lease_ttl_s)
+        try:
+            leased = conn.execute(_LEASE_JOB, {"job": job_id, "device": device_id, "agent": agent_id,
+                                               "lease": lease_id, "expires": expires, "now": now}).first()
+        except IntegrityError:  # another agent of the same device won it a moment ago
+            session.rollback()
+            return None
+        if leased is None:
+            return None
+        metrics.JOB_WAIT.labels(leased.kind.value).observe((now - as_utc(leased.created_at)).total_seconds())
+        device = conn.execute(_MARK_BUSY, {"device": device_id, "now": now}).one()
+        runtime = Runtime(device.runtime) if device.runtime in Runtime._value2member_map_ else Runtime.onnxruntime
+        if leased.artifact_sha256 is not None:
+            artifact = self._artifact(conn, leased.artifact_sha256)
+        else:
+            artifact = self._exported(session, job_id, leased.architecture_id, runtime)
+        provider = device.attributes.get("provider")
+        return JobLease(
+            job_id=job_id,
+            lease_id=lease_id,
+            lease_expires_at=expires.isoformat(),
+            device=device.name,
+            threads=device.threads or 1,
+            runtime=runtime,
+            provider=str(provider) if provider else None,
+            artifact=artifact,
+            protocol=PRESETS[Preset(leased.preset)].model_copy(
+                update={"timeout_s": leased.run_timeout_s or self.settings.run_timeout_s}),
+        )
+
+    def touch(self, conn: Connection, agent_id: int) -> None:
+        """Record that the agent is alive: a write (and a WAL flush) at most every few seconds."""
+        now = time.monotonic()
+        if now - self._touched.get(agent_id, -LAST_SEEN_RESOLUTION_S) >= LAST_SEEN_RESOLUTION_S:
+            conn.execute(_TOUCH_AGENT, {"agent": agent_id, "now": utcnow()})
+            self._touched[agent_id] = now
+
+    def _artifact(self, conn: Connection, sha256: str) -> ArtifactRef:
+        ref = self._artifacts.get(sha256)
+        if ref is None:
+            row = conn.execute(_ARTIFACT, {"sha256": sha256}).one()
+            ref = self._artifacts[sha256] = ArtifactRef(
+                sha256=row.sha256, format=ArtifactFormat(row.format), size_bytes=row.size_bytes,
+                url=f"/api/v1/artifacts/{row.sha256}")
+        return ref
+
+    def _exported(self, session: Session, job_id: int, architecture_id: int, runtime: Runtime) -> ArtifactRef:
+        """An architecture job's artifact, exported in the runtime's format on first use."""
+        fmt = ArtifactFormat.torch_export if runtime is Runtime.pytorch else ArtifactFormat.onnx
+        artifact = materialise(session, self.store, session.get_one(Architecture, architecture_id), fmt)
+        session.execute(update(Job).where(Job.id == job_id).values(artifact_sha256=artifact.sha256))
+        return self._artifact(session.connection(), artifact.sha256)
+
+
+def _most_urgent(session: Session, agent_id: int, named: Row[tuple[int, int, int]] | None,
+                 selector_jobs: Sequence[Row[tuple[int, int, str]]]) -> tuple[int, int, int] | None:
+    """(job id, priority, device id) of the more urgent of the agent's `named` job and the first
+    queued selector job one of its idle, healthy devices matches."""
+    devices = session.scalars(_SELECTABLE_DEVICES, {"agent": agent_id}).all()
+    matching = next(((job_id, priority, device.id) for job_id, priority, selector in selector_jobs
+                     for device in devices if selectors.matches(selector, device)), None)
+    if named is None or (matching is not None and (matching[1], -matching[0]) > (named.priority, -named.id)):
+        return matching
+    return named.tuple()

@@ -6,6 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from agent.protocol import (
     JobResult,
     RegisterRequest,
     RegisterResponse,
+    ResultReply,
 )
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ class BadLeaseError(ApiError):
     when the body still carries them, so the agent can report the job failed instead of letting
     its lease expire again and again."""
 
-    def __init__(self, response: httpx.Response, error: Exception) -> None:
+    def __init__(self, response: httpx.Response, error: Exception, field: str | None = None) -> None:
+        """`field`: the member of the body that holds the lease (None: the body is the lease)."""
         super().__init__(response.request.method, response.request.url.path, response.status_code, f"bad lease: {error}")
         self.job_id: int | None = None
         self.lease_id: str | None = None
@@ -68,6 +71,8 @@ class BadLeaseError(ApiError):
             body = response.json()
         except ValueError:
             return
+        if isinstance(body, dict) and field is not None:
+            body = body.get(field)
         if isinstance(body, dict):
             job_id, lease_id = body.get("job_id"), body.get("lease_id")
             if isinstance(job_id, int) and not isinstance(job_id, bool) and isinstance(lease_id, str):
@@ -86,6 +91,16 @@ def _detail(response: httpx.Response) -> Any:
     if isinstance(body, dict) and "detail" in body:
         return body["detail"]
     return body
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The server's answer to a result."""
+
+    accepted: bool
+    next_lease: JobLease | None = None
+    #: a next lease the agent cannot parse, to report as failed
+    bad_lease: BadLeaseError | None = None
 
 
 class ServerClient:
@@ -250,15 +265,20 @@ class ServerClient:
             raise self._error(response)
         return self._parse(response, HeartbeatResponse)
 
-    def post_result(self, job_id: int, result: JobResult) -> bool:
-        """POST /jobs/{id}/result: True when accepted (2xx), False when the lease was stale (409)."""
-        response = self._request("POST", f"/jobs/{job_id}/result", json=result)
+    def post_result(self, job_id: int, result: JobResult, *, lease_next: bool = False) -> Delivery:
+        """POST /jobs/{id}/result: accepted (2xx) or not (409, the lease was stale); with
+        `lease_next`, the server also leases the agent's next job, if one is queued, in the answer."""
+        params = {"lease_next": "true"} if lease_next else None
+        response = self._request("POST", f"/jobs/{job_id}/result", json=result, params=params)
         if response.status_code == 409:
             log.warning("job %d: result refused, lease is stale (%s)", job_id, _detail(response))
-            return False
+            return Delivery(accepted=False)
         if not 200 <= response.status_code < 300:
             raise self._error(response)
-        return True
+        try:
+            return Delivery(accepted=True, next_lease=ResultReply.model_validate_json(response.content).next_lease)
+        except ValidationError as exc:
+            return Delivery(accepted=True, bad_lease=BadLeaseError(response, exc, field="next_lease"))
 
     def fetch_artifact(self, ref: ArtifactRef, cache: ArtifactCache) -> Path:
         """The artifact's local path: from the cache (re-verified), else downloaded from `ref.url`

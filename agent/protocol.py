@@ -140,6 +140,12 @@ class JobLease(BaseModel):
     protocol: TimingProtocol
 
 
+class ResultReply(BaseModel):
+    """What an agent reads in the answer to its result (the rest of it describes the job)."""
+
+    next_lease: JobLease | None = None
+
+
 class HeartbeatRequest(BaseModel):
     lease_id: str
 

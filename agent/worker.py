@@ -280,6 +280,7 @@ class Worker:
 
         failures = 0
         reregistered = False
+        handed: JobLease | None = None  # the next lease, handed back with the last result
         while not self._stop.is_set():
             if self.settings.max_jobs is not None and self.jobs_done >= self.settings.max_jobs:
                 log.info("done: %d job(s)", self.jobs_done)
@@ -288,7 +289,7 @@ class Worker:
             try:
                 with self._interruptible_section():
                     self.flush_outbox()
-                    lease = self.client.next_job(self.poll_wait(wait))
+                    lease, handed = handed or self.client.next_job(self.poll_wait(wait)), None
             except AuthError as exc:
                 if reregistered:
                     log.error("agent token refused again after re-registering: %s", exc)
@@ -327,11 +328,19 @@ class Worker:
                     self._stop.wait(pause)
                 continue
             try:
-                self.process(lease)
+                handed = self.process(lease)
             except Exception:  # noqa: BLE001 - one bad job must not take the agent down
                 log.exception("job %d: unexpected error", lease.job_id)
             self.jobs_done += 1
+        if handed is not None:
+            log.warning("job %d was leased with the last result but not run; its lease will expire on the server",
+                        handed.job_id)
         return 0
+
+    def _takes_another(self) -> bool:
+        """Whether the agent will run a job after the one it is finishing."""
+        limit = self.settings.max_jobs
+        return not self._stop.is_set() and (limit is None or self.jobs_done + 1 < limit)
 
     # ------------------------------------------------------------------ outbox
 
@@ -356,33 +365,37 @@ class Worker:
         self._outbox_due = time.monotonic() + delay
         log.warning("server unavailable for results (%s); kept in the outbox, re-sending in %.1f s", exc, delay)
 
-    def _submit(self, job_id: int, result: JobResult) -> bool:
-        """Put `result` in the outbox, then post it. True when the server accepted it."""
+    def _submit(self, job_id: int, result: JobResult, lease_next: bool = False) -> JobLease | None:
+        """Put `result` in the outbox, then post it. Returns the next lease the server handed back
+        with it (asked for with `lease_next`)."""
         self.state.outbox_put(self.settings.server, job_id, result)
         try:
-            return self._deliver(job_id, result)
+            return self._deliver(job_id, result, lease_next)
         except ServerUnavailable as exc:
             self._outbox_retry_later(exc)
         except AuthError as exc:
             log.warning("job %d: agent token refused (%s); the result stays in the outbox", job_id, exc)
-        return False
+        return None
 
-    def _deliver(self, job_id: int, result: JobResult) -> bool:
-        """Post one result of the outbox and remove it once the server accepted it (True) or
-        refused it for good (False: 409 stale lease, 403, 404, any other 4xx but 401). Raises
-        ServerUnavailable, or AuthError on 401, leaving it in the outbox."""
+    def _deliver(self, job_id: int, result: JobResult, lease_next: bool = False) -> JobLease | None:
+        """Post one result of the outbox and remove it once the server accepted it or refused it
+        for good (409 stale lease, 403, 404, any other 4xx but 401); returns the next lease that
+        came with the answer. Raises ServerUnavailable, or AuthError on 401, leaving it in the outbox."""
+        delivery = None
         try:
-            accepted = self.client.post_result(job_id, result)
+            delivery = self.client.post_result(job_id, result, lease_next=lease_next)
         except ApiError as exc:
             if exc.status_code == 401:
                 raise
             log.error("job %d: result refused: %s", job_id, exc)
-            accepted = False
         else:
-            if not accepted:
+            if not delivery.accepted:
                 log.warning("job %d: result dropped (stale lease)", job_id)
         self.state.outbox_remove(job_id)
-        return accepted
+        if delivery is not None and delivery.bad_lease is not None:
+            log.error("unusable lease handed back with job %d's result: %s", job_id, delivery.bad_lease)
+            self._reject_lease(delivery.bad_lease)
+        return delivery.next_lease if delivery else None
 
     # --------------------------------------------------------------------- job
 
@@ -400,8 +413,9 @@ class Worker:
         )
         self._submit(exc.job_id, result)
 
-    def process(self, lease: JobLease) -> bool:
-        """Run one leased job end to end. Returns True when the server accepted a result."""
+    def process(self, lease: JobLease) -> JobLease | None:
+        """Run one leased job end to end. Returns the next lease when the server handed one back
+        with the result."""
         assert self.registration is not None
         if lease.device not in {d.name for d in self.devices}:
             log.warning("job %d is for device %r, which this agent did not register", lease.job_id, lease.device)
@@ -418,9 +432,9 @@ class Worker:
 
         if heartbeat.lost.is_set():
             log.warning("job %d: lease lost; result dropped", lease.job_id)
-            return False
+            return None
         self._log_job(lease, outcome)
-        return self._submit(lease.job_id, self.build_result(lease, outcome))
+        return self._submit(lease.job_id, self.build_result(lease, outcome), lease_next=self._takes_another())
 
     def _measure(self, lease: JobLease, cancel: threading.Event) -> TimingOutcome:
         """Fetch the lease's artifact and time it; failures become a failed outcome."""

@@ -251,6 +251,7 @@ class Job(Base):
 
     device: Mapped[Device | None] = relationship(lazy="joined")
     architecture: Mapped[Architecture | None] = relationship(lazy="joined")
+    measurement: Mapped[Measurement | None] = relationship(foreign_keys=[measurement_id])
 
 
 class Measurement(Base):

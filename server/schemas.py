@@ -8,7 +8,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agent.protocol import Preset
+from agent.protocol import JobLease, Preset
 from predictor.explain import OpCost, Resemblance
 from server.models import (
     DeviceState,
@@ -207,6 +207,12 @@ class JobOut(BaseModel):
     created_at: Timestamp
     started_at: Timestamp | None
     finished_at: Timestamp | None
+
+
+class ResultOut(JobOut):
+    next_lease: JobLease | None = Field(
+        None, description="with `lease_next=true`: the agent's next job, leased in the same transaction; "
+                          "null when none is queued for its idle devices (then it long-polls as usual)")
 
 
 class RegistrationTokenOut(BaseModel):

@@ -642,6 +642,14 @@ class FakeFarm:
         return {"agent_id": agent_id, "agent_token": agent_token, "poll_wait_s": 0.2, "heartbeat_s": 0.2,
                 "lease_ttl_s": 30}
 
+    def lease_pending(self) -> dict[str, Any] | None:
+        """Lease the first job not leased yet (call holding the lock)."""
+        pending = [j for j in self.jobs if not j.get("_leased")]
+        if not pending:
+            return None
+        pending[0]["_leased"] = True
+        return {k: v for k, v in pending[0].items() if not k.startswith("_")}
+
     def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
         farm = self
 
@@ -688,11 +696,8 @@ class FakeFarm:
                         if farm.fail_next_polls:
                             farm.fail_next_polls -= 1
                             return self._send(503, {"detail": "warming up"})
-                        pending = [j for j in farm.jobs if not j.get("_leased")]
-                        if pending:
-                            pending[0]["_leased"] = True
-                            lease = {k: v for k, v in pending[0].items() if not k.startswith("_")}
-                    if not pending:
+                        lease = farm.lease_pending()
+                    if lease is None:
                         time.sleep(min(wait, 10.0))
                         return self._send(204)
                     return self._send(200, lease)
@@ -715,7 +720,8 @@ class FakeFarm:
                     return self._send(201, reply)
                 if not self._auth():
                     return
-                parts = self.path.strip("/").split("/")  # api v1 jobs <id> heartbeat|result
+                url = urllib.parse.urlsplit(self.path)
+                parts = url.path.strip("/").split("/")  # api v1 jobs <id> heartbeat|result
                 if len(parts) == 5 and parts[2] == "jobs":
                     job_id, action, body = int(parts[3]), parts[4], self._body()
                     with farm.lock:
@@ -735,7 +741,8 @@ class FakeFarm:
                             )
                         if action == "result":
                             farm.results[job_id] = body
-                            return self._send(200, {"ok": True})
+                            lease_next = urllib.parse.parse_qs(url.query).get("lease_next") == ["true"]
+                            return self._send(200, {"next_lease": farm.lease_pending() if lease_next else None})
                 self._send(404, {"detail": "not found"})
 
         return Handler
@@ -843,6 +850,26 @@ def test_worker_runs_jobs_end_to_end(farm: Callable[[], tuple[FakeFarm, LocalSer
     assert (tmp_path / "cache" / sha).is_file()
     # Every result was acknowledged (or refused for good): nothing is left in the outbox.
     assert list((tmp_path / "state" / "outbox").iterdir()) == []
+
+
+def test_worker_runs_the_lease_handed_back_with_its_result(
+    farm: Callable[[], tuple[FakeFarm, LocalServer]], tmp_path: Path
+) -> None:
+    fake, server = farm()
+    sha = next(iter(fake.artifacts))
+    for job_id in (1, 2, 3):
+        fake.add_job(job_id, sha, FAST, "testhost-ort-1t-b1")
+    fake.jobs[2]["protocol"]["max_runs"] = 10**9  # handed back with job 2's result, unparseable
+
+    settings = agent_settings(server.url, tmp_path)
+    worker = Worker(settings, client=fast_client(settings))
+    assert worker.run(install_signal_handlers=False) == 0
+
+    # one poll for job 1, then each result brought the next lease; the last poll found the queue empty
+    assert fake.requests.count("GET /api/v1/agents/me/jobs/next") == 2
+    assert [JobResult.model_validate(fake.results[j]).status.value for j in (1, 2)] == ["ok", "ok"]
+    bad = JobResult.model_validate(fake.results[3])
+    assert bad.failure_class == "bad_lease" and bad.lease_id == "lease-3" and "max_runs" in (bad.error or "")
 
 
 @needs_torch
@@ -975,8 +1002,8 @@ def test_client_retries_then_gives_up_and_maps_errors(farm: Callable[[], tuple[F
 
     fake.stale.add(9)
     failed = JobResult(lease_id="x", status=ResultStatus.failed, error="e", failure_class="runtime_error")
-    assert client.post_result(9, failed) is False
-    assert client.post_result(10, failed) is True and fake.results[10]["failure_class"] == "runtime_error"
+    assert client.post_result(9, failed).accepted is False
+    assert client.post_result(10, failed).accepted is True and fake.results[10]["failure_class"] == "runtime_error"
     with pytest.raises(LeaseLostError):
         client.heartbeat(9, "x")
     assert client.heartbeat(10, "x").cancel_requested is False

@@ -7,8 +7,8 @@ import secrets
 import time
 
 from fastapi import APIRouter, Query, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.protocol import JobLease, RegisterRequest, RegisterResponse
@@ -113,8 +113,11 @@ def _count(attributes: dict[str, object], key: str) -> int:
 
 
 def _try_claim(services: Services, agent_id: int) -> JobLease | None:
-    with session_scope(services.sessions) as session:
-        return services.leases.claim(session, agent_id)
+    try:
+        with session_scope(services.sessions) as session:
+            return services.leases.claim(session, agent_id)
+    except IntegrityError:  # another agent of the same device won it a moment ago
+        return None
 
 
 @router.get("/me/jobs/next", responses={204: {"description": "no job arrived within `wait` seconds"}})
@@ -130,7 +133,7 @@ async def next_job(request: Request, agent: AgentPrincipal, services: ServicesDe
             changed.clear()
             if await request.is_disconnected():
                 return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
-            lease = await run_in_threadpool(_try_claim, services, agent.agent_id)
+            lease = await services.leases.on_thread(_try_claim, services, agent.agent_id)
             if lease is not None:
                 return lease
             remaining = deadline - time.monotonic()

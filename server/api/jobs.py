@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, BackgroundTasks, Query, status
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.protocol import HeartbeatRequest, HeartbeatResponse, JobResult
@@ -13,8 +13,8 @@ from server.auth import READ, SUBMIT, AgentPrincipal
 from server.context import Services
 from server.db import session_scope
 from server.errors import Conflict, NotFound
-from server.models import Artifact, Job, JobKind, JobStatus, Measurement, utcnow
-from server.schemas import INT_MAX, JobIn, JobOut, RowId
+from server.models import Artifact, Job, JobKind, JobStatus, utcnow
+from server.schemas import INT_MAX, JobIn, JobOut, ResultOut, RowId
 from server.services import jobs as job_service
 from server.services import onboarding as onboarding_service
 from server.services.catalog import canonical_key, ensure_architecture, get_device, resolve_space
@@ -23,7 +23,7 @@ router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
 
 def job_out(session: Session, job: Job) -> JobOut:
-    measurement = session.get(Measurement, job.measurement_id) if job.measurement_id is not None else None
+    measurement = job.measurement
     return JobOut(
         id=job.id,
         kind=job.kind,
@@ -136,19 +136,38 @@ def heartbeat(job_id: RowId, body: HeartbeatRequest, session: Db, agent: AgentPr
 
 @router.post("/{job_id}/result")
 async def post_result(job_id: RowId, body: JobResult, agent: AgentPrincipal, services: ServicesDep,
-                      background: BackgroundTasks) -> JobOut:
-    """Record an agent's result for a job it holds the lease of. Idempotent; 409 for a stale lease."""
+                      background: BackgroundTasks,
+                      lease_next: bool = Query(False, description="also lease the agent's next job, if one is "
+                                                                  "queued, in the same transaction")) -> ResultOut:
+    """Record an agent's result for a job it holds the lease of. Idempotent; 409 for a stale lease.
+    With `lease_next`, the answer carries the agent's next lease too: one round trip per job
+    instead of two, and no other agent of the device is woken for a moment it is free."""
     assert agent.agent_id is not None
-    recorded, finished_onboarding = await run_in_threadpool(_record_result, services, agent.agent_id, job_id, body)
+    recorded, finished_onboarding = await services.leases.on_thread(
+        _record_result, services, agent.agent_id, job_id, body, lease_next)
     if finished_onboarding is not None:
         background.add_task(onboarding_service.finish_if_measured, services.sessions, finished_onboarding)
     return recorded
 
 
-def _record_result(services: Services, agent_id: int, job_id: int, body: JobResult) -> tuple[JobOut, int | None]:
-    """The job after its result, and its onboarding if the job finished (that may have been the
-    onboarding's last job). One session and one worker-thread hop: this comes once per job."""
+def _record_result(services: Services, agent_id: int, job_id: int, body: JobResult,
+                   lease_next: bool) -> tuple[ResultOut, int | None]:
+    """The job after its result (and the next lease), and the job's onboarding if the job finished
+    (it may have been the onboarding's last). One session and one worker-thread hop."""
+    try:
+        return _record_in_session(services, agent_id, job_id, body, lease_next)
+    except IntegrityError:
+        if not lease_next:
+            raise
+    # the next lease lost a race for one of the agent's other devices: the result alone, then
+    return _record_in_session(services, agent_id, job_id, body, False)
+
+
+def _record_in_session(services: Services, agent_id: int, job_id: int, body: JobResult,
+                       lease_next: bool) -> tuple[ResultOut, int | None]:
     with session_scope(services.sessions) as session:
         job = job_service.record_result(session, agent_id, job_id, body, services.settings)
         session.flush()
-        return job_out(session, job), job.onboarding_id if job.status in job_service.FINISHED else None
+        recorded = ResultOut(**dict(job_out(session, job)),
+                             next_lease=services.leases.claim(session, agent_id) if lease_next else None)
+        return recorded, job.onboarding_id if job.status in job_service.FINISHED else None

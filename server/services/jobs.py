@@ -153,8 +153,8 @@ def record_result(session: Session, agent_id: int, job_id: int, result: JobResul
         job.status = JobStatus.cancelled if result.failure_class == "cancelled" else JobStatus.failed
         job.error, job.failure_class = result.error, result.failure_class
     else:
-        measurement = _store_measurement(session, job, result)
-        job.status, job.measurement_id = JobStatus.done, measurement.id
+        measurement = job.measurement = _measurement(job, result)
+        job.status = JobStatus.done
     release_device(job)
     if measurement is not None and measurement.valid and job.kind is JobKind.measure and job.onboarding_id is None:
         _readapt_later(session, job, settings)
@@ -197,7 +197,7 @@ def release_device(job: Job) -> None:
         device.state = DeviceState.online
 
 
-def _store_measurement(session: Session, job: Job, result: JobResult) -> Measurement:
+def _measurement(job: Job, result: JobResult) -> Measurement:
     assert result.stats is not None
     flags = quality_flags(result.samples_ms, PRESETS[Preset(job.preset)])
     provenance = {**result.provenance, "artifact_sha256": job.artifact_sha256, "preset": job.preset,
@@ -205,12 +205,9 @@ def _store_measurement(session: Session, job: Job, result: JobResult) -> Measure
     for field in ("load_ms", "first_inference_ms", "warmup_runs"):
         if getattr(result, field) is not None:
             provenance[field] = getattr(result, field)
-    measurement = Measurement(
+    return Measurement(
         device_id=job.device_id, architecture_id=job.architecture_id, artifact_sha256=job.artifact_sha256,
         job_id=job.id, latency_ms=result.stats.median_ms, stats=result.stats.model_dump(),
         samples_ms=result.samples_ms, flags=flags, valid=not flags, preset=job.preset,
         protocol_version=result.protocol_version, provenance=provenance, source="measured",
     )
-    session.add(measurement)
-    session.flush()
-    return measurement

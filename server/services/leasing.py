@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
 
 from sqlalchemy import Connection, Row, and_, bindparam, case, exists, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from agent.protocol import PRESETS, ArtifactFormat, ArtifactRef, JobLease, Preset, Runtime
@@ -38,6 +41,7 @@ from server.models import (
 )
 from server.services import selectors
 from server.services.artifacts import ArtifactStore, materialise
+from server.services.wakeup import device_taken
 from server.settings import Settings
 
 #: how many queued selector jobs one claim looks through for one its devices match
@@ -92,6 +96,7 @@ _MARK_BUSY = (
         (Device.state.in_([DeviceState.online, DeviceState.offline]), DeviceState.busy), else_=Device.state))
     .returning(Device.name, Device.threads, Device.runtime, Device.attributes)
 )
+T = TypeVar("T")
 _TOUCH_AGENT = update(Agent).where(Agent.id == bindparam("agent")).values(last_seen=bindparam("now"))
 _ARTIFACT = select(Artifact.sha256, Artifact.format, Artifact.size_bytes).where(Artifact.sha256 == bindparam("sha256"))
 
@@ -104,9 +109,18 @@ class Leases:
         self.settings = settings
         self._touched: dict[int, float] = {}
         self._artifacts: dict[str, ArtifactRef] = {}
+        self._threads: anyio.CapacityLimiter | None = None
+
+    async def on_thread(self, work: Callable[..., T], *args: object) -> T:
+        """Run an agent call's database work on one of the agents' worker threads."""
+        if self._threads is None:  # made in the event loop, which does not exist before start-up
+            self._threads = anyio.CapacityLimiter(self.settings.agent_threads)
+        return await anyio.to_thread.run_sync(work, *args, limiter=self._threads)
 
     def claim(self, session: Session, agent_id: int) -> JobLease | None:
-        """Lease the most urgent queued job one of the agent's idle devices may run, or None."""
+        """Lease the most urgent queued job one of the agent's idle devices may run, or None.
+        Raises IntegrityError when another agent of the same device leased a job for it at the same
+        moment; the session must then be rolled back."""
         conn = session.connection()
         self.touch(conn, agent_id)
         selector_jobs = conn.execute(_SELECTOR_JOBS).all()
@@ -118,16 +132,14 @@ class Leases:
         # read after the candidate query saw the device idle, so after its previous job's finish time
         now = utcnow()
         lease_id, expires = str(uuid.uuid4()), now + timedelta(seconds=self.settings.lease_ttl_s)
-        try:
-            leased = conn.execute(_LEASE_JOB, {"job": job_id, "device": device_id, "agent": agent_id,
-                                               "lease": lease_id, "expires": expires, "now": now}).first()
-        except IntegrityError:  # another agent of the same device won it a moment ago
-            session.rollback()
-            return None
+        # raises IntegrityError when another agent of the same device won it a moment ago
+        leased = conn.execute(_LEASE_JOB, {"job": job_id, "device": device_id, "agent": agent_id,
+                                           "lease": lease_id, "expires": expires, "now": now}).first()
         if leased is None:
             return None
         metrics.JOB_WAIT.labels(leased.kind.value).observe((now - as_utc(leased.created_at)).total_seconds())
         device = conn.execute(_MARK_BUSY, {"device": device_id, "now": now}).one()
+        device_taken(session, device_id)
         runtime = Runtime(device.runtime) if device.runtime in Runtime._value2member_map_ else Runtime.onnxruntime
         if leased.artifact_sha256 is not None:
             artifact = self._artifact(conn, leased.artifact_sha256)

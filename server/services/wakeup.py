@@ -36,6 +36,12 @@ def jobs_changed(session: Session, device_id: int | None) -> None:
     session.info.setdefault(_PENDING, set()).add(ANY_DEVICE if device_id is None else str(device_id))
 
 
+def device_taken(session: Session, device_id: int) -> None:
+    """The device got a job in this session, so its long polls have nothing to find: do not wake
+    them for it (its previous job's result, in the same session, freed it only for a moment)."""
+    session.info.get(_PENDING, set()).discard(str(device_id))
+
+
 class JobWakeup:
     def __init__(self, sessions: sessionmaker[Session], postgres_dsn: str | None) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -208,12 +208,16 @@ class AgentDevice(Base):
 
 
 _RUNNING = text("status = 'running'")
+_QUEUED = text("status = 'queued'")
 
 
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_claim", "status", "device_id", "priority", "id"),
+        # each device's queue in claim order, so a claim reads one row however long the queue
+        Index("ix_jobs_queue", "device_id", text("priority DESC"), "id", postgresql_where=_QUEUED,
+              sqlite_where=_QUEUED),
         # at most one running job per device, whatever the agents do
         Index("uq_jobs_running_device", "device_id", unique=True, postgresql_where=_RUNNING, sqlite_where=_RUNNING),
     )

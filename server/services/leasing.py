@@ -50,19 +50,30 @@ SELECTOR_SCAN = 50
 LAST_SEEN_RESOLUTION_S = 5
 
 _RUNNING = aliased(Job)
+_QUEUED = aliased(Job)
 #: devices of the agent (bound as `agent`) that may take a job now (degraded ones take canaries only)
 _IDLE_DEVICES = and_(
     AgentDevice.agent_id == bindparam("agent"),
     Device.state.not_in([DeviceState.paused, DeviceState.retired]),
     ~exists().where(_RUNNING.device_id == Device.id, _RUNNING.status == JobStatus.running),
 )
-#: queued jobs named for an idle device of the agent, most urgent first
+#: the next job of a device (in the claim order of `ix_jobs_queue`: one index row read)
+_DEVICE_NEXT = (
+    select(_QUEUED.id)
+    .where(_QUEUED.status == JobStatus.queued, _QUEUED.device_id == Device.id,
+           or_(Device.state != DeviceState.degraded, _QUEUED.kind == JobKind.canary))
+    .order_by(_QUEUED.priority.desc(), _QUEUED.id)
+    .limit(1)
+    .correlate(Device)
+    .scalar_subquery()
+)
+#: the most urgent of the next jobs of the agent's idle devices
 _NAMED_JOBS = (
     select(Job.id, Job.priority, Job.device_id)
-    .join(Device, Device.id == Job.device_id)
+    .select_from(Device)
     .join(AgentDevice, AgentDevice.device_id == Device.id)
-    .where(Job.status == JobStatus.queued, _IDLE_DEVICES,
-           or_(Device.state != DeviceState.degraded, Job.kind == JobKind.canary))
+    .join(Job, Job.id == _DEVICE_NEXT)
+    .where(_IDLE_DEVICES, Job.status == JobStatus.queued)
     .order_by(Job.priority.desc(), Job.id)
     .limit(1)
     .with_for_update(of=Job, skip_locked=True)

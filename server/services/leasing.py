@@ -48,6 +48,8 @@ from server.settings import Settings
 SELECTOR_SCAN = 50
 #: an agent's `last_seen` is written at most this often (offline detection works in minutes)
 LAST_SEEN_RESOLUTION_S = 5
+#: artifact descriptions kept in memory (a few hundred bytes each)
+ARTIFACTS_KEPT = 10_000
 
 _RUNNING = aliased(Job)
 _QUEUED = aliased(Job)
@@ -180,6 +182,8 @@ class Leases:
     def _artifact(self, conn: Connection, sha256: str) -> ArtifactRef:
         ref = self._artifacts.get(sha256)
         if ref is None:
+            if len(self._artifacts) >= ARTIFACTS_KEPT:
+                self._artifacts.clear()
             row = conn.execute(_ARTIFACT, {"sha256": sha256}).one()
             ref = self._artifacts[sha256] = ArtifactRef(
                 sha256=row.sha256, format=ArtifactFormat(row.format), size_bytes=row.size_bytes,

@@ -105,10 +105,15 @@ def read_job(job_id: RowId, session: Db) -> JobOut:
     return job_out(session, _job(session, job_id))
 
 
-def _finish_onboarding_later(job: Job, services: Services, background: BackgroundTasks) -> None:
-    """A finished job may be its onboarding's last: queue its adaptation after the commit."""
-    if job.onboarding_id is not None and job.status in job_service.FINISHED:
-        background.add_task(onboarding_service.finish_if_measured, services.sessions, job.onboarding_id)
+def _finished_onboarding(job: Job) -> int | None:
+    """The onboarding a finished job may have been the last of."""
+    return job.onboarding_id if job.status in job_service.FINISHED else None
+
+
+def _finish_onboarding_later(onboarding_id: int | None, services: Services, background: BackgroundTasks) -> None:
+    """Queue the onboarding's adaptation after the commit, if its last job just finished."""
+    if onboarding_id is not None:
+        background.add_task(onboarding_service.finish_if_measured, services.sessions, onboarding_id)
 
 
 @router.post("/{job_id}/cancel", dependencies=[SUBMIT])
@@ -117,7 +122,7 @@ def cancel_job(job_id: RowId, session: Db, services: ServicesDep, background: Ba
     job = _job(session, job_id)
     if job.status == JobStatus.queued:
         job.status, job.finished_at = JobStatus.cancelled, utcnow()
-        _finish_onboarding_later(job, services, background)
+        _finish_onboarding_later(_finished_onboarding(job), services, background)
     elif job.status == JobStatus.running:
         job.cancel_requested = True
     else:
@@ -145,8 +150,7 @@ async def post_result(job_id: RowId, body: JobResult, agent: AgentPrincipal, ser
     assert agent.agent_id is not None
     recorded, finished_onboarding = await services.leases.on_thread(
         _record_result, services, agent.agent_id, job_id, body, lease_next)
-    if finished_onboarding is not None:
-        background.add_task(onboarding_service.finish_if_measured, services.sessions, finished_onboarding)
+    _finish_onboarding_later(finished_onboarding, services, background)
     return recorded
 
 
@@ -170,4 +174,4 @@ def _record_in_session(services: Services, agent_id: int, job_id: int, body: Job
         session.flush()
         recorded = ResultOut(**dict(job_out(session, job)),
                              next_lease=services.leases.claim(session, agent_id) if lease_next else None)
-        return recorded, job.onboarding_id if job.status in job_service.FINISHED else None
+        return recorded, _finished_onboarding(job)

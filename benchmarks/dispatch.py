@@ -11,8 +11,9 @@ job done exactly once, one measurement per job, no job leased twice.
     python benchmarks/dispatch.py --agents 10 100 --jobs-per-agent 30 --workers 2
 
 Prints one line per N: `dispatch: N=... jobs_per_s=... claim_p50_ms=... claim_p99_ms=...
-server_cpu_ms_per_job=... double_leases=...`. A claim's latency is its long poll's, or that of the
-result request that brought the lease; server CPU is that of all server processes over the timed part.
+server_cpu_ms_per_job=... postgres_cpu_ms_per_job=... double_leases=...`. A claim's latency is its long
+poll's, or that of the result request that brought the lease. CPU is counted over the timed part: of
+all server processes, and of the local Postgres server's processes (nan when it is not local).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import math
 import os
 import sys
 import tempfile
@@ -143,33 +145,54 @@ async def run_round(url: str, agents: int, jobs_per_agent: int, sha256: str, ser
         submitted_at = time.perf_counter()
         total = await submit_jobs(http, devices, agents * jobs_per_agent // len(devices), sha256)
         submit_s = time.perf_counter() - submitted_at
-        started, server_cpu, bench_cpu = time.perf_counter(), cpu_seconds(server_pid), time.process_time()
+        postgres = postmaster_pid()
+
+        def cpu() -> tuple[float, float, float]:
+            return cpu_seconds(server_pid), cpu_seconds(postgres) if postgres else math.nan, time.process_time()
+
+        started, cpu_before = time.perf_counter(), cpu()
         tally = await drive(http, simulated, total)
         elapsed = time.perf_counter() - started
-        server_cpu, bench_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - bench_cpu
+        server_cpu, postgres_cpu, bench_cpu = (after - before for after, before in zip(cpu(), cpu_before))
     claims = np.asarray(tally.claim_ms)
     return {"agents": agents, "devices": len(devices), "jobs": total, "seconds": elapsed,
             "jobs_per_s": total / elapsed, "submit_per_s": total / submit_s,
             "claim_p50_ms": float(np.percentile(claims, 50)), "claim_p99_ms": float(np.percentile(claims, 99)),
-            "server_cpu_ms_per_job": server_cpu / total * 1000, "bench_cpu_ms_per_job": bench_cpu / total * 1000}
+            "server_cpu_ms_per_job": server_cpu / total * 1000, "postgres_cpu_ms_per_job": postgres_cpu / total * 1000,
+            "bench_cpu_ms_per_job": bench_cpu / total * 1000}
+
+
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """pid -> (command name, parent pid, CPU ticks: its own user + system, and those of its children
+    that ended) of every process (Linux /proc; empty elsewhere)."""
+    processes = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, _, rest = text.partition("(")[2].rpartition(")")
+        fields = rest.split()
+        processes[int(stat.parent.name)] = (name, int(fields[1]), sum(int(tick) for tick in fields[11:15]))
+    return processes
 
 
 def cpu_seconds(root: int) -> float:
-    """User + system CPU time so far of process `root` and its descendants (Linux /proc; 0 elsewhere)."""
-    stats = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    tree, ticks = {root}, 0
-    for pid in sorted(stats):  # children have larger pids than their parents (no pid wrap-around here)
-        parent, used = stats[pid]
+    """CPU time so far of process `root` and its descendants, ended ones included."""
+    processes, tree, ticks = _processes(), {root}, 0
+    for pid in sorted(processes):  # children have larger pids than their parents (no pid wrap-around here)
+        _, parent, used = processes[pid]
         if pid == root or parent in tree:
             tree.add(pid)
             ticks += used
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postmaster_pid() -> int | None:
+    """The local Postgres server's main process: a `postgres` process whose parent is not one."""
+    processes = _processes()
+    return next((pid for pid, (name, parent, _) in processes.items()
+                 if name == "postgres" and processes.get(parent, ("",))[0] != "postgres"), None)
 
 
 def check_database(dsn: str) -> dict[str, int]:
@@ -215,6 +238,7 @@ def main() -> None:
                       f"workers={args.workers} seconds={report['seconds']:.2f} jobs_per_s={report['jobs_per_s']:.0f} "
                       f"claim_p50_ms={report['claim_p50_ms']:.1f} claim_p99_ms={report['claim_p99_ms']:.1f} "
                       f"submit_per_s={report['submit_per_s']:.0f} server_cpu_ms_per_job={report['server_cpu_ms_per_job']:.1f} "
+                      f"postgres_cpu_ms_per_job={report['postgres_cpu_ms_per_job']:.1f} "
                       f"bench_cpu_ms_per_job={report['bench_cpu_ms_per_job']:.1f} unfinished={checks['unfinished']} "
                       f"double_leases={double}", flush=True)
 

@@ -23,7 +23,6 @@ from server.models import (
     Job,
     JobKind,
     JobStatus,
-    Measurement,
     Predictor,
     PredictorKind,
     PredictorStatus,
@@ -167,10 +166,7 @@ def test_a_degraded_canary_marks_the_device_predictors_stale(settings: Settings)
         canary = Job(kind=JobKind.canary, device_id=device.id, status=JobStatus.done, finished_at=utcnow())
         session.add_all([predictor, canary])
         session.flush()
-        measurement = Measurement(device_id=device.id, job_id=canary.id, latency_ms=2.0, valid=True)
-        session.add(measurement)
-        session.flush()
-        health.after_job(session, canary, measurement, settings)
+        health.judge_canary(session, device, canary.id, (2.0, True), "", settings)  # twice its baseline
         assert device.state.value == "degraded"
         session.refresh(predictor)
         assert predictor.status is PredictorStatus.stale

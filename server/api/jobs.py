@@ -17,6 +17,7 @@ from server.models import Artifact, Job, JobKind, JobStatus, utcnow
 from server.schemas import INT_MAX, JobIn, JobOut, ResultOut, RowId
 from server.services import jobs as job_service
 from server.services import onboarding as onboarding_service
+from server.services import results
 from server.services.catalog import canonical_key, ensure_architecture, get_device, resolve_space
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
@@ -170,8 +171,8 @@ def _record_result(services: Services, agent_id: int, job_id: int, body: JobResu
 def _record_in_session(services: Services, agent_id: int, job_id: int, body: JobResult,
                        lease_next: bool) -> tuple[ResultOut, int | None]:
     with session_scope(services.sessions) as session:
-        job = job_service.record_result(session, agent_id, job_id, body, services.settings)
-        session.flush()
-        recorded = ResultOut(**dict(job_out(session, job)),
-                             next_lease=services.leases.claim(session, agent_id) if lease_next else None)
-        return recorded, _finished_onboarding(job)
+        recorded = results.record_result(session, agent_id, job_id, body, services.settings)
+        session.flush()  # a canary's verdict, before the next claim reads the device's state
+        next_lease = services.leases.claim(session, agent_id) if lease_next else None
+        # both parts are validated already
+        return ResultOut.model_construct(**dict(recorded.job), next_lease=next_lease), recorded.finished_onboarding

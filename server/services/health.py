@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol import Preset
 from predictor.spaces import get_space
-from server.models import Device, DeviceState, Job, JobKind, JobStatus, Measurement, Predictor, PredictorStatus
+from server.models import Device, DeviceState, Job, JobKind, JobStatus, Predictor, PredictorStatus
 from server.services.catalog import ensure_architecture
 from server.services.wakeup import jobs_changed
 from server.settings import Settings
@@ -40,36 +40,29 @@ def queue_canary(session: Session, device: Device, settings: Settings) -> Job | 
     return job
 
 
-def after_job(session: Session, job: Job, measurement: Measurement | None, settings: Settings) -> None:
-    """Update the device's health after one of its jobs finished."""
-    device = job.device
-    assert device is not None
-    if job.kind is JobKind.canary:
-        was_degraded = device.state is DeviceState.degraded
-        _judge_canary(device, job, measurement, settings)
-        if device.state is DeviceState.degraded and not was_degraded:
-            _mark_predictors_stale(session, device)
-        return
-    device.jobs_since_canary += 1
-    if settings.canary_every and device.jobs_since_canary >= settings.canary_every:
-        queue_canary(session, device, settings)
+def judge_canary(session: Session, device: Device, job_id: int, measured: tuple[float, bool] | None,
+                 failure: str, settings: Settings) -> None:
+    """Judge the device by its canary job's (median, valid) measurement, or by its `failure`."""
+    was_degraded = device.state is DeviceState.degraded
+    if measured is None:
+        _degrade(device, f"canary job {job_id} failed: {failure}")
+    else:
+        _compare_with_baseline(device, *measured, settings.canary_drift)
+    if device.state is DeviceState.degraded and not was_degraded:
+        _mark_predictors_stale(session, device)
 
 
-def _judge_canary(device: Device, job: Job, measurement: Measurement | None, settings: Settings) -> None:
-    if measurement is None:
-        _degrade(device, f"canary job {job.id} failed ({job.failure_class}): {job.error}")
-        return
-    median = measurement.latency_ms
-    device.canary_last_ms = median
-    if not measurement.valid:
+def _compare_with_baseline(device: Device, median_ms: float, valid: bool, drift_threshold: float) -> None:
+    device.canary_last_ms = median_ms
+    if not valid:
         return  # a flagged (noisy) canary can neither set the baseline nor show drift
     if device.canary_baseline_ms is None:
-        device.canary_baseline_ms = median
+        device.canary_baseline_ms = median_ms
         return
-    drift = median / device.canary_baseline_ms - 1
-    if abs(drift) > settings.canary_drift:
-        _degrade(device, f"canary {median:.3f} ms is {drift:+.0%} off its baseline {device.canary_baseline_ms:.3f} ms "
-                         f"(threshold {settings.canary_drift:.0%})")
+    drift = median_ms / device.canary_baseline_ms - 1
+    if abs(drift) > drift_threshold:
+        _degrade(device, f"canary {median_ms:.3f} ms is {drift:+.0%} off its baseline {device.canary_baseline_ms:.3f} ms "
+                         f"(threshold {drift_threshold:.0%})")
     elif device.state is DeviceState.degraded:
         device.state, device.state_reason = DeviceState.online, None
 

@@ -1,37 +1,29 @@
-"""Job lifecycle: submit (or reuse a measurement), heartbeat, record the result (leasing is in `leasing`)."""
+"""Job lifecycle: submit (or reuse a measurement), heartbeat, retry (leasing is in `leasing`, results in
+`results`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Row, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from agent.protocol import (
-    INFRASTRUCTURE_FAILURES,
-    PRESETS,
-    PROTOCOL_VERSION,
-    HeartbeatResponse,
-    JobResult,
-    Preset,
-    ResultStatus,
-)
-from agent.quality import quality_flags
+from agent.protocol import PROTOCOL_VERSION, HeartbeatResponse, Preset
 from server import metrics
 from server.errors import Conflict, Forbidden, Invalid, NotFound
 from server.models import (
     Device,
     DeviceState,
     Job,
-    JobKind,
     JobStatus,
     Measurement,
     Predictor,
     as_utc,
     utcnow,
 )
-from server.services import health, selectors, training_queue
+from server.services import selectors, training_queue
 from server.services.wakeup import jobs_changed
 from server.settings import Settings
 
@@ -109,72 +101,36 @@ def queue_position(session: Session, job: Job) -> int | None:
 # ------------------------------------------------------------------------------------ agents' calls
 
 
-def _leased_job(session: Session, agent_id: int, job_id: int, lease_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id).with_for_update(of=Job))
+def check_lease(job: Job | Row[Any] | None, job_id: int, agent_id: int, lease_id: str) -> None:
+    """404 for no such job, 409 for a stale lease, 403 for another agent's job."""
     if job is None:
         raise NotFound(f"no job {job_id}", "job_id")
     if job.lease_id != lease_id:
         raise Conflict(f"lease {lease_id} of job {job_id} is stale: it expired or the job was re-leased", "lease_id")
     if job.agent_id != agent_id:
         raise Forbidden(f"job {job_id} is not leased to this agent")
-    return job
 
 
 def heartbeat(session: Session, agent_id: int, job_id: int, lease_id: str, lease_ttl_s: float) -> HeartbeatResponse:
-    job = _leased_job(session, agent_id, job_id, lease_id)
+    job = session.scalar(select(Job).where(Job.id == job_id).with_for_update(of=Job))
+    check_lease(job, job_id, agent_id, lease_id)
+    assert job is not None
     if job.status != JobStatus.running:
         raise Conflict(f"job {job_id} is {job.status.value}, not running", "lease_id")
     job.lease_expires_at = utcnow() + timedelta(seconds=lease_ttl_s)
     return HeartbeatResponse(lease_expires_at=as_utc(job.lease_expires_at).isoformat(), cancel_requested=job.cancel_requested)
 
 
-# ------------------------------------------------------------------------------------ results
+# ------------------------------------------------------------------------------------ results (see `results`)
 
 
-def record_result(session: Session, agent_id: int, job_id: int, result: JobResult, settings: Settings) -> Job:
-    """Store the agent's result; posting the same result twice is harmless.
-
-    An infrastructure failure puts the job back in the queue (up to `max_attempts` tries); any
-    other failure is the model's and is the job's result.
-    """
-    job = _leased_job(session, agent_id, job_id, result.lease_id)
-    if job.status in FINISHED:
-        return job
-    if job.status != JobStatus.running:
-        raise Conflict(f"job {job_id} is {job.status.value}, not running", "lease_id")
-    if result.status is ResultStatus.failed and result.failure_class in INFRASTRUCTURE_FAILURES:
-        retry(job, f"{result.failure_class}: {result.error}", settings.max_attempts, result.failure_class)
-        jobs_changed(session, job.device_id)
-        return job
-    now = utcnow()
-    job.finished_at = now
-    measurement = None
-    if result.status is ResultStatus.failed:
-        job.status = JobStatus.cancelled if result.failure_class == "cancelled" else JobStatus.failed
-        job.error, job.failure_class = result.error, result.failure_class
-    else:
-        measurement = job.measurement = _measurement(job, result)
-        job.status = JobStatus.done
-    release_device(job)
-    if measurement is not None and measurement.valid and job.kind is JobKind.measure and job.onboarding_id is None:
-        _readapt_later(session, job, settings)
-    if job.started_at is not None:
-        metrics.JOB_RUN.labels(job.kind.value, job.status.value).observe((now - as_utc(job.started_at)).total_seconds())
-    health.after_job(session, job, measurement, settings)
-    jobs_changed(session, job.device_id)
-    return job
-
-
-def _readapt_later(session: Session, job: Job, settings: Settings) -> None:
-    """A new valid measurement of a device with an adapted predictor in its space: re-adapt soon."""
-    if job.architecture is None or job.device_id is None:
-        return
-    space_id = job.architecture.space_id
+def readapt_later(session: Session, space_id: int, device_id: int, settings: Settings) -> None:
+    """A new valid measurement of a device with an adapted predictor in the space: re-adapt soon."""
     adapted = session.scalar(
-        select(Predictor.id).where(Predictor.device_id == job.device_id, Predictor.space_id == space_id).limit(1)
+        select(Predictor.id).where(Predictor.device_id == device_id, Predictor.space_id == space_id).limit(1)
     )
     if adapted is not None:
-        training_queue.schedule_readaptation(session, space_id, job.device_id, settings.readapt_delay_s)
+        training_queue.schedule_readaptation(session, space_id, device_id, settings.readapt_delay_s)
 
 
 def retry(job: Job, reason: str, max_attempts: int, failure_class: str) -> None:
@@ -195,19 +151,3 @@ def release_device(job: Job) -> None:
     device = job.device
     if device is not None and device.state is DeviceState.busy:
         device.state = DeviceState.online
-
-
-def _measurement(job: Job, result: JobResult) -> Measurement:
-    assert result.stats is not None
-    flags = quality_flags(result.samples_ms, PRESETS[Preset(job.preset)])
-    provenance = {**result.provenance, "artifact_sha256": job.artifact_sha256, "preset": job.preset,
-                  "protocol_version": result.protocol_version}
-    for field in ("load_ms", "first_inference_ms", "warmup_runs"):
-        if getattr(result, field) is not None:
-            provenance[field] = getattr(result, field)
-    return Measurement(
-        device_id=job.device_id, architecture_id=job.architecture_id, artifact_sha256=job.artifact_sha256,
-        job_id=job.id, latency_ms=result.stats.median_ms, stats=result.stats.model_dump(),
-        samples_ms=result.samples_ms, flags=flags, valid=not flags, preset=job.preset,
-        protocol_version=result.protocol_version, provenance=provenance, source="measured",
-    )

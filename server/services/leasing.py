@@ -16,12 +16,12 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from sqlalchemy import Connection, Row, and_, bindparam, case, exists, or_, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, case, exists, null, or_, select, union_all, update
 from sqlalchemy.orm import Session, aliased
 
 from agent.protocol import PRESETS, ArtifactFormat, ArtifactRef, JobLease, Preset, Runtime
@@ -88,6 +88,10 @@ _SELECTOR_JOBS = (
     .limit(SELECTOR_SCAN)
     .with_for_update(of=Job, skip_locked=True)
 )
+_NAMED, _SELECTED = _NAMED_JOBS.cte("named"), _SELECTOR_JOBS.cte("selected")
+#: both in one round trip: the named job (its `selector` null) and the selector jobs (`device_id` null)
+_CANDIDATES = union_all(select(_NAMED.c.id, _NAMED.c.priority, _NAMED.c.device_id, null().label("selector")),
+                        select(_SELECTED.c.id, _SELECTED.c.priority, null(), _SELECTED.c.selector))
 #: the agent's idle, healthy devices, which selector jobs are matched against
 _SELECTABLE_DEVICES = (
     select(Device).join(AgentDevice, AgentDevice.device_id == Device.id)
@@ -136,8 +140,9 @@ class Leases:
         moment; the session must then be rolled back."""
         conn = session.connection()
         self.touch(conn, agent_id)
-        selector_jobs = conn.execute(_SELECTOR_JOBS).all()
-        named = conn.execute(_NAMED_JOBS, {"agent": agent_id}).first()
+        candidates = conn.execute(_CANDIDATES, {"agent": agent_id}).all()
+        named = next(((row.id, row.priority, row.device_id) for row in candidates if row.selector is None), None)
+        selector_jobs = [row for row in candidates if row.selector is not None]
         choice = _most_urgent(session, agent_id, named, selector_jobs) if selector_jobs else named
         if choice is None:
             return None
@@ -198,13 +203,13 @@ class Leases:
         return self._artifact(session.connection(), artifact.sha256)
 
 
-def _most_urgent(session: Session, agent_id: int, named: Row[tuple[int, int, int]] | None,
-                 selector_jobs: Sequence[Row[tuple[int, int, str]]]) -> tuple[int, int, int] | None:
+def _most_urgent(session: Session, agent_id: int, named: tuple[int, int, int] | None,
+                 selector_jobs: Sequence[Row[Any]]) -> tuple[int, int, int] | None:
     """(job id, priority, device id) of the more urgent of the agent's `named` job and the first
     queued selector job one of its idle, healthy devices matches."""
     devices = session.scalars(_SELECTABLE_DEVICES, {"agent": agent_id}).all()
-    matching = next(((job_id, priority, device.id) for job_id, priority, selector in selector_jobs
-                     for device in devices if selectors.matches(selector, device)), None)
-    if named is None or (matching is not None and (matching[1], -matching[0]) > (named.priority, -named.id)):
+    matching = next(((job.id, job.priority, device.id) for job in selector_jobs
+                     for device in devices if selectors.matches(job.selector, device)), None)
+    if named is None or (matching is not None and (matching[1], -matching[0]) > (named[1], -named[0])):
         return matching
-    return named.tuple()
+    return named

@@ -170,6 +170,7 @@ def test_model_failures_are_results_and_infrastructure_failures_are_retried(admi
     infra = submit(admin, device=device, architecture=OTHER_ARCH).json()
     requeued = agent.fail(agent.claim(wait=5), "artifact_error")
     assert (requeued["id"], requeued["status"], requeued["attempts"]) == (infra["id"], "queued", 1)
+    assert requeued["queue_position"] == 0 and requeued["error"].startswith("attempt 1: artifact_error")
     second = agent.claim(wait=5)
     assert second["job_id"] == infra["id"]
     exhausted = agent.fail(second, "artifact_error")  # max_attempts is 2 here

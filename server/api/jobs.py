@@ -136,8 +136,9 @@ def heartbeat(job_id: RowId, body: HeartbeatRequest, session: Db, agent: AgentPr
               services: ServicesDep) -> HeartbeatResponse:
     """Extend the lease; the answer says whether the job should stop. 409 for a stale lease."""
     assert agent.agent_id is not None
-    services.leases.touch(session.connection(), agent.agent_id)
-    return job_service.heartbeat(session, agent.agent_id, job_id, body.lease_id, services.settings.lease_ttl_s)
+    extended = job_service.heartbeat(session, agent.agent_id, job_id, body.lease_id, services.settings.lease_ttl_s)
+    services.leases.touch(session.connection(), agent.agent_id)  # once the lease held: a refusal rolls back
+    return extended
 
 
 @router.post("/{job_id}/result")

@@ -32,7 +32,7 @@ from server.models import (
 )
 from server.schemas import JobOut
 from server.services import health
-from server.services.jobs import FINISHED, check_lease, readapt_later, retry
+from server.services.jobs import FINISHED, check_lease, queue_position, readapt_later, retry
 from server.services.wakeup import jobs_changed
 from server.settings import Settings
 
@@ -130,7 +130,8 @@ def _retry(session: Session, job: Row[Any], result: JobResult, settings: Setting
     retry(leased, f"{result.failure_class}: {result.error}", settings.max_attempts, str(result.failure_class))
     jobs_changed(session, job.device_id)
     return _recorded(job, status=leased.status, error=leased.error, failure_class=leased.failure_class,
-                     finished_at=leased.finished_at, device=job.device if leased.device_id is not None else None)
+                     finished_at=leased.finished_at, device=job.device if leased.device_id is not None else None,
+                     queue_position=queue_position(session, leased))
 
 
 def _recorded(job: Row[Any], **changes: Any) -> Recorded:

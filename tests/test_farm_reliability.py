@@ -1,5 +1,6 @@
 """The farm under failure, with real processes on a real Postgres: an agent killed mid-job, a
-server restarted mid-run, a stale agent posting late, three agents sharing one device."""
+server restarted mid-run, a stale agent posting late, a poll hanging up mid-claim, three agents
+sharing one device."""
 
 from __future__ import annotations
 
@@ -235,3 +236,42 @@ def test_notify_wakes_a_long_poll_served_by_another_server(postgres_url: str, tm
             latency = time.monotonic() - submitted.result()
     assert lease.status_code == 200, lease.text
     assert latency < 3.0, f"the poll took {latency:.1f} s to see a job submitted elsewhere"
+
+
+def test_a_lease_claimed_for_a_poll_that_hung_up_goes_back_to_the_queue(postgres_url: str, tmp_path: Path) -> None:
+    """The agent gives up on its long poll while the poll's claim waits on a lock; the lease the
+    claim then takes goes back to the queue at once, its attempt uncounted (not after 60 s)."""
+    settings = fast_settings(postgres_url, tmp_path).model_copy(update={"lease_ttl_s": 60.0})
+    with running_server(settings) as url, client(url) as api, psycopg.connect(postgres_url) as blocker, \
+            psycopg.connect(postgres_url, autocommit=True) as observer:
+        api.post("/devices", json={"name": "hangup-dev"})
+        reply = api.post("/agents/register", json={"name": "hangs-up", "devices": [{"name": "hangup-dev"}],
+                                                   "capabilities": CAPABILITIES}).json()
+        agent = {"Authorization": f"Bearer {reply['agent_token']}"}
+        canary = api.get("/agents/me/jobs/next", params={"wait": "5"}, headers=agent).json()
+        assert api.post(f"/jobs/{canary['job_id']}/result", headers=agent, json=ok_result(canary)).status_code == 200
+        [job_id] = submit(api, "hangup-dev", KEYS[:1])
+
+        def claims_waiting() -> int:
+            return observer.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                   " AND query LIKE 'WITH named%'").fetchone()[0]  # type: ignore[index]
+
+        blocker.execute("LOCK TABLE jobs IN EXCLUSIVE MODE")  # a claim's FOR UPDATE waits for it
+        with ThreadPoolExecutor(1) as pool:
+            poll = pool.submit(api.get, "/agents/me/jobs/next", params={"wait": "0"}, headers=agent, timeout=2)
+            wait_until(claims_waiting, 10)
+            with pytest.raises(httpx.ReadTimeout):
+                poll.result()  # the agent hung up
+        blocker.commit()
+        wait_until(lambda: claims_waiting() == 0, 10)
+        # the claim went on and leased the job; handed back, it wakes this poll
+        lease = api.get("/agents/me/jobs/next", params={"wait": "10"}, headers=agent)
+        assert lease.status_code == 200 and lease.json()["job_id"] == job_id, lease.text
+        job = api.get(f"/jobs/{job_id}").json()
+        assert job["attempts"] == 1 and job["error"] is None, job
+
+
+def ok_result(lease: dict) -> dict:
+    stats = {"n": 30, "median_ms": 1.0, "mean_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0, "p90_ms": 1.0,
+             "iqr_ms": 0.0, "cv": 0.0}
+    return {"lease_id": lease["lease_id"], "status": "ok", "stats": stats, "samples_ms": [1.0] * 30}

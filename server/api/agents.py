@@ -120,12 +120,17 @@ def _try_claim(services: Services, agent_id: int) -> JobLease | None:
         return None
 
 
+def _hand_back(services: Services, lease: JobLease) -> None:
+    with session_scope(services.sessions) as session:
+        services.leases.hand_back(session, lease)
+
+
 @router.get("/me/jobs/next", responses={204: {"description": "no job arrived within `wait` seconds"}})
 async def next_job(request: Request, agent: AgentPrincipal, services: ServicesDep,
                    wait: float = Query(30, ge=0, le=120, description="long-poll seconds")) -> JobLease:
     """Lease the next job for one of the agent's devices, waiting up to `wait` seconds for one.
-    A poll whose agent hung up leases nothing (the job would sit leased to no one until its
-    lease expired)."""
+    A poll whose agent hung up leases nothing: a lease claimed for it meanwhile goes back to the
+    queue (it would sit leased to no one until it expired)."""
     assert agent.agent_id is not None
     deadline = time.monotonic() + wait
     with services.wakeup.subscription(agent.device_ids) as changed:
@@ -134,6 +139,9 @@ async def next_job(request: Request, agent: AgentPrincipal, services: ServicesDe
             if await request.is_disconnected():
                 return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
             lease = await services.leases.on_thread(_try_claim, services, agent.agent_id)
+            if lease is not None and await request.is_disconnected():  # it hung up while the claim waited
+                await services.leases.on_thread(_hand_back, services, lease)
+                return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
             if lease is not None:
                 return lease
             remaining = deadline - time.monotonic()

@@ -41,7 +41,7 @@ from server.models import (
 )
 from server.services import selectors
 from server.services.artifacts import ArtifactStore, materialise
-from server.services.wakeup import device_taken
+from server.services.wakeup import device_taken, jobs_changed
 from server.settings import Settings
 
 #: how many queued selector jobs one claim looks through for one its devices match
@@ -113,6 +113,19 @@ _MARK_BUSY = (
         (Device.state.in_([DeviceState.online, DeviceState.offline]), DeviceState.busy), else_=Device.state))
     .returning(Device.name, Device.threads, Device.runtime, Device.attributes)
 )
+#: undo a lease nobody received: back to the queue as it was (a selector job names no device again)
+_HAND_BACK_JOB = (
+    update(Job)
+    .where(Job.id == bindparam("job"), Job.lease_id == bindparam("lease"), Job.status == JobStatus.running)
+    .values(status=JobStatus.queued, agent_id=None, lease_id=None, lease_expires_at=None, started_at=None,
+            attempts=Job.attempts - 1, device_id=case((Job.selector.is_not(None), None), else_=Job.device_id))
+)
+_FREE_DEVICE = (
+    update(Device)
+    .where(Device.name == bindparam("device"))
+    .values(state=case((Device.state == DeviceState.busy, DeviceState.online), else_=Device.state))
+    .returning(Device.id)
+)
 T = TypeVar("T")
 _TOUCH_AGENT = update(Agent).where(Agent.id == bindparam("agent")).values(last_seen=bindparam("now"))
 _ARTIFACT = select(Artifact.sha256, Artifact.format, Artifact.size_bytes).where(Artifact.sha256 == bindparam("sha256"))
@@ -176,6 +189,14 @@ class Leases:
             protocol=PRESETS[Preset(leased.preset)].model_copy(
                 update={"timeout_s": leased.run_timeout_s or self.settings.run_timeout_s}),
         )
+
+    def hand_back(self, session: Session, lease: JobLease) -> None:
+        """Return a lease the agent never received (its poll hung up while the claim ran) to the
+        queue at once, its attempt uncounted, instead of after the lease expires."""
+        conn = session.connection()
+        if conn.execute(_HAND_BACK_JOB, {"job": lease.job_id, "lease": lease.lease_id}).rowcount:
+            device_id = conn.execute(_FREE_DEVICE, {"device": lease.device}).scalar_one()
+            jobs_changed(session, device_id)
 
     def touch(self, conn: Connection, agent_id: int) -> None:
         """Record that the agent is alive: a write (and a WAL flush) at most every few seconds."""

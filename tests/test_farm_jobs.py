@@ -4,13 +4,16 @@ server on each backend, with short intervals."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.api import agents as agents_api
 from server.db import upgrade
 from server.local import running_server, temporary_postgres_database
 from server.settings import Settings
@@ -176,6 +179,28 @@ def test_model_failures_are_results_and_infrastructure_failures_are_retried(admi
     exhausted = agent.fail(second, "artifact_error")  # max_attempts is 2 here
     assert exhausted["status"] == "failed" and exhausted["attempts"] == 2
     assert exhausted["error"].startswith("gave up after 2 attempts")
+
+
+def test_a_retried_selector_job_wakes_the_polls_of_every_matching_device(admin: httpx.Client, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Back in the queue, a selector job names no device, so any matching device's poll must wake
+    (the polls' own re-check is pushed past the poll here, so only the wake-up can deliver it)."""
+    monkeypatch.setattr(agents_api, "RECHECK_S", 60.0)
+    pool = unique("pool", tmp_path)
+    first, second = (ScriptedAgent(admin, name, {unique(name, tmp_path): {"pool": pool}}) for name in ("sel-a", "sel-b"))
+    first.pass_canary()
+    second.pass_canary()
+    job = submit(admin, selector=f"pool == {pool}").json()
+    lease = first.claim(wait=5)
+    assert lease is not None and lease["job_id"] == job["id"]
+    with ThreadPoolExecutor(1) as waiting:
+        poll = waiting.submit(second.claim, 10)
+        time.sleep(0.5)  # the poll is waiting by then
+        failed_at = time.monotonic()
+        assert first.fail(lease, "artifact_error")["status"] == "queued"
+        taken = poll.result()
+    assert taken is not None and taken["job_id"] == job["id"], taken
+    assert time.monotonic() - failed_at < 3.0
 
 
 def test_heartbeat_extends_the_lease_and_carries_cancel(admin: httpx.Client, tmp_path: Path) -> None:

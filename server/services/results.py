@@ -128,7 +128,7 @@ def _after_job(session: Session, conn: Connection, job: Row[Any], measurement: d
 def _retry(session: Session, job: Row[Any], result: JobResult, settings: Settings) -> Recorded:
     leased = session.get_one(Job, job.id)
     retry(leased, f"{result.failure_class}: {result.error}", settings.max_attempts, str(result.failure_class))
-    jobs_changed(session, job.device_id)
+    jobs_changed(session, leased.device_id)  # None for a selector job: any matching device may take it
     return _recorded(job, status=leased.status, error=leased.error, failure_class=leased.failure_class,
                      finished_at=leased.finished_at, device=job.device if leased.device_id is not None else None,
                      queue_position=queue_position(session, leased))

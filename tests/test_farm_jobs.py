@@ -201,6 +201,7 @@ def test_a_retried_selector_job_wakes_the_polls_of_every_matching_device(admin: 
         taken = poll.result()
     assert taken is not None and taken["job_id"] == job["id"], taken
     assert time.monotonic() - failed_at < 3.0
+    assert second.finish(taken)["status"] == "done"  # no lease left to expire in the tests after this one
 
 
 def test_heartbeat_extends_the_lease_and_carries_cancel(admin: httpx.Client, tmp_path: Path) -> None:

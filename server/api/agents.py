@@ -139,11 +139,11 @@ async def next_job(request: Request, agent: AgentPrincipal, services: ServicesDe
             if await request.is_disconnected():
                 return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
             lease = await services.leases.on_thread(_try_claim, services, agent.agent_id)
-            if lease is not None and await request.is_disconnected():  # it hung up while the claim waited
-                await services.leases.on_thread(_hand_back, services, lease)
-                return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
             if lease is not None:
-                return lease
+                if not await request.is_disconnected():
+                    return lease
+                await services.leases.on_thread(_hand_back, services, lease)  # it hung up while the claim ran
+                return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]

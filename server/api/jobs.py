@@ -106,11 +106,6 @@ def read_job(job_id: RowId, session: Db) -> JobOut:
     return job_out(session, _job(session, job_id))
 
 
-def _finished_onboarding(job: Job) -> int | None:
-    """The onboarding a finished job may have been the last of."""
-    return job.onboarding_id if job.status in job_service.FINISHED else None
-
-
 def _finish_onboarding_later(onboarding_id: int | None, services: Services, background: BackgroundTasks) -> None:
     """Queue the onboarding's adaptation after the commit, if its last job just finished."""
     if onboarding_id is not None:
@@ -123,7 +118,7 @@ def cancel_job(job_id: RowId, session: Db, services: ServicesDep, background: Ba
     job = _job(session, job_id)
     if job.status == JobStatus.queued:
         job.status, job.finished_at = JobStatus.cancelled, utcnow()
-        _finish_onboarding_later(_finished_onboarding(job), services, background)
+        _finish_onboarding_later(job.onboarding_id, services, background)
     elif job.status == JobStatus.running:
         job.cancel_requested = True
     else:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Row, and_, func, or_, select
+from sqlalchemy import Row, and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from agent.protocol import PROTOCOL_VERSION, HeartbeatResponse, Preset
@@ -28,6 +28,10 @@ from server.services.wakeup import jobs_changed
 from server.settings import Settings
 
 FINISHED = (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
+#: a device's state once its job ended: online again if it was busy (a degraded or paused one stays so)
+FREED_STATE = case((Device.state == DeviceState.busy, DeviceState.online), else_=Device.state)
+#: a job as an ORM object or as a row of its columns
+LeasedJob = TypeVar("LeasedJob", Job, Row[Any])
 
 
 @dataclass(frozen=True)
@@ -101,20 +105,21 @@ def queue_position(session: Session, job: Job) -> int | None:
 # ------------------------------------------------------------------------------------ agents' calls
 
 
-def check_lease(job: Job | Row[Any] | None, job_id: int, agent_id: int, lease_id: str) -> None:
-    """404 for no such job, 409 for a stale lease, 403 for another agent's job."""
+def check_lease(job: LeasedJob | None, job_id: int, agent_id: int, lease_id: str) -> LeasedJob:
+    """The job, if the agent holds this lease of it: 404 for no such job, 409 for a stale lease,
+    403 for another agent's job."""
     if job is None:
         raise NotFound(f"no job {job_id}", "job_id")
     if job.lease_id != lease_id:
         raise Conflict(f"lease {lease_id} of job {job_id} is stale: it expired or the job was re-leased", "lease_id")
     if job.agent_id != agent_id:
         raise Forbidden(f"job {job_id} is not leased to this agent")
+    return job
 
 
 def heartbeat(session: Session, agent_id: int, job_id: int, lease_id: str, lease_ttl_s: float) -> HeartbeatResponse:
-    job = session.scalar(select(Job).where(Job.id == job_id).with_for_update(of=Job))
-    check_lease(job, job_id, agent_id, lease_id)
-    assert job is not None
+    job = check_lease(session.scalar(select(Job).where(Job.id == job_id).with_for_update(of=Job)),
+                      job_id, agent_id, lease_id)
     if job.status != JobStatus.running:
         raise Conflict(f"job {job_id} is {job.status.value}, not running", "lease_id")
     job.lease_expires_at = utcnow() + timedelta(seconds=lease_ttl_s)
@@ -148,6 +153,7 @@ def retry(job: Job, reason: str, max_attempts: int, failure_class: str) -> None:
 
 
 def release_device(job: Job) -> None:
+    """`FREED_STATE` for a job loaded as an ORM object."""
     device = job.device
     if device is not None and device.state is DeviceState.busy:
         device.state = DeviceState.online

@@ -41,6 +41,7 @@ from server.models import (
 )
 from server.services import selectors
 from server.services.artifacts import ArtifactStore, materialise
+from server.services.jobs import FREED_STATE
 from server.services.wakeup import device_taken, jobs_changed
 from server.settings import Settings
 
@@ -50,6 +51,7 @@ SELECTOR_SCAN = 50
 LAST_SEEN_RESOLUTION_S = 5
 #: artifact descriptions kept in memory (a few hundred bytes each)
 ARTIFACTS_KEPT = 10_000
+T = TypeVar("T")
 
 _RUNNING = aliased(Job)
 _QUEUED = aliased(Job)
@@ -120,13 +122,7 @@ _HAND_BACK_JOB = (
     .values(status=JobStatus.queued, agent_id=None, lease_id=None, lease_expires_at=None, started_at=None,
             attempts=Job.attempts - 1, device_id=case((Job.selector.is_not(None), None), else_=Job.device_id))
 )
-_FREE_DEVICE = (
-    update(Device)
-    .where(Device.name == bindparam("device"))
-    .values(state=case((Device.state == DeviceState.busy, DeviceState.online), else_=Device.state))
-    .returning(Device.id)
-)
-T = TypeVar("T")
+_FREE_DEVICE = update(Device).where(Device.name == bindparam("device")).values(state=FREED_STATE).returning(Device.id)
 _TOUCH_AGENT = update(Agent).where(Agent.id == bindparam("agent")).values(last_seen=bindparam("now"))
 _ARTIFACT = select(Artifact.sha256, Artifact.format, Artifact.size_bytes).where(Artifact.sha256 == bindparam("sha256"))
 

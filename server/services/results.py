@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, case, insert, select, update
+from sqlalchemy import Connection, Row, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from agent.protocol import INFRASTRUCTURE_FAILURES, PRESETS, JobResult, Preset, ResultStatus
@@ -21,7 +21,6 @@ from server.errors import Conflict
 from server.models import (
     Architecture,
     Device,
-    DeviceState,
     Job,
     JobKind,
     JobStatus,
@@ -32,7 +31,7 @@ from server.models import (
 )
 from server.schemas import JobOut
 from server.services import health
-from server.services.jobs import FINISHED, check_lease, queue_position, readapt_later, retry
+from server.services.jobs import FINISHED, FREED_STATE, check_lease, queue_position, readapt_later, retry
 from server.services.wakeup import jobs_changed
 from server.settings import Settings
 
@@ -61,8 +60,7 @@ _FINISH_JOB = (
 _RELEASE_DEVICE = (
     update(Device)
     .where(Device.id == bindparam("device"))
-    .values(state=case((Device.state == DeviceState.busy, DeviceState.online), else_=Device.state),
-            jobs_since_canary=Device.jobs_since_canary + bindparam("counted"))
+    .values(state=FREED_STATE, jobs_since_canary=Device.jobs_since_canary + bindparam("counted"))
     .returning(Device.jobs_since_canary)
 )
 
@@ -81,9 +79,7 @@ def record_result(session: Session, agent_id: int, job_id: int, result: JobResul
     other failure is the model's and is the job's result.
     """
     conn = session.connection()
-    job = conn.execute(_LOCKED_JOB, {"job": job_id}).one_or_none()
-    check_lease(job, job_id, agent_id, result.lease_id)
-    assert job is not None
+    job = check_lease(conn.execute(_LOCKED_JOB, {"job": job_id}).one_or_none(), job_id, agent_id, result.lease_id)
     if job.status in FINISHED:
         return _recorded(job)
     if job.status is not JobStatus.running:

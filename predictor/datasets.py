@@ -15,14 +15,14 @@ from predictor.spaces import SearchSpace
 ENV_VAR = "LATFARM_DATASETS"
 
 
-def find_datasets() -> Path | None:
-    """`LATFARM_DATASETS`, else `../shared/datasets` from the working directory or the repository."""
+REFERENCE_TABLES = Path(__file__).resolve().parent / "reference_tables"
+
+
+def find_datasets() -> Path:
+    """`LATFARM_DATASETS` where it is set, else the published tables shipped in this package."""
     if env := os.environ.get(ENV_VAR):
         return Path(env)
-    for candidate in (Path("../shared/datasets"), Path(__file__).resolve().parents[2] / "shared" / "datasets"):
-        if candidate.is_dir():
-            return candidate.resolve()
-    return None
+    return REFERENCE_TABLES
 
 
 def read_arch_keys(root: Path, space: SearchSpace) -> dict[int, str]:

@@ -72,10 +72,10 @@ def db_upgrade(as_json: JsonFlag = False) -> None:
 
 @datasets_app.command("import", epilog=examples(
     "latfarm datasets import",
-    "latfarm datasets import ../shared/datasets --json | jq .measurements_inserted",
+    "latfarm datasets import ./my-tables --json | jq .measurements_inserted",
 ))
 def datasets_import(
-    path: Annotated[Optional[Path], typer.Argument(help="datasets folder; default LATFARM_DATASETS")] = None,
+    path: Annotated[Optional[Path], typer.Argument(help="tables folder; default LATFARM_DATASETS, else the tables shipped with latfarm")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Load devices, architectures and latencies of the published tables (idempotent)."""
@@ -83,8 +83,6 @@ def datasets_import(
 
     settings = settings_from_env()
     root = path or settings.datasets
-    if root is None:
-        raise typer.BadParameter("no datasets folder: pass PATH or set LATFARM_DATASETS")
     with progress_bar() as progress:
         report = import_reference_datasets(settings, root, progress)
     emit(report, as_json,

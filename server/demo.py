@@ -49,8 +49,8 @@ def run_demo(out: Path, samples: int, check: int, seed: int, console: Console) -
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(database_url=f"sqlite:///{(out / 'latfarm.db').resolve()}", artifact_dir=out / "artifacts",
                         admin_token=secrets.token_urlsafe(24), poll_wait_s=5.0)
-    if settings.datasets is None:
-        raise SystemExit("no reference datasets found: set LATFARM_DATASETS to the datasets folder")
+    if not (settings.datasets / "devices.csv").is_file():
+        raise SystemExit(f"no reference tables in {settings.datasets}: unset LATFARM_DATASETS to use the shipped ones")
     console.rule("latfarm demo")
     with progress_bar() as progress:
         report = import_reference_datasets(settings, settings.datasets, progress)

@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LATFARM_", extra="ignore")
 
     database_url: str = "sqlite:///./latfarm.db"
-    datasets: Path | None = Field(default_factory=find_datasets)
+    datasets: Path = Field(default_factory=find_datasets)
     artifact_dir: Path = Path(".latfarm/artifacts")
     admin_token: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024

@@ -12,15 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from predictor.datasets import find_datasets
 from server.db import upgrade
 from server.local import running_server, temporary_postgres_database, worker_process
 from server.settings import Settings
 
 POSTGRES_ADMIN_URL = os.environ.get("LATFARM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-DATASETS = Path(os.environ.get("LATFARM_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+DATASETS = find_datasets()
 ADMIN_TOKEN = "test-admin-token"
 
-needs_datasets = pytest.mark.skipif(not (DATASETS / "devices.csv").is_file(), reason="reference datasets not found")
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])

@@ -20,12 +20,13 @@ from typer.testing import CliRunner
 
 from predictor import LatencyPredictor, TrainConfig, get_sampler, get_space
 from predictor.bench import RAW_COLUMNS, BenchMismatch, load_space_table, load_tasks, run_bench, split
+from predictor.datasets import find_datasets
 from predictor.cost import analytic_cost, hooked_cost
 from predictor.bench.methods import Method, OneProxy, Prediction, TaskContext, ridge_fit_predict
 from server.bench_cli import bench_app
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_DATASETS = Path(os.environ.get("LATFARM_DATASETS", REPO.parent / "shared" / "datasets"))
+REAL_DATASETS = find_datasets()
 TINY = TrainConfig(epochs=2, members=1, hidden=32)
 
 TRAIN = ("ref_a", "ref_b", "ref_c")
@@ -117,7 +118,6 @@ def test_split_gives_pretraining_only_train_device_rows(datasets: Path) -> None:
         assert len(table.keys) == 300  # the unconnected NB201 cell is dropped
 
 
-@pytest.mark.skipif(not (REAL_DATASETS / "tasks.json").is_file(), reason="reference datasets not found")
 def test_real_tasks_split_without_overlap() -> None:
     tasks = load_tasks(REAL_DATASETS)
     assert len(tasks) == 12
@@ -257,7 +257,6 @@ def test_quick_cli_writes_raw_csv_summary_and_plot(datasets: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REAL_DATASETS / "tasks.json").is_file(), reason="reference datasets not found")
 def test_quick_on_the_real_tables(tmp_path: Path) -> None:
     run_bench(quick=True, out_dir=tmp_path, datasets=REAL_DATASETS)
     rows = _raw_rows(tmp_path)

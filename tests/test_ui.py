@@ -27,7 +27,7 @@ from server.services import scoring
 from server.services.datasets import import_datasets
 from server.settings import Settings
 from server.ui.auth import COOKIE
-from tests.conftest import ADMIN_TOKEN, DATASETS, needs_datasets
+from tests.conftest import ADMIN_TOKEN, DATASETS
 
 SCREENSHOTS = Path(__file__).parent / "screenshots"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -158,7 +158,6 @@ def pages(farm: Farm) -> dict[str, tuple[str, list[str]]]:
 
 
 @pytest.mark.slow
-@needs_datasets
 def test_pages_show_the_farm(farm: Farm) -> None:
     validation = farm.adapted["metrics"]["validation"]
     assert validation["n"] >= 5 and validation["points"], validation
@@ -243,7 +242,6 @@ def count(driver: Any, css: str) -> int:
 
 
 @pytest.mark.slow
-@needs_datasets
 def test_browser_renders_every_page(farm: Farm, chromium: Any) -> None:
     from selenium.webdriver.common.by import By
 

@@ -23,14 +23,6 @@ from predictor.spaces import SearchSpace, get_space
 TASKS_FILE = "tasks.json"
 
 
-def default_datasets() -> Path:
-    """The datasets folder by the rule the server uses too; an error when there is none."""
-    found = find_datasets()
-    if found is None:
-        raise FileNotFoundError("no datasets folder: set LATFARM_DATASETS")
-    return found
-
-
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -46,7 +38,7 @@ class Task:
 
 def load_tasks(root: Path | None = None) -> dict[str, Task]:
     """Every task of `tasks.json`, by name, in file order (N0..N5, F0..F5)."""
-    root = root or default_datasets()
+    root = root or find_datasets()
     with open(root / TASKS_FILE) as handle:
         spec = json.load(handle)["tasks"]
     tasks = {}

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from predictor.datasets import find_datasets
 from predictor.model import LatencyPredictor, TrainConfig
 from predictor.samplers import Sampler, get_sampler
 from predictor.spaces import get_space
 
-from .data import Split, Task, default_datasets, load_space_table, load_tasks, memoised_space, split
+from .data import Split, Task, load_space_table, load_tasks, memoised_space, split
 from .methods import Method, TaskContext, get_methods
 
 RAW_FILE = "predictor.csv"
@@ -84,7 +85,7 @@ def run_bench(
     `quick`: task N0, k in (5, 20), one seed and a cheaper pre-training, for a smoke run.
     `fresh`: discard the rows already in `out_dir` instead of resuming from them.
     """
-    root = Path(datasets) if datasets is not None else default_datasets()
+    root = Path(datasets) if datasets is not None else find_datasets()
     all_tasks = load_tasks(root)
     if quick:
         tasks, ks, seeds = QUICK_TASKS, QUICK_KS, QUICK_SEEDS

@@ -100,7 +100,7 @@ def import_datasets(
 ) -> ImportReport:
     """Load devices, architectures and measurements; devices already complete are skipped."""
     if not (root / "devices.csv").is_file():
-        raise FileNotFoundError(f"no devices.csv in {root}: set LATFARM_DATASETS to the datasets folder")
+        raise FileNotFoundError(f"no devices.csv in {root}: point LATFARM_DATASETS at a folder of reference tables, or unset it to use the shipped ones")
     report = ImportReport()
     device_ids = _upsert_devices(session, root, report)
     for space_name in spaces:

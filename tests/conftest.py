@@ -7,14 +7,13 @@ import os
 import time
 from collections.abc import Iterator
 from typing import Any
-from pathlib import Path
 
 import httpx
 import pytest
 
 from predictor.datasets import find_datasets
+from server.cli.local import running_server, temporary_postgres_database, worker_process
 from server.db import upgrade
-from server.local import running_server, temporary_postgres_database, worker_process
 from server.settings import Settings
 
 POSTGRES_ADMIN_URL = os.environ.get("LATFARM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

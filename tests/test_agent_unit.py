@@ -10,9 +10,9 @@ import importlib.util
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
-import signal
 import threading
 import time
 import urllib.parse
@@ -26,8 +26,8 @@ import pytest
 from agent import __version__
 from agent.cache import ArtifactCache, ArtifactDownloadError, ArtifactError, ArtifactIntegrityError
 from agent.capabilities import default_device_name, detect_capabilities, device_attributes
-from agent.cli import main as cli_main
 from agent.cli import build_parser, settings_from_args
+from agent.cli import main as cli_main
 from agent.client import ServerClient
 from agent.protocol import PROTOCOL_VERSION, ArtifactFormat, ArtifactRef, JobResult, Preset, Runtime, TimingProtocol
 from agent.settings import ENV_VARS, MB, AgentSettings

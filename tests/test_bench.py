@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,10 @@ from typer.testing import CliRunner
 
 from predictor import LatencyPredictor, TrainConfig, get_sampler, get_space
 from predictor.bench import RAW_COLUMNS, BenchMismatch, load_space_table, load_tasks, run_bench, split
-from predictor.datasets import find_datasets
-from predictor.cost import analytic_cost, hooked_cost
 from predictor.bench.methods import Method, OneProxy, Prediction, TaskContext, ridge_fit_predict
-from server.bench_cli import bench_app
+from predictor.cost import analytic_cost, hooked_cost
+from predictor.datasets import find_datasets
+from server.cli.bench import bench_app
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATASETS = find_datasets()

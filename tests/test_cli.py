@@ -19,11 +19,11 @@ from typer.testing import CliRunner, Result
 
 from agent.cli import build_parser
 from predictor import get_space
-from server.cli import app
+from server.cli.commands import app
+from server.cli.local import free_port, running_agent, running_server
+from server.cli.output import EXIT_CODE_SUMMARY, ExitCode
 from server.client import FarmClient
-from server.cli_output import EXIT_CODE_SUMMARY, ExitCode
 from server.db import upgrade
-from server.local import free_port, running_agent, running_server
 from server.settings import Settings, get_settings
 from tests.conftest import ADMIN_TOKEN
 

@@ -17,20 +17,20 @@ import re
 import shlex
 import shutil
 import subprocess
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import typer.main
 import yaml
 
 import agent.cli
 from agent.settings import ENV_VARS as AGENT_ENV_VARS
 from agent.settings import AgentSettings, mb_to_bytes
-from server.cli import app as latfarm_app
+from server.cli.commands import app as latfarm_app
 from server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

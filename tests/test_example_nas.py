@@ -17,7 +17,7 @@ import pytest
 
 from predictor.spaces import get_space
 from predictor.spaces.nb201 import live_edges
-from server.local import running_agent
+from server.cli.local import running_agent
 from server.services.runtime import pretrain_base
 from tests.conftest import ADMIN_TOKEN
 from tests.test_farm_e2e import registered, wait_until

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.local import running_agent
+from server.cli.local import running_agent
 from tests.conftest import ADMIN_TOKEN, pretrained, wait_until
 
 NB201_KEY = "|nor_conv_1x1~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|avg_pool_3x3~1|nor_conv_1x1~2|"

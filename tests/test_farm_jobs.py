@@ -14,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.api import agents as agents_api
+from server.cli.local import running_server, temporary_postgres_database
 from server.db import upgrade
-from server.local import running_server, temporary_postgres_database
 from server.settings import Settings
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.test_farm_e2e import wait_until
@@ -36,11 +36,11 @@ def farm_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         url = f"sqlite:///{tmp / 'farm.db'}"
         upgrade(url)
         with running_server(Settings(database_url=url, artifact_dir=tmp / "artifacts", admin_token=ADMIN,
-                                     datasets=None, **fast)) as server:
+                                     **fast)) as server:
             yield server
         return
     with temporary_postgres_database(POSTGRES_ADMIN_URL, "latfarm_jobs") as url, running_server(
-        Settings(database_url=url, artifact_dir=tmp / "artifacts", admin_token=ADMIN, datasets=None, **fast)
+        Settings(database_url=url, artifact_dir=tmp / "artifacts", admin_token=ADMIN, **fast)
     ) as server:
         yield server
 

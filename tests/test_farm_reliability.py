@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from server.api import agents as agents_api
-from server.local import free_port, running_agent, running_server, server_process, temporary_postgres_database
+from server.cli.local import free_port, running_agent, running_server, server_process, temporary_postgres_database
 from server.settings import Settings
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.test_farm_e2e import registered, wait_until
@@ -47,7 +47,7 @@ def postgres_url() -> Iterator[str]:
 
 
 def fast_settings(url: str, tmp_path: Path) -> Settings:
-    return Settings(database_url=url, artifact_dir=tmp_path / "artifacts", admin_token=ADMIN, datasets=None,
+    return Settings(database_url=url, artifact_dir=tmp_path / "artifacts", admin_token=ADMIN,
                     **{key.removeprefix("LATFARM_").lower(): float(value) for key, value in FAST.items()})
 
 

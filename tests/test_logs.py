@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.local import free_port, server_process, temporary_postgres_database
+from server.cli.local import free_port, server_process, temporary_postgres_database
 from server.logs import REQUEST_ID, MaskSecrets, RequestIdFilter
 from tests.conftest import ADMIN_TOKEN, POSTGRES_ADMIN_URL
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server.db import make_engine, make_session_factory, session_scope
-from server.local import running_agent
+
 from predictor.spaces import get_space
+from server.cli.local import running_agent
+from server.db import make_engine, make_session_factory, session_scope
 from server.models import (
     Device,
     Job,

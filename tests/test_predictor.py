@@ -190,7 +190,7 @@ def test_older_checkpoints_load_without_a_preference(base: LatencyPredictor) -> 
 
 def test_served_answers_are_the_models_for_seen_and_unseen_keys(base: LatencyPredictor) -> None:
     from server.models import Predictor
-    from server.services.predictors import PredictorCache
+    from server.services.answer_cache import PredictorCache
 
     cache = PredictorCache(answers_per_device=3)  # a tiny cap: the second call starts over
     row = Predictor(id=1, checkpoint=base.to_bytes())

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import httpx
 
+from server.cli.local import running_server
 from server.db import upgrade
-from server.local import running_server
 from server.settings import Settings
 
 ADMIN = "limit-admin"
@@ -16,7 +16,7 @@ ADMIN = "limit-admin"
 def test_predict_rate_limit_is_per_token(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'limit.db'}"
     upgrade(url)
-    settings = Settings(database_url=url, artifact_dir=tmp_path / "artifacts", admin_token=ADMIN, datasets=None,
+    settings = Settings(database_url=url, artifact_dir=tmp_path / "artifacts", admin_token=ADMIN,
                         predict_rate_limit="3/minute")
     body = {"device": "nowhere", "space": "nb201", "architectures": "all"}
     with running_server(settings) as server, httpx.Client(base_url=f"{server}/api/v1") as http:

@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from predictor.spaces import get_space
+from server.cli.local import temporary_postgres_database
 from server.db import make_engine, make_session_factory, session_scope, upgrade
-from server.local import temporary_postgres_database
 from server.models import Device, TaskStatus, TrainingTask, as_utc, utcnow
 from server.services import training_queue
 from server.services.catalog import space_row

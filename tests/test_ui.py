@@ -20,8 +20,8 @@ import pytest
 
 from predictor import LatencyPredictor
 from predictor.spaces import get_space
+from server.cli.local import running_agent, running_server
 from server.db import make_engine, make_session_factory, session_scope, upgrade
-from server.local import running_agent, running_server
 from server.models import Predictor
 from server.services import scoring
 from server.services.datasets import import_datasets

@@ -6,13 +6,13 @@ from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 from sqlalchemy import exists, select
 
 from server.api.deps import Db, ServicesDep
-from server.auth import ADMIN, READ, SUBMIT
 from server.api.onboardings import onboarding_out
+from server.auth import ADMIN, READ, SUBMIT
 from server.errors import Conflict
 from server.models import Architecture, Device, Job, Measurement
 from server.schemas import DeviceIn, DeviceOut, DevicePatch, ExplainOut, OnboardIn, OnboardingOut
 from server.services import onboarding as onboarding_service
-from server.services import predictors as predictor_service
+from server.services import prediction
 from server.services.catalog import get_device, resolve_space, space_row
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
@@ -59,7 +59,7 @@ def explain_device(name: str, session: Db, services: ServicesDep, space: str = "
     """Which reference devices this device resembles, and what each operation costs on it compared
     with them, from its newest adapted predictor."""
     device = get_device(session, name, "name")
-    return predictor_service.explanation(session, services.predictors, device, resolve_space(space))
+    return prediction.explanation(session, services.predictors, device, resolve_space(space))
 
 
 @router.get("/{name:path}", dependencies=[READ])

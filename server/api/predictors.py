@@ -11,8 +11,8 @@ from server.errors import NotFound
 from server.models import Predictor
 from server.schemas import PredictorOut, PretrainIn, RowId, TaskOut
 from server.services import training_queue
-from server.services.predictors import NO_CHECKPOINT
 from server.services.catalog import resolve_space, space_row
+from server.services.predictors import NO_CHECKPOINT
 
 router = APIRouter(prefix="/api/v1/predictors", tags=["predictors"])
 

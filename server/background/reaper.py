@@ -12,11 +12,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from server import metrics
+from server.background.wakeup import jobs_changed
 from server.db import session_scope
 from server.models import Agent, AgentDevice, Device, DeviceState, Job, JobKind, JobStatus, as_utc, utcnow
 from server.services import health
 from server.services.jobs import release_device, retry
-from server.services.wakeup import jobs_changed
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from predictor.spaces import get_space
 from server.db import session_scope
 from server.models import TaskKind, TrainingTask
 from server.services import adaptation, onboarding, predictors, training_queue
+from server.services.answer_cache import PredictorCache
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class LeaseLost(RuntimeError):
 
 
 class TrainingWorker:
-    def __init__(self, sessions: sessionmaker[Session], cache: predictors.PredictorCache, settings: Settings) -> None:
+    def __init__(self, sessions: sessionmaker[Session], cache: PredictorCache, settings: Settings) -> None:
         self.sessions, self.cache, self.settings = sessions, cache, settings
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()

@@ -12,9 +12,9 @@ from scipy.stats import spearmanr
 
 from agent.capabilities import default_device_name
 from predictor.spaces import get_space
-from server.cli import progress_bar
+from server.cli.local import running_agent, running_server
+from server.cli.output import progress_bar
 from server.client import FarmClient
-from server.local import running_agent, running_server
 from server.services.runtime import import_reference_datasets, pretrain_base
 from server.settings import Settings
 

@@ -1,6 +1,6 @@
 """The `latfarm` command line.
 
-Every command exits with a code of the table in `server.cli_output`, prints its result on stdout
+Every command exits with a code of the table in `server.cli.output`, prints its result on stdout
 (one JSON document with `--json`) and messages and progress on stderr.
 """
 
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.console import Console
 
-from server.bench_cli import bench_app
-from server.cli_output import EXIT_CODE_SUMMARY, FarmGroup, JsonFlag, emit, examples, progress_bar
+from server.cli.bench import bench_app
+from server.cli.output import EXIT_CODE_SUMMARY, FarmGroup, JsonFlag, emit, examples, progress_bar
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -230,10 +230,10 @@ def server(
 def worker() -> None:
     """Run a training worker: pre-training and adaptation tasks from the database, one at a time,
     until interrupted. `latfarm server` runs one in each of its processes unless LATFARM_WORKER=false."""
+    from server.background.training_worker import TrainingWorker
     from server.db import make_engine, make_session_factory, upgrade
     from server.logs import configure_logging
-    from server.services.predictors import PredictorCache
-    from server.services.worker import TrainingWorker
+    from server.services.answer_cache import PredictorCache
 
     settings = settings_from_env()
     configure_logging(settings.log_format, settings.log_level)
@@ -254,7 +254,7 @@ def demo(
     seed: int = 0,
 ) -> None:
     """The whole loop on this machine: import, pre-train, onboard this CPU, check against real runs."""
-    from server.demo import run_demo
+    from server.cli.demo import run_demo
 
     run_demo(out, samples=samples, check=check, seed=seed, console=Console())
 

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from server.cli_output import ExitCode, JsonFlag, emit, examples, fail, progress_bar
+from server.cli.output import ExitCode, JsonFlag, emit, examples, fail, progress_bar
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against the published state of the art.",
                         epilog=examples("latfarm bench predictor --quick"))

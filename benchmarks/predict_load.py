@@ -84,7 +84,7 @@ def whole_space_seconds(http: httpx.Client, devices: list[str]) -> list[float]:
 def while_pretraining(http: httpx.Client) -> tuple[list[float], str]:
     """Whole-space calls for fresh reference devices while a queued pre-training runs; the times
     and the task's state after them (it must have been running throughout)."""
-    base = http.get("/predictors", params={"space": "nb201"}).json()[-1]
+    base = http.get("/predictors", params={"space": "nb201"}).json()["items"][-1]
     others = [d for d in base["training_devices"] if d != DEVICE]
     task = http.post("/predictors/pretrain", json={"space": "nb201"}).json()
     while http.get(f"/tasks/{task['id']}").json()["status"] == "queued":

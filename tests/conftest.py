@@ -99,7 +99,7 @@ def wait_until(predicate, timeout_s: float = 120, poll_s: float = 0.3):  # type:
 def pretrained(api: httpx.Client, space: str = "nb201") -> dict[str, Any]:
     """The newest base predictor of `space`; pre-trains one through the API (and the server's
     training worker) when there is none."""
-    bases = [p for p in api.get("/predictors", params={"space": space}).json() if p["kind"] == "base"]
+    bases = [p for p in api.get("/predictors", params={"space": space}).json()["items"] if p["kind"] == "base"]
     if bases:
         return bases[-1]
     task = api.post("/predictors/pretrain", json={"space": space})

@@ -165,7 +165,7 @@ def test_registration_needs_a_valid_token(api: httpx.Client, anonymous: httpx.Cl
 
 @pytest.mark.slow
 def test_imported_datasets_are_listed_and_paged(imported, api: httpx.Client) -> None:
-    nb201_devices = api.get("/devices", params={"space": "nb201"}).json()
+    nb201_devices = api.get("/devices", params={"space": "nb201"}).json()["items"]
     published = {d["name"] for d in nb201_devices if d["source"] == "imported"}
     assert len(published) == 40  # other tests may add devices of their own
     assert {"titan_rtx_256", "raspi4", "embedded_tpu_edge_tpu_int8"} <= published
@@ -181,7 +181,7 @@ def test_imported_datasets_are_listed_and_paged(imported, api: httpx.Client) -> 
 @pytest.mark.slow
 def test_whole_space_predict_on_an_imported_device(imported, api: httpx.Client) -> None:
     base = pretrained(api)
-    published = {d["name"] for d in api.get("/devices", params={"space": "nb201"}).json() if d["source"] == "imported"}
+    published = {d["name"] for d in api.get("/devices", params={"space": "nb201"}).json()["items"] if d["source"] == "imported"}
     assert published <= set(base["training_devices"])
     started = time.perf_counter()
     response = api.post("/predict", json={"device": "titan_rtx_256", "space": "nb201", "architectures": "all"})

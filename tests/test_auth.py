@@ -85,7 +85,7 @@ def test_client_token_scopes_and_revocation(api: httpx.Client, server_url: str) 
     assert minted.status_code == 201
     token = minted.json()
     assert token["scopes"] == ["predict", "read"] and token["token"]
-    listed = {t["id"]: t for t in api.get("/tokens").json()}
+    listed = {t["id"]: t for t in api.get("/tokens").json()["items"]}
     assert listed[token["id"]]["token"] is None  # shown once only
     with httpx.Client(base_url=f"{server_url}/api/v1", timeout=30,
                       headers={"Authorization": f"Bearer {token['token']}"}) as nas:

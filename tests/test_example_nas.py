@@ -65,7 +65,7 @@ def test_example_pareto_and_spearman_helpers() -> None:
 
 @pytest.mark.slow
 def test_latency_constrained_search_end_to_end(imported, server_url: str, api: httpx.Client, tmp_path: Path) -> None:
-    predictors = api.get("/predictors", params={"space": "nb201"}).json()
+    predictors = api.get("/predictors", params={"space": "nb201"}).json()["items"]
     if not any(p["kind"] == "base" for p in predictors):
         pretrain_base(imported, "nb201", None, 0)
     # NAS code holds a client token, not the admin one
@@ -98,7 +98,7 @@ def test_latency_constrained_search_end_to_end(imported, server_url: str, api: h
     assert "generation 10/10" in run.stderr
 
     # the search ran on the device's adapted predictor, in batched calls
-    used = next(p for p in api.get("/predictors", params={"space": "nb201"}).json()
+    used = next(p for p in api.get("/predictors", params={"space": "nb201"}).json()["items"]
                 if p["id"] == summary["predictor"]["id"])
     assert used["kind"] == "adapted" and used["device"] == device and used["id"] >= onboarding["predictor_id"]
     assert 1 <= summary["predictor_calls"]["http_requests"] <= 11

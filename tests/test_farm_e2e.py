@@ -67,11 +67,11 @@ def test_onboarding_adapts_a_predictor_from_real_measurements(imported, server_u
         )
     assert final["status"] == "ready", final
     assert final["jobs_done"] == 6
-    predictors = api.get("/predictors", params={"space": "nb201"}).json()
+    predictors = api.get("/predictors", params={"space": "nb201"}).json()["items"]
     adapted = next(p for p in predictors if p["id"] == final["predictor_id"])
     assert adapted["kind"] == "adapted" and adapted["device"] == device and adapted["parent_id"] is not None
     # flagged (unstable, drift, short) measurements are kept but not trained on
-    jobs = api.get("/jobs", params={"onboarding": onboarding_id}).json()
+    jobs = api.get("/jobs", params={"onboarding": onboarding_id}).json()["items"]
     clean = [job for job in jobs if job["status"] == "done" and not job["flags"]]
     usable = len(clean) if len(clean) >= 2 else sum(job["status"] == "done" for job in jobs)
     assert adapted["metrics"]["samples"] == usable >= 2, [job["flags"] for job in jobs]
@@ -85,7 +85,7 @@ def test_onboarding_whose_jobs_all_fail_is_marked_failed(imported, api: httpx.Cl
     device = "onboard-no-agent"
     assert api.post("/devices", json={"name": device}).status_code == 201
     started = api.post(f"/devices/{device}/onboard", json={"space": "nb201", "samples": 3}).json()
-    jobs = api.get("/jobs", params={"device": device}).json()
+    jobs = api.get("/jobs", params={"device": device}).json()["items"]
     assert len(jobs) == 3
     for job in jobs:  # no agent serves the device: cancel what it would have measured
         assert api.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"

@@ -154,9 +154,9 @@ def test_queue_position_cancel_and_list_filters(admin: httpx.Client, tmp_path: P
     assert admin.get(f"/jobs/{ids[1]}").json()["queue_position"] == 2
     assert admin.post(f"/jobs/{ids[2]}/cancel").status_code == 409
 
-    listed = admin.get("/jobs", params={"device": device, "status": "cancelled"}).json()
+    listed = admin.get("/jobs", params={"device": device, "status": "cancelled"}).json()["items"]
     assert [job["id"] for job in listed] == [ids[2]]
-    assert [job["kind"] for job in admin.get("/jobs", params={"device": device, "kind": "canary"}).json()] == [
+    assert [job["kind"] for job in admin.get("/jobs", params={"device": device, "kind": "canary"}).json()["items"]] == [
         "canary"]
 
 

@@ -71,7 +71,7 @@ def all_finished(api: httpx.Client, ids: list[int]) -> list[dict] | None:
 
 def canary_done(api: httpx.Client, device: str) -> bool:
     response = api.get("/jobs", params={"device": device, "kind": "canary"})
-    canaries = response.json() if response.status_code == 200 else []
+    canaries = response.json()["items"] if response.status_code == 200 else []
     return bool(canaries) and all(job["status"] == "done" for job in canaries)
 
 
@@ -203,7 +203,7 @@ def test_a_hundred_agents_register_at_once(postgres_url: str, tmp_path: Path) ->
         started = time.monotonic()
         codes = asyncio.run(register_all(url))
         elapsed = time.monotonic() - started
-        canaries = api.get("/jobs", params={"kind": "canary", "limit": 1000}).json()
+        canaries = api.get("/jobs", params={"kind": "canary", "limit": 1000}).json()["items"]
     assert codes == [201] * 100
     assert elapsed < 25, f"100 registrations took {elapsed:.0f} s"
     assert len(canaries) == 50  # one per device: the second agent's registration found it queued

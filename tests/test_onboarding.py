@@ -76,7 +76,7 @@ def test_a_new_device_is_onboarded_with_20_samples_and_served(imported: Settings
         # validated on the extra measurements held out, or else by cross-validation over the
         # samples; a noisy host flags measurements, and flagged ones are neither
         # (the registration canary is a held-out measurement too)
-        canaries = api.get("/jobs", params={"device": device, "kind": "canary"}).json()
+        canaries = api.get("/jobs", params={"device": device, "kind": "canary"}).json()["items"]
         held_out = sum(1 for job in [*(api.get(f"/jobs/{i}").json() for i in checks), *canaries]
                        if job["status"] == "done" and not job["flags"])
         metrics = adapted["metrics"]
@@ -150,7 +150,7 @@ def test_active_learning_measures_the_least_certain_architectures_up_to_the_budg
     rounds = final["rounds"]
     assert [r["samples"] for r in rounds] == [5, 10]
     assert rounds[-1]["predictor_id"] == final["predictor_id"]
-    jobs = api.get("/jobs", params={"onboarding": final["id"]}).json()
+    jobs = api.get("/jobs", params={"onboarding": final["id"]}).json()["items"]
     first, second = {j["architecture"] for j in jobs[:5]}, {j["architecture"] for j in jobs[5:]}
     assert len(first | second) == 10  # the second round measured new architectures
 

@@ -63,7 +63,7 @@ def _finished(api: httpx.Client, ids: list[int]) -> list[dict[str, Any]] | None:
 
 
 def _base_predictor(api: httpx.Client) -> int | None:
-    return next((p["id"] for p in api.get("/predictors", params={"space": "nb201"}).json() if p["kind"] == "base"),
+    return next((p["id"] for p in api.get("/predictors", params={"space": "nb201"}).json()["items"] if p["kind"] == "base"),
                 None)
 
 
@@ -76,7 +76,7 @@ def _score_on_flagged(api: httpx.Client, sessions: Any, base_id: int, onboarding
     """The server scores an adaptation on the device's unflagged measurements only; on a loaded host
     too few held-out runs may pass the stability check. Then score it here the server's way on all
     of them (real measurements, real predictions) and store that, so the pages have data to draw."""
-    onboarding_jobs = api.get("/jobs", params={"onboarding": onboarding_id, "limit": 1000}).json()
+    onboarding_jobs = api.get("/jobs", params={"onboarding": onboarding_id, "limit": 1000}).json()["items"]
     samples = {job["architecture"]: job["latency_ms"] for job in onboarding_jobs if job["status"] == "done"}
     with session_scope(sessions) as session:
         base, adapted = session.get_one(Predictor, base_id), session.get_one(Predictor, predictor_id)

@@ -7,10 +7,11 @@ from sqlalchemy import select
 
 from agent.protocol import HeartbeatRequest, HeartbeatResponse, JobResult
 from server.api.deps import Db, ServicesDep
+from server.api.pagination import Cursor, page
 from server.auth import READ, SUBMIT, AgentPrincipal
 from server.context import Services
 from server.models import Job, JobKind, JobStatus
-from server.schemas import INT_MAX, JobIn, JobOut, ResultOut, RowId
+from server.schemas import INT_MAX, JobIn, JobOut, Page, ResultOut, RowId
 from server.services import jobs as job_service
 from server.services import onboarding as onboarding_service
 from server.services import results
@@ -34,10 +35,10 @@ def list_jobs(
     status_: JobStatus | None = Query(None, alias="status"),
     kind: JobKind | None = None,
     onboarding: int | None = Query(None, ge=1, le=INT_MAX, description="only the jobs of this onboarding"),
-    cursor: int = Query(0, ge=0, le=INT_MAX, description="only jobs with a larger id"),
+    cursor: Cursor = 0,
     limit: int = Query(100, ge=1, le=1000),
-) -> list[JobOut]:
-    query = select(Job).where(Job.id > cursor).order_by(Job.id).limit(limit)
+) -> Page[JobOut]:
+    query = select(Job)
     if device is not None:
         query = query.where(Job.device_id == get_device(session, device).id)
     if status_ is not None:
@@ -46,7 +47,7 @@ def list_jobs(
         query = query.where(Job.kind == kind)
     if onboarding is not None:
         query = query.where(Job.onboarding_id == onboarding)
-    return [job_service.describe_job(session, job) for job in session.scalars(query)]
+    return page(session, query, Job.id, cursor, limit, lambda job: job_service.describe_job(session, job))
 
 
 @router.get("/{job_id}", dependencies=[READ])

@@ -33,13 +33,12 @@ from agent.protocol import PROTOCOL_VERSION, ArtifactFormat, ArtifactRef, JobRes
 from agent.settings import ENV_VARS, MB, AgentSettings
 from agent.timing import classify_failure, compute_stats, measure, warm_up
 from agent.worker import Worker
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def python_output(code: str) -> str:
     """What `code` prints, run in a fresh interpreter (imports there start from nothing)."""
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                           check=True)
     return done.stdout.strip()
 FAST = TimingProtocol(preset=Preset.quick, warmup_runs=2, min_runs=20, min_seconds=0.05, max_runs=60, timeout_s=60)
@@ -924,7 +923,7 @@ def start_agent_cli(server: LocalServer, tmp_path: Path, *extra: str) -> subproc
         [sys.executable, "-m", "agent", "--server", server.url, "--token", FakeFarm.REG_TOKEN,
          "--device", "testhost-ort-1t-b1", "--cache-dir", str(tmp_path / "cache"),
          "--state-dir", str(tmp_path / "state"), *extra],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
 

@@ -24,7 +24,6 @@ from predictor.cost import analytic_cost, hooked_cost
 from predictor.datasets import find_datasets
 from server.cli.bench import bench_app
 
-REPO = Path(__file__).resolve().parents[1]
 REAL_DATASETS = find_datasets()
 TINY = TrainConfig(epochs=2, members=1, hidden=32)
 

@@ -32,8 +32,7 @@ from server.models import (
 from server.services import health
 from server.services.catalog import space_row
 from server.settings import Settings
-from tests.conftest import ADMIN_TOKEN, pretrained, wait_until
-from tests.test_farm_e2e import registered
+from tests.helpers import ADMIN_TOKEN, pretrained, registered, wait_until
 
 pytestmark = pytest.mark.slow
 #: measured before onboarding: what the adapted predictor is validated on
@@ -156,7 +155,7 @@ def test_active_learning_measures_the_least_certain_architectures_up_to_the_budg
 
 
 def test_a_degraded_canary_marks_the_device_predictors_stale(settings: Settings) -> None:
-    """The canary verdict itself is the farm's (tests/test_farm_jobs.py); here: what it does to predictors."""
+    """The canary verdict itself is the farm's (tests/live/test_farm_jobs.py); here: what it does to predictors."""
     sessions = make_session_factory(make_engine(settings.database_url))
     with session_scope(sessions) as session:
         device = Device(name=f"stale-{time.time_ns()}", canary_baseline_ms=1.0)

@@ -15,11 +15,10 @@ import pytest
 
 from predictor.datasets import find_datasets
 from predictor.spaces import SPACES, InvalidArchitecture, SearchSpace, UnknownSpace, get_space
+from tests.helpers import NB201_KEY, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DATASETS = find_datasets()
 
-NB201_KEY = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
 FBNET_KEY = "|".join(["k3_e1", "k3_e1_g2", "k5_e6", "skip", "k5_e1_g2", "k3_e3"] * 3 + ["skip", "k3_e6", "k5_e3", "skip"])
 OFA_ARCH = {"ks": [3, 5, 7, 3] * 5, "e": [3, 4, 6, 4] * 5, "d": [2, 3, 4, 2, 3], "r": 128}
 OFA_KEY = json.dumps(OFA_ARCH, sort_keys=True, separators=(",", ":"))

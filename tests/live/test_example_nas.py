@@ -19,11 +19,9 @@ from predictor.spaces import get_space
 from predictor.spaces.nb201 import live_edges
 from server.cli.local import running_agent
 from server.services.runtime import pretrain_base
-from tests.conftest import ADMIN_TOKEN
-from tests.test_farm_e2e import registered, wait_until
+from tests.helpers import ADMIN_TOKEN, REPO, registered, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "latency_constrained_search.py"
+EXAMPLE = REPO / "examples" / "latency_constrained_search.py"
 
 
 def load_example():  # type: ignore[no-untyped-def]
@@ -90,7 +88,7 @@ def test_latency_constrained_search_end_to_end(imported, server_url: str, api: h
                    "--seed", "1", "--verify", "--verify-max", "5", "--preset", "quick", "--json",
                    # within budget by the mean prediction: a 6-sample predictor's uncertainty is wide
                    "--confidence", "0"]
-        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
         elapsed = time.monotonic() - began
         assert agent.poll() is None, "the agent exited"
     assert run.returncode == 0, run.stderr

@@ -25,9 +25,9 @@ from server.cli.output import EXIT_CODE_SUMMARY, ExitCode
 from server.client import FarmClient
 from server.db import upgrade
 from server.settings import Settings, get_settings
-from tests.conftest import ADMIN_TOKEN
+from tests.helpers import ADMIN_TOKEN, REPO
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+README = (REPO / "README.md").read_text()
 REFERENCE = ("cli-ref-a", "cli-ref-b")
 LONELY = "cli-lonely"  # a device without measurements: no predictor serves it
 KEYS = [key for key in get_space("nb201").sample(80, seed=3) if get_space("nb201").is_connected(key)][:40]

@@ -25,7 +25,7 @@ import schemathesis
 from schemathesis import Case
 from schemathesis.config import SchemathesisConfig
 
-from tests.conftest import ADMIN_TOKEN
+from tests.helpers import ADMIN_TOKEN
 
 FUZZ_EXAMPLES = int(os.environ.get("LATFARM_FUZZ_EXAMPLES", "15"))
 FUZZ_SEED = int(os.environ.get("LATFARM_FUZZ_SEED", "20240601"))

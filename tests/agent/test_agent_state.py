@@ -21,8 +21,8 @@ from agent.client import AuthError, ServerClient
 from agent.protocol import JobResult, ResultStatus
 from agent.state import AgentState, Credentials, StateInUse
 from agent.worker import BACKOFF_MAX_S, Worker
-from tests import test_agent_unit
-from tests.test_agent_unit import (
+from tests.agent import test_agent_unit
+from tests.agent.test_agent_unit import (
     FAST,
     FakeFarm,
     LocalServer,

@@ -32,8 +32,8 @@ from agent.settings import ENV_VARS as AGENT_ENV_VARS
 from agent.settings import AgentSettings, mb_to_bytes
 from server.cli.commands import app as latfarm_app
 from server.settings import Settings
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 README = (REPO / "README.md").read_text()
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

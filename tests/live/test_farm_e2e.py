@@ -8,14 +8,9 @@ import httpx
 import pytest
 
 from server.cli.local import running_agent
-from tests.conftest import ADMIN_TOKEN, pretrained, wait_until
+from tests.helpers import ADMIN_TOKEN, pretrained, registered, wait_until
 
 NB201_KEY = "|nor_conv_1x1~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|avg_pool_3x3~1|nor_conv_1x1~2|"
-
-
-def registered(api: httpx.Client, device: str):  # type: ignore[no-untyped-def]
-    response = api.get(f"/devices/{device}")
-    return response.status_code == 200 and response.json()["agents"] and response.json()
 
 
 def test_agent_measures_a_real_nb201_model(server_url: str, api: httpx.Client, tmp_path: Path) -> None:

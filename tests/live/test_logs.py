@@ -16,7 +16,7 @@ import pytest
 
 from server.cli.local import free_port, server_process, temporary_postgres_database
 from server.logs import REQUEST_ID, MaskSecrets, RequestIdFilter
-from tests.conftest import ADMIN_TOKEN, POSTGRES_ADMIN_URL
+from tests.helpers import ADMIN_TOKEN, POSTGRES_ADMIN_URL
 
 
 def json_lines(log: Path) -> list[dict]:

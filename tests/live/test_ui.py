@@ -27,7 +27,7 @@ from server.services import scoring
 from server.services.datasets import import_datasets
 from server.settings import Settings
 from server.ui.auth import COOKIE
-from tests.conftest import ADMIN_TOKEN, DATASETS
+from tests.helpers import ADMIN_TOKEN, DATASETS
 
 SCREENSHOTS = Path(__file__).parent / "screenshots"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -19,7 +19,7 @@ from server.db import make_engine, make_session_factory, session_scope, upgrade
 from server.models import Device, TaskStatus, TrainingTask, as_utc, utcnow
 from server.services import training_queue
 from server.services.catalog import space_row
-from tests.conftest import POSTGRES_ADMIN_URL
+from tests.helpers import POSTGRES_ADMIN_URL
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

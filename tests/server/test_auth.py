@@ -56,7 +56,7 @@ def test_every_endpoint_declares_a_scope(routes: list[tuple[str, str, frozenset[
     assert len(routes) >= 25
 
 
-def test_wrong_tokens_are_refused(routes: list[tuple[str, str, frozenset[Scope]]], server_url: str,
+def test_wrong_tokens_are_refused(routes: list[tuple[str, str, frozenset[Scope]]], root: httpx.Client,
                                   api: httpx.Client) -> None:
     """No token: 401. A client token holding every scope but the needed one(s): 403."""
     client_scopes = {Scope.read, Scope.predict, Scope.submit}
@@ -68,31 +68,29 @@ def test_wrong_tokens_are_refused(routes: list[tuple[str, str, frozenset[Scope]]
                                                "scopes": others})
             assert minted.status_code == 201, minted.text
             tokens[needed] = minted.json()["token"]
-    with httpx.Client(base_url=server_url, timeout=30) as http:
-        for method, path, needed in routes:
-            anonymous = http.request(method, path, json={})
-            assert anonymous.status_code == 401, (method, path, anonymous.text)
-            assert anonymous.headers["www-authenticate"] == "Bearer"
-            bad = http.request(method, path, json={}, headers={"Authorization": "Bearer not-a-token"})
-            assert bad.status_code == 401, (method, path, bad.text)
-            lacking = http.request(method, path, json={}, headers={"Authorization": f"Bearer {tokens[needed]}"})
-            assert lacking.status_code == 403, (method, path, needed, lacking.text)
-            assert "scope" in lacking.json()["detail"]
+    for method, path, needed in routes:
+        anonymous = root.request(method, path, json={})
+        assert anonymous.status_code == 401, (method, path, anonymous.text)
+        assert anonymous.headers["www-authenticate"] == "Bearer"
+        bad = root.request(method, path, json={}, headers={"Authorization": "Bearer not-a-token"})
+        assert bad.status_code == 401, (method, path, bad.text)
+        lacking = root.request(method, path, json={}, headers={"Authorization": f"Bearer {tokens[needed]}"})
+        assert lacking.status_code == 403, (method, path, needed, lacking.text)
+        assert "scope" in lacking.json()["detail"]
 
 
-def test_client_token_scopes_and_revocation(api: httpx.Client, server_url: str) -> None:
+def test_client_token_scopes_and_revocation(api: httpx.Client, anonymous: httpx.Client) -> None:
     minted = api.post("/tokens", json={"name": "nas-search", "scopes": ["read", "predict"]})
     assert minted.status_code == 201
     token = minted.json()
     assert token["scopes"] == ["predict", "read"] and token["token"]
     listed = {t["id"]: t for t in api.get("/tokens").json()["items"]}
     assert listed[token["id"]]["token"] is None  # shown once only
-    with httpx.Client(base_url=f"{server_url}/api/v1", timeout=30,
-                      headers={"Authorization": f"Bearer {token['token']}"}) as nas:
-        assert nas.get("/devices").status_code == 200
-        assert nas.post("/jobs", json={}).status_code == 403
-        assert api.delete(f"/tokens/{token['id']}").json()["revoked_at"] is not None
-        assert nas.get("/devices").status_code == 401
+    nas = {"Authorization": f"Bearer {token['token']}"}
+    assert anonymous.get("/devices", headers=nas).status_code == 200
+    assert anonymous.post("/jobs", json={}, headers=nas).status_code == 403
+    assert api.delete(f"/tokens/{token['id']}").json()["revoked_at"] is not None
+    assert anonymous.get("/devices", headers=nas).status_code == 401
     # a client token cannot hold admin or agent scopes
     assert api.post("/tokens", json={"name": "x", "scopes": ["admin"]}).status_code == 422
     assert api.post("/tokens", json={"name": "x", "scopes": ["agent"]}).status_code == 422

@@ -11,15 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.api import agents as agents_api
 from server.cli.local import running_server, temporary_postgres_database
 from server.db import upgrade
 from server.settings import Settings
-from tests.conftest import POSTGRES_ADMIN_URL
-from tests.test_farm_e2e import wait_until
-from tests.test_farm_reliability import CAPABILITIES
+from tests.helpers import CAPABILITIES, POSTGRES_ADMIN_URL, scrape, wait_until
 
 ADMIN = "jobs-admin"
 ARCH = "|nor_conv_1x1~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|avg_pool_3x3~1|nor_conv_1x1~2|"
@@ -259,14 +256,6 @@ def test_canary_drift_degrades_the_device_until_a_recheck_passes(admin: httpx.Cl
     resumed = agent.claim(wait=5)
     assert resumed["job_id"] == held["id"]
     agent.finish(resumed)  # no lease left to expire during later tests (metrics count them)
-
-
-def scrape(farm_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """/metrics, fetched without a token, as {(sample name, labels): value}."""
-    reply = httpx.get(f"{farm_url}/metrics")
-    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(reply.text) for sample in family.samples}
 
 
 def test_metrics_count_farm_events_and_show_its_state(admin: httpx.Client, farm_url: str, tmp_path: Path) -> None:

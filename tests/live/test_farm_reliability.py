@@ -18,8 +18,7 @@ import pytest
 from server.api import agents as agents_api
 from server.cli.local import free_port, running_agent, running_server, server_process, temporary_postgres_database
 from server.settings import Settings
-from tests.conftest import POSTGRES_ADMIN_URL
-from tests.test_farm_e2e import registered, wait_until
+from tests.helpers import CAPABILITIES, POSTGRES_ADMIN_URL, registered, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +31,6 @@ KEYS = [
     "|nor_conv_1x1~0|+|nor_conv_1x1~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|",
     "|nor_conv_3x3~0|+|skip_connect~0|avg_pool_3x3~1|+|nor_conv_1x1~0|nor_conv_1x1~1|nor_conv_3x3~2|",
 ]
-CAPABILITIES = {"hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",
-                "python": "3", "agent_version": "0"}
 FAST = {"LATFARM_LEASE_TTL_S": "3", "LATFARM_HEARTBEAT_S": "0.5", "LATFARM_REAPER_INTERVAL_S": "0.5",
         "LATFARM_POLL_WAIT_S": "1", "LATFARM_CANARY_EVERY": "0",
         # a shared CI host drifts: these tests are about leases, not about degrading the device

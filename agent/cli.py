@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="device name to serve; repeatable (default <hostname>-<ort|torch>-<threads>t-b1) "
         f"[{ENV_VARS['devices']}, comma list]",
     )
-    parser.add_argument("--threads", type=int, help=f"intra-op threads per measurement (default 1) [{ENV_VARS['threads']}]")
+    parser.add_argument("--threads", type=int,
+                        help=f"intra-op threads per measurement (default 1) [{ENV_VARS['threads']}]")
     parser.add_argument(
         "--runtime",
         choices=[r.value for r in Runtime],

@@ -64,7 +64,8 @@ class BadLeaseError(ApiError):
 
     def __init__(self, response: httpx.Response, error: Exception, field: str | None = None) -> None:
         """`field`: the member of the body that holds the lease (None: the body is the lease)."""
-        super().__init__(response.request.method, response.request.url.path, response.status_code, f"bad lease: {error}")
+        super().__init__(response.request.method, response.request.url.path, response.status_code,
+                         f"bad lease: {error}")
         self.job_id: int | None = None
         self.lease_id: str | None = None
         try:
@@ -105,9 +106,10 @@ class Delivery:
 
 class ServerClient:
     """Talks to one server. `token` authenticates the calls (a registration token or an agent
-    token); `register()` swaps in the agent token it gets back. Connection errors, 5xx and 429 are retried with capped exponential backoff and
-    full jitter, at most `max_attempts` tries per call; other statuses are returned to the caller
-    of `_request`, and the public methods turn unexpected ones into ApiError."""
+    token); `register()` swaps in the agent token it gets back. Connection errors, 5xx and 429 are
+    retried with capped exponential backoff and full jitter, at most `max_attempts` tries per call;
+    other statuses are returned to the caller of `_request`, and the public methods turn unexpected
+    ones into ApiError."""
 
     def __init__(
         self,

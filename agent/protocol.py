@@ -206,7 +206,7 @@ class JobResult(BaseModel):
         return samples
 
     @model_validator(mode="after")
-    def _status_matches_payload(self) -> "JobResult":
+    def _status_matches_payload(self) -> JobResult:
         if self.status is ResultStatus.ok and self.stats is None:
             raise ValueError("an ok result needs stats")
         if self.status is ResultStatus.failed and not self.error:

@@ -112,7 +112,8 @@ class AgentSettings(BaseModel):
         return value
 
     @classmethod
-    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> AgentSettings:
+    def load(cls, overrides: Mapping[str, Any] | None = None,
+             environ: Mapping[str, str] | None = None) -> AgentSettings:
         """Merge `overrides` (e.g. CLI flags; None values are ignored) over the environment.
 
         Raises pydantic.ValidationError when a required value is missing or invalid.

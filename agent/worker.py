@@ -21,7 +21,15 @@ from agent import __version__
 from agent.backoff import full_jitter, jittered
 from agent.cache import ArtifactCache, ArtifactError
 from agent.capabilities import default_device_name, detect_capabilities, device_attributes
-from agent.client import ApiError, AuthError, BadLeaseError, LeaseLostError, ServerClient, ServerError, ServerUnavailable
+from agent.client import (
+    ApiError,
+    AuthError,
+    BadLeaseError,
+    LeaseLostError,
+    ServerClient,
+    ServerError,
+    ServerUnavailable,
+)
 from agent.protocol import (
     PROTOCOL_VERSION,
     ArtifactFormat,

@@ -237,7 +237,8 @@ def main() -> None:
                 print(f"dispatch: N={agents} devices={report['devices']} jobs={report['jobs']} "
                       f"workers={args.workers} seconds={report['seconds']:.2f} jobs_per_s={report['jobs_per_s']:.0f} "
                       f"claim_p50_ms={report['claim_p50_ms']:.1f} claim_p99_ms={report['claim_p99_ms']:.1f} "
-                      f"submit_per_s={report['submit_per_s']:.0f} server_cpu_ms_per_job={report['server_cpu_ms_per_job']:.1f} "
+                      f"submit_per_s={report['submit_per_s']:.0f} "
+                      f"server_cpu_ms_per_job={report['server_cpu_ms_per_job']:.1f} "
                       f"postgres_cpu_ms_per_job={report['postgres_cpu_ms_per_job']:.1f} "
                       f"bench_cpu_ms_per_job={report['bench_cpu_ms_per_job']:.1f} unfinished={checks['unfinished']} "
                       f"double_leases={double}", flush=True)

@@ -10,9 +10,13 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from predictor.model import LatencyPredictor, TrainConfig
-    from predictor.samplers import get_sampler
-    from predictor.spaces import InvalidArchitecture, SearchSpace, get_space
+    # the redundant aliases mark these as re-exported (__all__ is computed below)
+    from predictor.model import LatencyPredictor as LatencyPredictor
+    from predictor.model import TrainConfig as TrainConfig
+    from predictor.samplers import get_sampler as get_sampler
+    from predictor.spaces import InvalidArchitecture as InvalidArchitecture
+    from predictor.spaces import SearchSpace as SearchSpace
+    from predictor.spaces import get_space as get_space
 
 _HOMES = {
     "LatencyPredictor": "predictor.model",

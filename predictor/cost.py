@@ -8,7 +8,7 @@ agree. Parameters are every parameter of the module (convolutions, batch norms, 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def _nb201_cost(ops: Sequence[int]) -> Cost:
     return _nb201_cost_of_convs(n1, n3)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _nb201_cost_of_convs(n1: int, n3: int) -> Cost:
     """The cost depends only on how many live 1x1 and 3x3 convolutions the cell has."""
     from predictor.spaces._nb201_net import CELLS_PER_STAGE, N_CLASSES, STEM_CHANNELS

@@ -141,7 +141,7 @@ class LatencyPredictor:
         seed: int = 0,
         config: TrainConfig = TrainConfig(),
         progress: ProgressCallback | None = None,
-    ) -> "LatencyPredictor":
+    ) -> LatencyPredictor:
         """Fit a base predictor on (arch key, device, ms) rows of reference devices only, and
         choose its default sampler by leave-one-reference-device-out validation
         (`config.sampler_folds` folds; see `predictor.validation`)."""
@@ -156,7 +156,7 @@ class LatencyPredictor:
         fit_config = replace(config, sampler_folds=0)
         fits = [0]
 
-        def fit(fit_table: LatencyTable, fit_seed: int) -> "LatencyPredictor":
+        def fit(fit_table: LatencyTable, fit_seed: int) -> LatencyPredictor:
             offset = fits[0]
             fits[0] += 1
             fit_progress = None
@@ -174,7 +174,7 @@ class LatencyPredictor:
 
     @classmethod
     def _fit(cls, space: SearchSpace, table: LatencyTable, *, seed: int, config: TrainConfig,
-             progress: ProgressCallback | None) -> "LatencyPredictor":
+             progress: ProgressCallback | None) -> LatencyPredictor:
         """The networks of a base predictor on `table` (no sampler validation)."""
         features = space.features(table.keys).astype(np.float32)
         feature_mean = features.mean(axis=0)
@@ -251,7 +251,7 @@ class LatencyPredictor:
     # ---- few-shot adaptation ----------------------------------------------------------------
 
     def adapt(self, samples: Mapping[str, float], name: str = "target", *, seed: int = 0,
-              n_boot: int = 64) -> "LatencyPredictor":
+              n_boot: int = 64) -> LatencyPredictor:
         """A predictor for a new device from a few measured {arch key: ms} samples."""
         if len(samples) < 2:
             raise ValueError("adaptation needs at least 2 measured architectures")
@@ -322,7 +322,7 @@ class LatencyPredictor:
         return buffer.getvalue()
 
     @classmethod
-    def load(cls, file: str | PathLike[str] | BinaryIO | bytes) -> "LatencyPredictor":
+    def load(cls, file: str | PathLike[str] | BinaryIO | bytes) -> LatencyPredictor:
         """Load a checkpoint; only tensors and plain data are unpickled (`weights_only=True`)."""
         if isinstance(file, bytes):
             file = io.BytesIO(file)

@@ -21,7 +21,7 @@ class LatencyTable:
     log_ms: np.ndarray  # (len(keys), len(devices)) float32
 
     @classmethod
-    def from_rows(cls, space: SearchSpace, rows: Iterable[Row]) -> "LatencyTable":
+    def from_rows(cls, space: SearchSpace, rows: Iterable[Row]) -> LatencyTable:
         key_index: dict[str, int] = {}
         device_index: dict[str, int] = {}
         cells: list[tuple[int, int, float]] = []

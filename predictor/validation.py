@@ -25,7 +25,7 @@ import numpy as np
 from predictor.reference import LatencyTable
 
 if TYPE_CHECKING:
-    from predictor.model import LatencyPredictor, TrainConfig
+    from predictor.model import LatencyPredictor
     from predictor.spaces import SearchSpace
 
 #: the samplers validated, in tie-break order; k-means medoids never led a validation fold's
@@ -57,7 +57,7 @@ def without_device(table: LatencyTable, device: str) -> LatencyTable:
 
 
 def validate_samplers(
-    space: "SearchSpace",
+    space: SearchSpace,
     table: LatencyTable,
     fit: Fit,
     *,
@@ -104,7 +104,7 @@ class _Designed:
     """A fold predictor with the adaptation's design of every candidate computed once: the
     samplers read `descriptors`/`embed` of the same keys many times over."""
 
-    def __init__(self, predictor: "LatencyPredictor", keys: list[str]) -> None:
+    def __init__(self, predictor: LatencyPredictor, keys: list[str]) -> None:
         self.predictor = predictor
         self.row = {key: i for i, key in enumerate(keys)}
         self.design = predictor.descriptors(keys)

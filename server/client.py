@@ -35,7 +35,7 @@ class FarmClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/") + "/api/v1", headers=headers, timeout=timeout)
 
-    def __enter__(self) -> "FarmClient":
+    def __enter__(self) -> FarmClient:
         return self
 
     def __exit__(self, *_: object) -> None:

@@ -175,7 +175,7 @@ class JobIn(Strict):
                                         description="fail the job if it runs longer (default: server setting)")
 
     @model_validator(mode="after")
-    def _one_target(self) -> "JobIn":
+    def _one_target(self) -> JobIn:
         if (self.architecture is None) == (self.artifact is None):
             raise ValueError("give exactly one of `architecture` (with `space`) or `artifact`")
         if self.architecture is not None and self.space is None:

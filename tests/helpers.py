@@ -42,8 +42,11 @@ def pretrained(api: httpx.Client, space: str = "nb201") -> dict[str, Any]:
         return bases[-1]
     task = api.post("/predictors/pretrain", json={"space": space})
     assert task.status_code == 202, task.text
-    done = wait_until(lambda: (t := api.get(f"/tasks/{task.json()['id']}").json())["status"] in ("done", "failed") and t,
-                      900, 1.0)
+    def finished() -> dict | None:
+        state = api.get(f"/tasks/{task.json()['id']}").json()
+        return state if state["status"] in ("done", "failed") else None
+
+    done = wait_until(finished, 900, 1.0)
     assert done["status"] == "done", done
     return api.get(f"/predictors/{done['predictor_id']}").json()
 

@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
+from predictor.cost import analytic_cost
 from predictor.model import LatencyPredictor
 from predictor.spaces import SearchSpace
-
-from predictor.cost import analytic_cost
 
 
 @dataclass

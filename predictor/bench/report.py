@@ -226,20 +226,23 @@ def _markdown(summary: dict[str, dict[str, object]], methods: Sequence[str], ks:
     ahead = [name for name, row in summary.items()
              if all(_beats(row, HEADLINE, other, int(row["published_k"])) for other in baselines)]  # type: ignore[call-overload]
     lines += ["", f"ours ≥ nasflat (to 3 decimals) on {len(wins)} of {len(summary)} tasks; "
-              f"ours > every baseline ({', '.join(baselines)}) at the published k on {len(ahead)} of {len(summary)}.", ""]
+              f"ours > every baseline ({', '.join(baselines)}) at the published k on {len(ahead)} "
+              f"of {len(summary)}.", ""]
     lines += _validation_markdown(summary)
     adapt_column = next((c for row in summary.values() for c in row if c.startswith("adapt_s_k")), "adapt_s_k20")
     lines += [
         "## Cost and uncertainty",
         "",
         "Seconds measured in the run on its machine: pre-training the task's base predictor, adapting",
-        f"it to a device (k={adapt_column.removeprefix('adapt_s_k')}, mean), and predicting the whole NB201 space (15,625",
+        f"it to a device (k={adapt_column.removeprefix('adapt_s_k')}, mean), and predicting the whole NB201 space "
+        "(15,625",
         "architectures, in-process, reloaded predictor; 'non-finite' counts predictions that were not",
         "finite numbers). Calibration: Spearman between the predicted",
         "standard deviation and the absolute error over the held-out architectures (ours, mean over",
         "devices, k and seeds); 'relative' uses std/prediction against |error|/truth instead.",
         "",
-        "| task | torch threads | pre-train s | adapt s | predict NB201 space s | non-finite of 15,625 | calibration rho | relative |",
+        "| task | torch threads | pre-train s | adapt s | predict NB201 space s | non-finite of 15,625 "
+        "| calibration rho | relative |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in summary.items():

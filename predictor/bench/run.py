@@ -48,8 +48,8 @@ Progress = Callable[[int, int, str], None]
 RowKey = tuple[str, str, str, int, int]
 
 #: files whose edits change the numbers; a resumed run refuses rows from other versions of them
-_SOURCES = ("model.py", "samplers.py", "validation.py", "reference.py", "spaces/*.py", "bench/data.py", "cost.py", "datasets.py",
-            "bench/methods.py", "bench/run.py")
+_SOURCES = ("model.py", "samplers.py", "validation.py", "reference.py", "spaces/*.py", "bench/data.py", "cost.py",
+            "datasets.py", "bench/methods.py", "bench/run.py")
 
 
 class BenchMismatch(RuntimeError):
@@ -147,7 +147,7 @@ def run_bench(
 
 def _run_task(task: Task, task_split: Split, context: TaskContext, methods: list[Method], ks: list[int],
               seeds: list[int], missing: dict[str, set[tuple[str, int, int]]],
-              sampler_lookup: Callable[[str], Sampler], out: Path, counter: "_Counter") -> None:
+              sampler_lookup: Callable[[str], Sampler], out: Path, counter: _Counter) -> None:
     timed_space = task.space != "nb201"  # whole-space prediction is timed once, on NB201
     for device in task_split.test_devices:
         counter.describe(f"{task.name}: {device.name}")
@@ -175,7 +175,8 @@ def _run_task(task: Task, task_split: Split, context: TaskContext, methods: list
                     if prediction.std is not None:
                         error = np.abs(prediction.ms - truth)
                         diagnostics.append((*cell, "calibration_rho", f"{_spearman(prediction.std, error):.6f}"))
-                        diagnostics.append((*cell, "calibration_rel_rho", f"{_spearman(prediction.std / prediction.ms, error / truth):.6f}"))
+                        diagnostics.append((*cell, "calibration_rel_rho",
+                                            f"{_spearman(prediction.std / prediction.ms, error / truth):.6f}"))
                     if not timed_space and prediction.model is not None and k == ks[-1]:
                         seconds, nonfinite = _time_space_prediction(prediction.model)
                         diagnostics.append((*cell, "predict_space_s", f"{seconds:.6f}"))

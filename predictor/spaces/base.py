@@ -5,8 +5,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch  # torch loads on first use of build(), not on import
 
 
 class InvalidArchitecture(ValueError):
@@ -65,10 +69,10 @@ class SearchSpace(ABC):
         """A fixed-length float32 vector per key, shape (len(keys), feature_dim)."""
 
     @abstractmethod
-    def build(self, key: str) -> "torch.nn.Module":  # noqa: F821 - torch is imported lazily
+    def build(self, key: str) -> torch.nn.Module:
         """A PyTorch module of the architecture, in eval mode, taking `example_input()`."""
 
-    def example_input(self, key: str, batch_size: int = 1) -> "torch.Tensor":  # noqa: F821
+    def example_input(self, key: str, batch_size: int = 1) -> torch.Tensor:
         import torch
 
         return torch.randn(batch_size, *self.input_shape_of(key))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .base import ArchGraph, InvalidArchitecture, SearchSpace, chain_graph, one_hot, sample_distinct
+
+if TYPE_CHECKING:
+    import torch  # torch loads on first use of build(), not on import
 
 #: operation ids are positions here; they match the `op_vec` digits of the FBNet dataset
 OPS = ("k3_e1", "k3_e1_g2", "k3_e3", "k3_e6", "k5_e1", "k5_e1_g2", "k5_e3", "k5_e6", "skip")
@@ -74,7 +78,7 @@ class FBNetSpace(SearchSpace):
             rows.append(np.concatenate([blocks.ravel(), blocks.mean(axis=0)]))
         return np.asarray(rows, dtype=np.float32).reshape(len(rows), self.feature_dim)
 
-    def build(self, key: str) -> "torch.nn.Module":  # noqa: F821
+    def build(self, key: str) -> torch.nn.Module:
         from ._fbnet_net import fbnet_network
 
         return fbnet_network([OPS[op] for op in _parse(key)]).eval()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
 from collections.abc import Iterator, Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .base import ArchGraph, InvalidArchitecture, SearchSpace, check_sample_count, one_hot
+
+if TYPE_CHECKING:
+    import torch  # torch loads on first use of build(), not on import
 
 #: operation ids are positions here; they match the `op_vec` digits of the NB201 dataset
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
@@ -155,7 +159,7 @@ class NB201Space(SearchSpace):
             [float(live.any())],
         ])
 
-    def build(self, key: str) -> "torch.nn.Module":  # noqa: F821
+    def build(self, key: str) -> torch.nn.Module:
         from ._nb201_net import nb201_network
 
         return nb201_network([OPS[op] for op in _parse(key)]).eval()

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from .base import ArchGraph, InvalidArchitecture, SearchSpace, chain_graph, one_hot, sample_distinct
+
+if TYPE_CHECKING:
+    import torch  # torch loads on first use of build(), not on import
 
 KERNEL_SIZES = (3, 5, 7)
 EXPAND_RATIOS = (3, 4, 6)
@@ -77,9 +80,10 @@ def parse(key: str) -> OFAArch:
         raise InvalidArchitecture(f"an OFA key is a JSON object, got {type(record).__name__}")
     missing, unknown = FIELDS - record.keys(), record.keys() - FIELDS
     if missing or unknown:
-        problems = [f"{what}: {', '.join(sorted(names))}" for what, names in (("missing", missing), ("unknown", unknown))
-                    if names]
-        raise InvalidArchitecture(f"an OFA key has exactly the fields {', '.join(sorted(FIELDS))}; {'; '.join(problems)}")
+        problems = [f"{what}: {', '.join(sorted(names))}"
+                    for what, names in (("missing", missing), ("unknown", unknown)) if names]
+        raise InvalidArchitecture(f"an OFA key has exactly the fields {', '.join(sorted(FIELDS))}; "
+                                  f"{'; '.join(problems)}")
     r = record["r"]
     if not _is_int(r) or r not in RESOLUTIONS:
         raise InvalidArchitecture(f"'r' must be one of {RESOLUTIONS[0]}..{RESOLUTIONS[-1]} in steps of 4, got {r!r}")
@@ -150,7 +154,7 @@ class OFASpace(SearchSpace):
             rows.append(np.concatenate([blocks.ravel(), depths.ravel(), [resolution]]))
         return np.asarray(rows, dtype=np.float32).reshape(len(rows), self.feature_dim)
 
-    def build(self, key: str) -> "torch.nn.Module":  # noqa: F821
+    def build(self, key: str) -> torch.nn.Module:
         from ._ofa_net import ofa_network
 
         return ofa_network(parse(key)).eval()

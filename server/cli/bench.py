@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,7 +30,7 @@ def _ints(values: list[str], option: str) -> list[int]:
     return out
 
 
-def _names(value: Optional[str]) -> Optional[list[str]]:
+def _names(value: str | None) -> list[str] | None:
     if not value:
         return None
     return [name.strip() for name in value.split(",") if name.strip()]
@@ -65,14 +65,18 @@ def _summary(path: Path) -> list[dict[str, int | float | str | None]]:
 )
 def predictor(
     ctx: typer.Context,
-    tasks: Annotated[Optional[str], typer.Option(help="comma-separated tasks, e.g. N0,F3; default all twelve")] = None,
-    k: Annotated[Optional[list[str]], typer.Option("--k", help="measured samples per device: --k 5 10 20")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated tasks, e.g. N0,F3; default all twelve")] = None,
+    k: Annotated[list[str] | None, typer.Option("--k", help="measured samples per device: --k 5 10 20")] = None,
     seeds: Annotated[int, typer.Option(help="seeds per (device, k)")] = 3,
-    methods: Annotated[Optional[str], typer.Option(help="comma-separated methods; default all")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="output folder; default docs/bench (docs/bench/quick with --quick)")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="smoke run: N0, k 5 and 20, one seed, cheap pre-training")] = False,
-    fresh: Annotated[bool, typer.Option("--fresh", help="discard the rows already in --out instead of resuming")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy machine); default torch's")] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods; default all")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="output folder; default docs/bench (docs/bench/quick with --quick)")] = None,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="smoke run: N0, k 5 and 20, one seed, cheap pre-training")] = False,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="discard the rows already in --out instead of resuming")] = False,
+    threads: Annotated[int | None, typer.Option(
+        help="torch CPU threads (1 is fastest on a busy machine); default torch's")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Few-shot latency prediction on the MLSys 2024 tasks: ours vs baselines vs published NASFLAT.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -75,7 +75,8 @@ def db_upgrade(as_json: JsonFlag = False) -> None:
     "latfarm datasets import ./my-tables --json | jq .measurements_inserted",
 ))
 def datasets_import(
-    path: Annotated[Optional[Path], typer.Argument(help="tables folder; default LATFARM_DATASETS, else the tables shipped with latfarm")] = None,
+    path: Annotated[Path | None, typer.Argument(
+        help="tables folder; default LATFARM_DATASETS, else the tables shipped with latfarm")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Load devices, architectures and latencies of the published tables (idempotent)."""
@@ -96,7 +97,7 @@ def datasets_import(
 ))
 def pretrain(
     space: Annotated[str, typer.Option(help="search space")] = "nb201",
-    device: Annotated[Optional[list[str]], typer.Option(help="reference device to train on (repeat); default all")] = None,
+    device: Annotated[list[str] | None, typer.Option(help="reference device to train on (repeat); default all")] = None,
     seed: int = 0,
     as_json: JsonFlag = False,
 ) -> None:
@@ -124,7 +125,7 @@ def pretrain(
 def predict(
     device: str,
     space: Annotated[str, typer.Option(help="search space")] = "nb201",
-    arch: Annotated[Optional[list[str]], typer.Option(help="architecture key (repeat)")] = None,
+    arch: Annotated[list[str] | None, typer.Option(help="architecture key (repeat)")] = None,
     all_: Annotated[bool, typer.Option("--all", help="every architecture of the space")] = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -151,9 +152,9 @@ def onboard(
     samples: Annotated[int, typer.Option(help="architectures to measure")] = 20,
     sampler: Annotated[str, typer.Option(help="sampler name")] = "default",
     space: Annotated[str, typer.Option(help="search space")] = "nb201",
-    budget: Annotated[Optional[int], typer.Option(help="active learning: measure the least certain architectures "
+    budget: Annotated[int | None, typer.Option(help="active learning: measure the least certain architectures "
                                                   "after the first SAMPLES, up to this many in all")] = None,
-    target_uncertainty: Annotated[Optional[float], typer.Option(
+    target_uncertainty: Annotated[float | None, typer.Option(
         help="stop active learning once the mean relative uncertainty over the space is at most this")] = None,
     server: Annotated[str, typer.Option(envvar="LATFARM_SERVER", help="server URL")] = "http://127.0.0.1:8000",
     token: Annotated[str, typer.Option(envvar="LATFARM_TOKEN", help="admin token, or a client token with the submit "

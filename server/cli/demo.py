@@ -72,7 +72,8 @@ def run_demo(out: Path, samples: int, check: int, seed: int, console: Console) -
             onboarding = client.onboard(device, SPACE, samples, "default", progress, seed=seed)
         console.print(f"onboarded with {samples} measurements in {time.perf_counter() - onboard_started:.0f} s: "
                       f"predictor {onboarding['predictor_id']}")
-        sampled = {job["architecture"] for job in client.request("GET", "/jobs", params={"device": device, "limit": 1000})["items"]}
+        jobs = client.request("GET", "/jobs", params={"device": device, "limit": 1000})["items"]
+        sampled = {job["architecture"] for job in jobs}
         keys = held_out_keys(sampled, check, seed)
         with progress_bar() as progress:
             jobs = client.wait_for_jobs(client.submit(device, SPACE, keys), progress, "measure held-out set")

@@ -100,7 +100,8 @@ def import_datasets(
 ) -> ImportReport:
     """Load devices, architectures and measurements; devices already complete are skipped."""
     if not (root / "devices.csv").is_file():
-        raise FileNotFoundError(f"no devices.csv in {root}: point LATFARM_DATASETS at a folder of reference tables, or unset it to use the shipped ones")
+        raise FileNotFoundError(f"no devices.csv in {root}: point LATFARM_DATASETS at a folder of reference tables, "
+                                "or unset it to use the shipped ones")
     report = ImportReport()
     device_ids = _upsert_devices(session, root, report)
     for space_name in spaces:
@@ -137,7 +138,8 @@ def import_datasets(
     return report
 
 
-def iter_reference_rows(session: Session, space: SearchSpace, devices: list[str] | None = None) -> Iterator[tuple[str, str, float]]:
+def iter_reference_rows(session: Session, space: SearchSpace,
+                        devices: list[str] | None = None) -> Iterator[tuple[str, str, float]]:
     """(arch key, device, ms) of the imported reference measurements of a space."""
     query = (
         select(Architecture.key, Device.name, Measurement.latency_ms)

@@ -61,8 +61,8 @@ def _compare_with_baseline(device: Device, median_ms: float, valid: bool, drift_
         return
     drift = median_ms / device.canary_baseline_ms - 1
     if abs(drift) > drift_threshold:
-        _degrade(device, f"canary {median_ms:.3f} ms is {drift:+.0%} off its baseline {device.canary_baseline_ms:.3f} ms "
-                         f"(threshold {drift_threshold:.0%})")
+        _degrade(device, f"canary {median_ms:.3f} ms is {drift:+.0%} off its baseline "
+                         f"{device.canary_baseline_ms:.3f} ms (threshold {drift_threshold:.0%})")
     elif device.state is DeviceState.degraded:
         device.state, device.state_reason = DeviceState.online, None
 

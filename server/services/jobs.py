@@ -192,7 +192,8 @@ def heartbeat(session: Session, agent_id: int, job_id: int, lease_id: str, lease
     if job.status != JobStatus.running:
         raise Conflict(f"job {job_id} is {job.status.value}, not running", "lease_id")
     job.lease_expires_at = utcnow() + timedelta(seconds=lease_ttl_s)
-    return HeartbeatResponse(lease_expires_at=as_utc(job.lease_expires_at).isoformat(), cancel_requested=job.cancel_requested)
+    return HeartbeatResponse(lease_expires_at=as_utc(job.lease_expires_at).isoformat(),
+                             cancel_requested=job.cancel_requested)
 
 
 # ------------------------------------------------------------------------------------ results (see `results`)

@@ -106,7 +106,8 @@ def after_adaptation(session: Session, settings: Settings, onboarding: Onboardin
 
     The budget counts architectures measured, flagged measurements included: each cost a run."""
     requested = set(session.scalars(
-        select(Architecture.key).join(Job, Job.architecture_id == Architecture.id).where(Job.onboarding_id == onboarding.id)
+        select(Architecture.key).join(Job, Job.architecture_id == Architecture.id)
+        .where(Job.onboarding_id == onboarding.id)
     ))
     pool = [key for key in candidate_keys(model.space, seed, None) if key not in requested]
     ms, std = model.predict(pool)

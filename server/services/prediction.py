@@ -42,7 +42,7 @@ class PredictQuery:
     keys: list[str]
 
     @classmethod
-    def of(cls, request: PredictIn) -> "PredictQuery":
+    def of(cls, request: PredictIn) -> PredictQuery:
         space = resolve_space(request.space)
         if request.architectures == "all":
             try:

@@ -89,7 +89,11 @@ def _snapshot(session: Session, space: SearchSpace, devices: list[str]) -> dict[
 
 
 def _time_range(first: datetime | None, last: datetime | None) -> dict[str, str | None]:
-    return {"first_measured_at": first and as_utc(first).isoformat(), "last_measured_at": last and as_utc(last).isoformat()}
+    return {"first_measured_at": _iso(first), "last_measured_at": _iso(last)}
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return as_utc(moment).isoformat() if moment is not None else None
 
 
 def adapt(session: Session, cache: PredictorCache, base: Predictor, device: Device, samples: Sequence[Sample],
@@ -143,8 +147,12 @@ def predictor_for(session: Session, space: SearchSpace, device: Device, predicto
         if row is None:
             raise NotFound(f"no predictor {predictor_id}", "predictor_id")
         if row.space_id != space_id:
-            raise Invalid(f"predictor {predictor_id} is for space {row.space.name!r}, not {space.name!r}", "predictor_id")
-        serves = row.device_id == device.id if row.kind is PredictorKind.adapted else device.name in row.training_devices
+            raise Invalid(f"predictor {predictor_id} is for space {row.space.name!r}, not {space.name!r}",
+                          "predictor_id")
+        if row.kind is PredictorKind.adapted:
+            serves = row.device_id == device.id
+        else:
+            serves = device.name in row.training_devices
         if not serves:
             raise Invalid(f"predictor {predictor_id} does not serve device {device.name!r}", "predictor_id")
         return row

@@ -150,7 +150,8 @@ def _after_job(session: Session, conn: Connection, job: Row[Any], measurement: d
                failure: str, settings: Settings) -> None:
     """Free the device and look after its health; re-adapt its predictor on a new valid measurement."""
     is_canary = job.kind is JobKind.canary
-    since_canary = conn.execute(_RELEASE_DEVICE, {"device": job.device_id, "counted": 0 if is_canary else 1}).scalar_one()
+    since_canary = conn.execute(_RELEASE_DEVICE,
+                                {"device": job.device_id, "counted": 0 if is_canary else 1}).scalar_one()
     if is_canary:
         outcome = (measurement["latency_ms"], measurement["valid"]) if measurement else None
         health.judge_canary(session, session.get_one(Device, job.device_id), job.id, outcome, failure, settings)

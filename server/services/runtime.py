@@ -56,6 +56,7 @@ def explain_device(settings: Settings, device: str, space: str) -> ExplainOut:
                                       resolve_space(space))
 
 
-def predict_latencies(settings: Settings, device: str, space: str, architectures: list[str] | Literal["all"]) -> PredictOut:
+def predict_latencies(settings: Settings, device: str, space: str,
+                      architectures: list[str] | Literal["all"]) -> PredictOut:
     query = prediction.PredictQuery.of(PredictIn(device=device, space=space, architectures=architectures))
     return prediction.predict_batch(_sessions(settings), PredictorCache(), query)

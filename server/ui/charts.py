@@ -171,7 +171,8 @@ def canary(medians: Sequence[float], titles: Sequence[str], flagged: Sequence[bo
     if baseline:
         top, bottom = y(baseline * (1 + drift)), y(baseline * (1 - drift))
         chart.bands.append(Box(chart.left, top, chart.right - chart.left, bottom - top,
-                               f"baseline ±{drift:.0%}: {fmt(baseline * (1 - drift))}–{fmt(baseline * (1 + drift))} ms"))
+                               f"baseline ±{drift:.0%}: "
+                               f"{fmt(baseline * (1 - drift))}–{fmt(baseline * (1 + drift))} ms"))
         chart.segments.append(Segment(chart.left, y(baseline), chart.right, y(baseline), "baseline",
                                       f"baseline {fmt(baseline)} ms"))
     chart.points = [Point(x(i), y(ms), title, hollow) for i, (ms, title, hollow)

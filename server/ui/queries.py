@@ -247,7 +247,8 @@ def device_jobs(session: Session, name: str, limit: int = RECENT_ROWS) -> list[J
 def job_counts(session: Session) -> dict[str, dict[str, int]]:
     """status -> kind -> count, statuses in lifecycle order."""
     counts: dict[str, dict[str, int]] = {status.value: {} for status in JobStatus}
-    for status, kind, count in session.execute(select(Job.status, Job.kind, func.count()).group_by(Job.status, Job.kind)):
+    by_status_and_kind = select(Job.status, Job.kind, func.count()).group_by(Job.status, Job.kind)
+    for status, kind, count in session.execute(by_status_and_kind):
         counts[status.value][kind.value] = count
     return counts
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
 from typing import Annotated, Any
@@ -34,7 +34,7 @@ HEADERS = {
 def ago(moment: datetime | None) -> str:
     if moment is None:
         return "never"
-    seconds = (datetime.now(timezone.utc) - moment).total_seconds()
+    seconds = (datetime.now(UTC) - moment).total_seconds()
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
             return f"{seconds / size:.0f} {unit} ago"

@@ -56,7 +56,8 @@ def _mode(path: Path) -> int:
 
 
 def _failed_result(job_id: int) -> JobResult:
-    return JobResult(lease_id=f"lease-{job_id}", status=ResultStatus.failed, error="boom", failure_class="runtime_error")
+    return JobResult(lease_id=f"lease-{job_id}", status=ResultStatus.failed, error="boom",
+                     failure_class="runtime_error")
 
 
 # ------------------------------------------------------------------------------------- backoff

@@ -30,7 +30,8 @@ def test_imported_datasets_are_listed_and_paged(imported, api: httpx.Client) -> 
 @pytest.mark.slow
 def test_whole_space_predict_on_an_imported_device(imported, api: httpx.Client) -> None:
     base = pretrained(api)
-    published = {d["name"] for d in api.get("/devices", params={"space": "nb201"}).json()["items"] if d["source"] == "imported"}
+    devices = api.get("/devices", params={"space": "nb201"}).json()["items"]
+    published = {d["name"] for d in devices if d["source"] == "imported"}
     assert published <= set(base["training_devices"])
     started = time.perf_counter()
     response = api.post("/predict", json={"device": "titan_rtx_256", "space": "nb201", "architectures": "all"})

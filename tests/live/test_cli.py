@@ -113,7 +113,8 @@ def test_pretrain_json_is_the_apis_predictor(farm: Farm) -> None:
     row = json.loads(farm.pretrain.stdout)  # nothing else on stdout
     assert row["kind"] == "base" and row["space"] == "nb201" and row["training_devices"] == list(REFERENCE)
     with admin(farm.url) as api:
-        listed = {predictor["id"]: predictor for predictor in api.get("/predictors", params={"space": "nb201"}).json()["items"]}
+        predictors = api.get("/predictors", params={"space": "nb201"}).json()["items"]
+        listed = {predictor["id"]: predictor for predictor in predictors}
     assert listed[row["id"]] == row
 
 

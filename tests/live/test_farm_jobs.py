@@ -184,7 +184,8 @@ def test_a_retried_selector_job_wakes_the_polls_of_every_matching_device(admin: 
     (the polls' own re-check is pushed past the poll here, so only the wake-up can deliver it)."""
     monkeypatch.setattr(agents_api, "RECHECK_S", 60.0)
     pool = unique("pool", tmp_path)
-    first, second = (ScriptedAgent(admin, name, {unique(name, tmp_path): {"pool": pool}}) for name in ("sel-a", "sel-b"))
+    first, second = (ScriptedAgent(admin, name, {unique(name, tmp_path): {"pool": pool}})
+                     for name in ("sel-a", "sel-b"))
     first.pass_canary()
     second.pass_canary()
     job = submit(admin, selector=f"pool == {pool}").json()

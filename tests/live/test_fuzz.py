@@ -6,8 +6,8 @@ without a token and with a wrong one, which must be refused.
 
 Bounded and deterministic: a fixed seed, derandomized generation, at most `FUZZ_EXAMPLES` random
 cases (valid and invalid) per operation in the fuzzing phase, plus the schema's examples and the
-coverage phase's boundary and missing-or-malformed cases. `LATFARM_FUZZ_EXAMPLES` and `LATFARM_FUZZ_SEED` run it longer or differently. Run
-with `-s` to see how many operations and cases it ran.
+coverage phase's boundary and missing-or-malformed cases. `LATFARM_FUZZ_EXAMPLES` and
+`LATFARM_FUZZ_SEED` run it longer or differently. Run with `-s` to see how many operations and cases it ran.
 
 The fuzzer writes to the session's server (devices, tokens, agents, jobs, measurements with
 made-up names), so tests that run after it on the same server must not count on an exact state.

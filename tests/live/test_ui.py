@@ -63,8 +63,8 @@ def _finished(api: httpx.Client, ids: list[int]) -> list[dict[str, Any]] | None:
 
 
 def _base_predictor(api: httpx.Client) -> int | None:
-    return next((p["id"] for p in api.get("/predictors", params={"space": "nb201"}).json()["items"] if p["kind"] == "base"),
-                None)
+    predictors = api.get("/predictors", params={"space": "nb201"}).json()["items"]
+    return next((p["id"] for p in predictors if p["kind"] == "base"), None)
 
 
 def _predictor(api: httpx.Client, predictor_id: int) -> dict[str, Any]:
@@ -272,7 +272,8 @@ def test_browser_renders_every_page(farm: Farm, chromium: Any) -> None:
                 state = api.get(f"/devices/{AGENT_DEVICE}").json()["state"]
             assert re.search(rf"\b{state}\b", row) and re.search(r"\d+ s ago", row), (state, row)
             driver.find_element(By.CSS_SELECTOR, "input.filter").send_keys("pixel")
-            visible = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "table.devices tbody tr") if r.is_displayed()]
+            rows = driver.find_elements(By.CSS_SELECTOR, "table.devices tbody tr")
+            visible = [r.text for r in rows if r.is_displayed()]
             assert visible and all("pixel" in text for text in visible), visible
         elif name.startswith("device-"):
             assert count(driver, "svg.chart rect.bar") >= 10

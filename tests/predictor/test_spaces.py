@@ -19,7 +19,8 @@ from tests.helpers import NB201_KEY, REPO
 
 DATASETS = find_datasets()
 
-FBNET_KEY = "|".join(["k3_e1", "k3_e1_g2", "k5_e6", "skip", "k5_e1_g2", "k3_e3"] * 3 + ["skip", "k3_e6", "k5_e3", "skip"])
+FBNET_KEY = "|".join(["k3_e1", "k3_e1_g2", "k5_e6", "skip", "k5_e1_g2", "k3_e3"] * 3
+                    + ["skip", "k3_e6", "k5_e3", "skip"])
 OFA_ARCH = {"ks": [3, 5, 7, 3] * 5, "e": [3, 4, 6, 4] * 5, "d": [2, 3, 4, 2, 3], "r": 128}
 OFA_KEY = json.dumps(OFA_ARCH, sort_keys=True, separators=(",", ":"))
 KEYS = {"nb201": NB201_KEY, "fbnet": FBNET_KEY, "ofa": OFA_KEY}
@@ -282,7 +283,8 @@ def test_export_is_identical_across_processes() -> None:
         f"print(hashlib.sha256(export_onnx(get_space('nb201'), {NB201_KEY!r})).hexdigest())"
     )
     env = {**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": str(REPO)}
-    child = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    child = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                           check=True)
     assert child.stdout.strip() == hashlib.sha256(export_onnx(get_space("nb201"), NB201_KEY)).hexdigest()
 
 

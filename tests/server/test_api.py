@@ -76,7 +76,9 @@ def test_bad_input_gets_a_4xx_json_error(api: httpx.Client, method: str, path: s
 
 def test_nan_latency_is_rejected(api: httpx.Client) -> None:
     api.post("/devices", json={"name": "nan-dev"})
-    payload = '{"device": "nan-dev", "space": "nb201", "rows": [{"architecture": "%s", "latency_ms": NaN}]}' % NB201_KEY
+    # json.dumps writes the NaN literal that strict JSON forbids
+    payload = json.dumps({"device": "nan-dev", "space": "nb201",
+                          "rows": [{"architecture": NB201_KEY, "latency_ms": float("nan")}]})
     response = api.post("/measurements", content=payload, headers={"content-type": "application/json"})
     assert_json_error(response, 422, "latency_ms")
 

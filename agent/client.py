@@ -314,7 +314,7 @@ class _RetryableStatus(Exception):
 
 
 class _RetryableStatusCode(_RetryableStatus):
-    def __init__(self, status_code: int, message: str) -> None:  # noqa: D107 - no response object
+    def __init__(self, status_code: int, message: str) -> None:  # no response object
         Exception.__init__(self, message)
         self.status_code = status_code
         self.retry_after = None

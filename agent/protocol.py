@@ -64,13 +64,17 @@ PRESETS: dict[Preset, TimingProtocol] = {
 }
 
 
+#: what an agent says of a device (hardware, threads, batch size, ...): JSON scalars by name
+DeviceAttributes = dict[str, str | int | float | bool | None]
+
+
 class DeviceSpec(BaseModel):
     """A device an agent serves, with the settings it measures under."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
-    attributes: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    attributes: DeviceAttributes = Field(default_factory=dict)
 
 
 class Capabilities(BaseModel):

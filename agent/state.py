@@ -29,7 +29,7 @@ from agent.protocol import JobResult
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; one agent per state directory is up to the user
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # the lock code checks for None
 
 log = logging.getLogger(__name__)
 

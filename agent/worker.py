@@ -96,7 +96,7 @@ class _Heartbeat(threading.Thread):
             except ServerError as exc:
                 log.warning("job %d: heartbeat failed: %s", self.lease.job_id, exc)
                 continue
-            except Exception:  # noqa: BLE001 - a heartbeat bug must not kill the job silently
+            except Exception:  # a heartbeat bug must not kill the job silently
                 log.exception("job %d: heartbeat error", self.lease.job_id)
                 continue
             if reply.cancel_requested:
@@ -337,7 +337,7 @@ class Worker:
                 continue
             try:
                 handed = self.process(lease)
-            except Exception:  # noqa: BLE001 - one bad job must not take the agent down
+            except Exception:  # one bad job must not take the agent down
                 log.exception("job %d: unexpected error", lease.job_id)
             self.jobs_done += 1
         if handed is not None:

@@ -19,11 +19,11 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from predictor.spaces import get_space  # noqa: E402
-from server.cli.local import running_agent, running_server  # noqa: E402
-from server.client import FarmClient  # noqa: E402
-from server.db import upgrade  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from predictor.spaces import get_space
+from server.cli.local import running_agent, running_server
+from server.client import FarmClient
+from server.db import upgrade
+from server.settings import Settings
 
 ADMIN_TOKEN = "agreement-bench-admin"
 

@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from predictor.spaces import get_space  # noqa: E402
-from server.cli.local import free_port, server_process  # noqa: E402
+from predictor.spaces import get_space
+from server.cli.local import free_port, server_process
 
 ADMIN_TOKEN = "predict-bench-admin"
 DEVICE = "titan_rtx_256"

@@ -350,10 +350,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         jobs: dict[str, dict[str, Any]] = {}
         if args.verify and front:
             chosen = spread(front, args.verify_max)
-            for job in measure(farm, args.device, [c.key for c in chosen], args.preset, args.queue_deadline_s, log):
-                jobs[job["architecture"]] = job
+            for result in measure(farm, args.device, [c.key for c in chosen], args.preset, args.queue_deadline_s, log):
+                jobs[result["architecture"]] = result
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for c in front:
         job = jobs.get(c.key)
         measured = job["latency_ms"] if job and job["status"] == "done" else None

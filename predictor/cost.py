@@ -107,10 +107,10 @@ def _fbnet_costs() -> tuple[Cost, np.ndarray, np.ndarray]:
 
 def analytic_cost(space: SearchSpace, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(MACs, parameters) of each key, as int64 arrays."""
-    if space.name == "nb201":
+    if isinstance(space, nb.NB201Space):
         costs = [_nb201_cost(space.op_vec(key)) for key in keys]
         return (np.asarray([c[0] for c in costs], dtype=np.int64), np.asarray([c[1] for c in costs], dtype=np.int64))
-    if space.name == "fbnet":
+    if isinstance(space, fb.FBNetSpace):
         (fixed_macs, fixed_params), macs, params = _fbnet_costs()
         ops = np.asarray([space.op_vec(key) for key in keys], dtype=np.int64).reshape(len(keys), fb.N_BLOCKS)
         blocks = np.arange(fb.N_BLOCKS)

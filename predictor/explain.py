@@ -55,7 +55,7 @@ def explain(model: LatencyPredictor, keys: Sequence[str] | None = None, seed: in
         key=lambda r: -r.spearman,
     )
     counts = _op_counts(model, keys)
-    used = counts.any(axis=0)
+    used = counts.sum(axis=0) > 0
     names = [name for name, seen in zip(model.space.op_names, used) if seen]
     target_cost = _cost_per_op(counts[:, used], target_log)
     reference_cost = _cost_per_op(counts[:, used], reference_log.mean(axis=1))

@@ -46,7 +46,8 @@ def export_onnx(space: SearchSpace, key: str) -> bytes:
         # the deprecated TorchScript one needs nothing more and handles these plain CNNs well.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model, (example,), buffer, dynamo=False, opset_version=OPSET,
+            model, (example,), buffer,  # type: ignore[arg-type]  # the TorchScript exporter (dynamo=False) takes a file object too
+            dynamo=False, opset_version=OPSET,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
         )
     return buffer.getvalue()

@@ -423,7 +423,8 @@ def _loo_penalty(x: np.ndarray, y: np.ndarray,
     n = len(y)
     yc = y - y.mean()
     sizes = [size for size, _ in blocks]
-    best, best_choice, best_error = np.zeros(x.shape[1]), (), np.inf
+    best, best_error = np.zeros(x.shape[1]), np.inf
+    best_choice: tuple[float, ...] = ()
     for choice in itertools.product(*(grid for _, grid in blocks)):
         penalty = np.repeat(np.asarray(choice, dtype=np.float64), sizes)
         keep = np.isfinite(penalty)

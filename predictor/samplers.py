@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
-from predictor.model import LatencyPredictor
 from predictor.spaces import SearchSpace
 from predictor.validation import sampler_for
 
 #: candidates considered for spaces too large to enumerate
 CANDIDATE_POOL = 5000
+
+
+class PredictorView(Protocol):
+    """What samplers read of a predictor: a `LatencyPredictor`, or a view that caches its answers."""
+
+    preferred_samplers: dict[int, str]
+
+    def descriptors(self, keys: Sequence[str]) -> np.ndarray: ...
+
+    def embed(self, keys: Sequence[str]) -> np.ndarray: ...
 
 
 class Sampler(ABC):
@@ -24,7 +34,7 @@ class Sampler(ABC):
         space: SearchSpace,
         k: int,
         seed: int = 0,
-        predictor: LatencyPredictor | None = None,
+        predictor: PredictorView | None = None,
         candidates: Sequence[str] | None = None,
     ) -> list[str]:
         """`k` distinct canonical keys to measure, reproducible from `seed`."""
@@ -42,7 +52,8 @@ def candidate_keys(space: SearchSpace, seed: int, candidates: Sequence[str] | No
 class RandomSampler(Sampler):
     name = "random"
 
-    def select(self, space, k, seed=0, predictor=None, candidates=None):  # type: ignore[no-untyped-def]
+    def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: PredictorView | None = None,
+               candidates: Sequence[str] | None = None) -> list[str]:
         pool = candidate_keys(space, seed, candidates)
         _check_k(k, len(pool))
         picks = np.random.default_rng(seed).choice(len(pool), size=k, replace=False)
@@ -59,7 +70,8 @@ class KMeansSampler(Sampler):
     name = "kmeans"
     iterations = 25
 
-    def select(self, space, k, seed=0, predictor=None, candidates=None):  # type: ignore[no-untyped-def]
+    def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: PredictorView | None = None,
+               candidates: Sequence[str] | None = None) -> list[str]:
         pool = candidate_keys(space, seed, candidates)
         _check_k(k, len(pool))
         embedding = predictor.embed(pool) if predictor is not None else space.features(pool)
@@ -91,7 +103,8 @@ class StratifiedSampler(Sampler):
 
     name = "stratified"
 
-    def select(self, space, k, seed=0, predictor=None, candidates=None):  # type: ignore[no-untyped-def]
+    def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: PredictorView | None = None,
+               candidates: Sequence[str] | None = None) -> list[str]:
         pool = candidate_keys(space, seed, candidates)
         _check_k(k, len(pool))
         embedding = predictor.descriptors(pool) if predictor is not None else space.features(pool)
@@ -133,12 +146,13 @@ class DefaultSampler(Sampler):
 
     name = "default"
 
-    def resolve(self, k: int, predictor: LatencyPredictor | None = None) -> str:
+    def resolve(self, k: int, predictor: PredictorView | None = None) -> str:
         """The name of the sampler `select` delegates to for `k` samples."""
-        preferred = getattr(predictor, "preferred_samplers", None) or {}
+        preferred = predictor.preferred_samplers if predictor is not None else {}
         return sampler_for(preferred, k) or FALLBACK_SAMPLER
 
-    def select(self, space, k, seed=0, predictor=None, candidates=None):  # type: ignore[no-untyped-def]
+    def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: PredictorView | None = None,
+               candidates: Sequence[str] | None = None) -> list[str]:
         return SAMPLERS[self.resolve(k, predictor)]().select(space, k, seed=seed, predictor=predictor,
                                                             candidates=candidates)
 

@@ -86,13 +86,14 @@ def validate_samplers(
         for name, sampler in zip(candidates, samplers):
             for k in ks:
                 for sample_seed in seeds:
-                    picked = sampler.select(space, k, seed=sample_seed, predictor=fold, candidates=keys)  # type: ignore[arg-type]
+                    picked = sampler.select(space, k, seed=sample_seed, predictor=fold, candidates=keys)
                     rest = np.ones(len(keys), dtype=bool)
                     rest[[fold.row[key] for key in picked]] = False
                     # what `predict` answers on the held-out rest, in log-latency (ranks are all
                     # that count)
                     device_fit = fold.predictor.adapt({key: truth[key] for key in picked}, name=device,
                                                       seed=sample_seed).target
+                    assert device_fit is not None  # adapt() always fits its device
                     predicted = bagged_centre(fold.design[rest] @ device_fit.coef.T + device_fit.intercept)
                     scores[name][k].append(spearman(predicted, measured_log[rest]))
     if not any(scores[candidates[0]][k] for k in ks):

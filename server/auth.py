@@ -19,6 +19,7 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from server.db import session_scope
 from server.errors import Forbidden, Unauthorized
@@ -91,7 +92,7 @@ async def authenticate(request: Request, credentials: HTTPAuthorizationCredentia
     return principal
 
 
-def _lookup(sessions, token_hash: str) -> Principal:  # type: ignore[no-untyped-def]
+def _lookup(sessions: sessionmaker[Session], token_hash: str) -> Principal:
     with session_scope(sessions) as session:
         agent_id = session.scalar(select(Agent.id).where(Agent.token_hash == token_hash))
         if agent_id is not None:

@@ -5,15 +5,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Row, UpdateBase, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+#: a result row of any columns (SQLAlchemy types a row by its columns' types)
+AnyRow = Row[*tuple[Any, ...]]
+
+
+def affected_rows(session: Session, statement: UpdateBase) -> int:
+    """How many rows an UPDATE or DELETE (without RETURNING) changed. Such a statement's result is
+    a CursorResult; `Session.execute` is typed for any statement (SQLAlchemy's advice: cast)."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
 
 
 def normalise_url(url: str) -> str:
@@ -33,7 +43,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")

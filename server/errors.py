@@ -142,7 +142,7 @@ def _document_errors(app: FastAPI) -> None:
                 responses["4XX"] = {"description": "Client Error", **response}
         return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented hook for a custom schema
 
 
 class PayloadTooLarge(ApiError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ CAPABILITIES = {"hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes
                 "python": "3", "agent_version": "0"}
 
 
-def wait_until(predicate, timeout_s: float = 120, poll_s: float = 0.3):  # type: ignore[no-untyped-def]
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 120, poll_s: float = 0.3) -> Any:
+    """The predicate's first truthy answer, polled every `poll_s` s; fails after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
@@ -51,9 +53,10 @@ def pretrained(api: httpx.Client, space: str = "nb201") -> dict[str, Any]:
     return api.get(f"/predictors/{done['predictor_id']}").json()
 
 
-def registered(api: httpx.Client, device: str):  # type: ignore[no-untyped-def]
+def registered(api: httpx.Client, device: str) -> dict[str, Any] | None:
+    """The device's record once an agent serves it, else None."""
     response = api.get(f"/devices/{device}")
-    return response.status_code == 200 and response.json()["agents"] and response.json()
+    return response.json() if response.status_code == 200 and response.json()["agents"] else None
 
 
 def scrape(farm_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -19,6 +19,7 @@ import numpy as np
 from predictor.datasets import find_datasets, read_arch_keys, read_latencies
 from predictor.reference import Row
 from predictor.spaces import SearchSpace, get_space
+from predictor.spaces.nb201 import NB201Space
 
 TASKS_FILE = "tasks.json"
 
@@ -94,7 +95,7 @@ def load_space_table(root: Path, space_name: str) -> SpaceTable:
     space = get_space(space_name)
     by_index = {
         index: key for index, key in read_arch_keys(root, space).items()
-        if space_name != "nb201" or space.is_connected(key)  # type: ignore[attr-defined]
+        if not isinstance(space, NB201Space) or space.is_connected(key)
     }
     keys = list(by_index.values())
     position = {index: row for row, index in enumerate(by_index)}
@@ -142,11 +143,11 @@ def memoised_space(space: SearchSpace, keys: list[str]) -> SearchSpace:
     row_of = {key: row for row, key in enumerate(keys)}
     matrix = base_class.features(space, keys)
 
-    class Memoised(base_class):  # type: ignore[valid-type, misc]
+    class Memoised(base_class):  # type: ignore[valid-type, misc]  # the base is the space's class, known at run time
         def canonical(self, key: str) -> str:
             return key if key in row_of else base_class.canonical(self, key)
 
-        def features(self, keys: list[str]) -> np.ndarray:  # type: ignore[override]
+        def features(self, keys: list[str]) -> np.ndarray:
             try:
                 rows = [row_of[key] for key in keys]
             except (KeyError, TypeError):

@@ -22,6 +22,8 @@ from scipy.stats import spearmanr
 from predictor.cost import analytic_cost
 from predictor.model import LatencyPredictor
 from predictor.spaces import SearchSpace
+from predictor.spaces.fbnet import FBNetSpace
+from predictor.spaces.nb201 import NB201Space
 
 
 @dataclass
@@ -82,7 +84,8 @@ class Ours(Method):
     sampler = "default"
     needs_base = True
 
-    def predict(self, context, device, samples, keys, seed):  # type: ignore[no-untyped-def]
+    def predict(self, context: TaskContext, device: str, samples: Mapping[str, float],
+                keys: Sequence[str], seed: int) -> Prediction:
         if context.base is None:
             raise ValueError(f"{self.name} needs a base predictor")
         start = time.perf_counter()
@@ -115,7 +118,8 @@ class Flops(Method):
             known.update(zip(missing, analytic_cost(space, missing)[0].tolist()))
         return np.asarray([known[key] for key in keys], dtype=np.float64)
 
-    def predict(self, context, device, samples, keys, seed):  # type: ignore[no-untyped-def]
+    def predict(self, context: TaskContext, device: str, samples: Mapping[str, float],
+                keys: Sequence[str], seed: int) -> Prediction:
         return Prediction(self.macs(context.space, keys))
 
 
@@ -127,7 +131,8 @@ class OneProxy(Method):
 
     name = "one_proxy"
 
-    def predict(self, context, device, samples, keys, seed):  # type: ignore[no-untyped-def]
+    def predict(self, context: TaskContext, device: str, samples: Mapping[str, float],
+                keys: Sequence[str], seed: int) -> Prediction:
         sample_keys = list(samples)
         y = np.log(np.asarray([samples[k] for k in sample_keys]))
         reference = context.reference_ms(sample_keys)
@@ -157,7 +162,8 @@ class Scratch(Method):
 
     name = "scratch"
 
-    def predict(self, context, device, samples, keys, seed):  # type: ignore[no-untyped-def]
+    def predict(self, context: TaskContext, device: str, samples: Mapping[str, float],
+                keys: Sequence[str], seed: int) -> Prediction:
         sample_keys = list(samples)
         x_train = context.space.features(sample_keys).astype(np.float64)
         x_test = context.space.features(list(keys)).astype(np.float64)
@@ -174,7 +180,8 @@ class LookupTable(Method):
     name = "lut"
     spaces = ("fbnet",)
 
-    def predict(self, context, device, samples, keys, seed):  # type: ignore[no-untyped-def]
+    def predict(self, context: TaskContext, device: str, samples: Mapping[str, float],
+                keys: Sequence[str], seed: int) -> Prediction:
         space = context.space
         n_ops = len(space.op_names) - 2  # less "input" and "output"
         sample_keys = list(samples)
@@ -185,7 +192,9 @@ class LookupTable(Method):
 
 
 def _one_hot_blocks(space: SearchSpace, keys: Sequence[str], n_ops: int) -> np.ndarray:
-    ops = np.asarray([space.op_vec(key) for key in keys], dtype=np.int64)  # type: ignore[attr-defined]
+    if not isinstance(space, NB201Space | FBNetSpace):
+        raise ValueError(f"one-hot blocks need a space of op vectors, not {space.name}")
+    ops = np.asarray([space.op_vec(key) for key in keys], dtype=np.int64)
     return np.eye(n_ops)[ops].reshape(len(keys), -1)
 
 

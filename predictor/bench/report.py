@@ -135,6 +135,12 @@ def _plain(value: object) -> object:
     return value
 
 
+def _number(row: dict[str, object], key: str) -> float:
+    """The row's figure under `key`; NaN where it has none."""
+    value = row.get(key)
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
 def _fmt(value: object, digits: int = 3) -> str:
     if not isinstance(value, (int, float)) or math.isnan(value):
         return "–"
@@ -206,25 +212,24 @@ def _markdown(summary: dict[str, dict[str, object]], methods: Sequence[str], ks:
             for k in ks:
                 mean, spread = row.get(f"{m}_k{k}", math.nan), row.get(f"{m}_k{k}_spread", math.nan)
                 cells.append(_fmt(mean) + ("" if _fmt(spread) == "–" else f" ±{_fmt(spread)}"))
-        delta = row.get(f"{HEADLINE}_minus_{REFERENCE}", math.nan)
-        cells += [_fmt(row.get(REFERENCE)), ("" if _fmt(delta) == "–" or delta < 0 else "+") + _fmt(delta)]  # type: ignore[operator]
+        delta = _number(row, f"{HEADLINE}_minus_{REFERENCE}")
+        cells += [_fmt(row.get(REFERENCE)), ("" if _fmt(delta) == "–" or delta < 0 else "+") + _fmt(delta)]
         lines.append("| " + " | ".join(cells) + " |")
     if len(summary) > 1:
         cells = ["mean"]
         for m in methods:
             for k in ks:
-                values = [row.get(f"{m}_k{k}", math.nan) for row in summary.values()]
-                cells.append(_fmt(float(np.mean(values))) if not any(math.isnan(v) for v in values) else "–")  # type: ignore[arg-type]
-        refs = [row[REFERENCE] for row in summary.values()]
-        deltas = [row[f"{HEADLINE}_minus_{REFERENCE}"] for row in summary.values()]
-        mean_delta = float(np.mean(deltas))  # type: ignore[arg-type]
-        cells += [_fmt(float(np.mean(refs))), ("+" if mean_delta >= 0 else "") + _fmt(mean_delta)]  # type: ignore[arg-type]
+                values = [_number(row, f"{m}_k{k}") for row in summary.values()]
+                cells.append(_fmt(float(np.mean(values))) if not any(math.isnan(v) for v in values) else "–")
+        refs = [_number(row, REFERENCE) for row in summary.values()]
+        deltas = [_number(row, f"{HEADLINE}_minus_{REFERENCE}") for row in summary.values()]
+        mean_delta = float(np.mean(deltas))
+        cells += [_fmt(float(np.mean(refs))), ("+" if mean_delta >= 0 else "") + _fmt(mean_delta)]
         lines.append("| " + " | ".join(cells) + " |")
-    wins = [row for row in summary.values() if isinstance(row.get(f"{HEADLINE}_minus_{REFERENCE}"), float)
-            and round(row[f"{HEADLINE}_minus_{REFERENCE}"], 3) >= 0]  # type: ignore[operator, arg-type]
+    wins = [row for row in summary.values() if round(_number(row, f"{HEADLINE}_minus_{REFERENCE}"), 3) >= 0]
     baselines = [m for m in methods if m in BASELINES]
     ahead = [name for name, row in summary.items()
-             if all(_beats(row, HEADLINE, other, int(row["published_k"])) for other in baselines)]  # type: ignore[call-overload]
+             if all(_beats(row, HEADLINE, other, int(_number(row, "published_k"))) for other in baselines)]
     lines += ["", f"ours ≥ nasflat (to 3 decimals) on {len(wins)} of {len(summary)} tasks; "
               f"ours > every baseline ({', '.join(baselines)}) at the published k on {len(ahead)} "
               f"of {len(summary)}.", ""]
@@ -259,12 +264,13 @@ def _plot(path: Path, summary: dict[str, dict[str, object]], tasks: dict[str, Ta
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import TABLEAU_COLORS
 
     n = max(1, len(summary))
     cols = min(4, n)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.8, 2.9 * rows + 0.2), squeeze=False, sharex=True)
-    colours = dict(zip(methods, plt.get_cmap("tab10").colors))  # type: ignore[attr-defined]
+    colours = dict(zip(methods, TABLEAU_COLORS.values()))  # tab10's colours, in its order
     for ax, (name, row) in zip(axes.ravel(), summary.items()):
         for m in methods:
             means = np.asarray([row.get(f"{m}_k{k}", math.nan) for k in ks], dtype=float)

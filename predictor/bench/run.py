@@ -68,7 +68,7 @@ def run_bench(
     tasks: Sequence[str] | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     seeds: int | Sequence[int] = DEFAULT_SEEDS,
-    methods: Sequence[str] | Sequence[Method] | None = None,
+    methods: Sequence[str | Method] | None = None,
     out_dir: str | Path = "docs/bench",
     quick: bool = False,
     progress: Progress | None = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 from .base import ArchGraph, InvalidArchitecture, SearchSpace
 from .fbnet import FBNetSpace
 from .nb201 import NB201Space
@@ -16,6 +18,16 @@ class UnknownSpace(ValueError):
 
 _INSTANCES: dict[str, SearchSpace] = {space.name: space for space in (NB201Space(), FBNetSpace(), OFASpace())}
 SPACES: tuple[str, ...] = tuple(_INSTANCES)
+
+
+@overload
+def get_space(name: Literal["nb201"]) -> NB201Space: ...
+@overload
+def get_space(name: Literal["fbnet"]) -> FBNetSpace: ...
+@overload
+def get_space(name: Literal["ofa"]) -> OFASpace: ...
+@overload
+def get_space(name: str) -> SearchSpace: ...
 
 
 def get_space(name: str) -> SearchSpace:

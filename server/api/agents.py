@@ -54,9 +54,10 @@ def _hand_back(services: Services, lease: JobLease) -> None:
         services.leases.hand_back(session, lease)
 
 
-@router.get("/me/jobs/next", responses={204: {"description": "no job arrived within `wait` seconds"}})
+@router.get("/me/jobs/next", response_model=JobLease,
+            responses={204: {"description": "no job arrived within `wait` seconds"}})
 async def next_job(request: Request, agent: AgentPrincipal, services: ServicesDep,
-                   wait: float = Query(30, ge=0, le=120, description="long-poll seconds")) -> JobLease:
+                   wait: float = Query(30, ge=0, le=120, description="long-poll seconds")) -> JobLease | Response:
     """Lease the next job for one of the agent's devices, waiting up to `wait` seconds for one.
     A poll whose agent hung up leases nothing: a lease claimed for it meanwhile goes back to the
     queue (it would sit leased to no one until it expired)."""
@@ -66,14 +67,14 @@ async def next_job(request: Request, agent: AgentPrincipal, services: ServicesDe
         while True:
             changed.clear()
             if await request.is_disconnected():
-                return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
+                return Response(status_code=status.HTTP_204_NO_CONTENT)
             lease = await services.leases.on_thread(_try_claim, services, agent.agent_id)
             if lease is not None:
                 if not await request.is_disconnected():
                     return lease
                 await services.leases.on_thread(_hand_back, services, lease)  # it hung up while the claim ran
-                return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
+                return Response(status_code=status.HTTP_204_NO_CONTENT)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
+                return Response(status_code=status.HTTP_204_NO_CONTENT)
             await services.wakeup.wait(changed, min(remaining, RECHECK_S))

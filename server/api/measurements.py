@@ -51,7 +51,8 @@ def _out(measurement: Measurement, device: str, space: str | None, key: str | No
     )
 
 
-@router.get("", responses={200: {"content": {"text/csv": {}}}}, dependencies=[READ])
+@router.get("", response_model=Page[MeasurementOut], responses={200: {"content": {"text/csv": {}}}},
+            dependencies=[READ])
 def list_measurements(
     session: Db,
     services: ServicesDep,
@@ -61,10 +62,10 @@ def list_measurements(
     cursor: int = Query(0, ge=0, le=INT_MAX, description="id after which the page starts"),
     limit: int = Query(1000, ge=1, le=50_000),
     format: Literal["json", "csv"] = "json",
-) -> Page[MeasurementOut]:
+) -> Page[MeasurementOut] | StreamingResponse:
     query = _query(session, device, space, architecture)
     if format == "csv":
-        return StreamingResponse(_csv(services.sessions, query), media_type="text/csv")  # type: ignore[return-value]
+        return StreamingResponse(_csv(services.sessions, query), media_type="text/csv")
     rows = session.execute(query.where(Measurement.id > cursor).limit(limit)).all()
     items = [_out(*row) for row in rows]
     return Page(items=items, next_cursor=items[-1].id if len(items) == limit else None)

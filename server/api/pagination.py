@@ -17,7 +17,7 @@ Item = TypeVar("Item")
 Cursor = Annotated[int, Query(ge=0, le=INT_MAX, description="the `next_cursor` of the page before; 0 for the first")]
 
 
-def page(session: Session, query: Select[tuple[Row]], id_column: InstrumentedAttribute[int], cursor: int, limit: int,
+def page(session: Session, query: Select[Row], id_column: InstrumentedAttribute[int], cursor: int, limit: int,
          out: Callable[[Row], Item], newest_first: bool = False) -> Page[Item]:
     """One page of `query`'s rows after `cursor` (before it, newest first), as `out` describes them."""
     if newest_first:

@@ -102,7 +102,7 @@ class Reaper(threading.Thread):
                     touched = reap(session, self.settings)
                 if touched:
                     self.on_onboardings(touched)
-            except Exception:  # noqa: BLE001 - one failed pass must not end housekeeping
+            except Exception:  # one failed pass must not end housekeeping
                 log.exception("reaper pass failed")
 
     def stop(self) -> None:

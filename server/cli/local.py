@@ -82,8 +82,8 @@ def server_process(env: dict[str, str], port: int, workers: int = 1, log: Path |
         yield process
     finally:
         stop_process(process)
-        if log is not None:
-            out.close()  # type: ignore[union-attr]
+        if not isinstance(out, int):  # the log file (DEVNULL is an int)
+            out.close()
 
 
 @contextmanager

@@ -149,7 +149,7 @@ class FarmGroup(TyperGroup):
 
     Given to the top `typer.Typer(cls=FarmGroup)`, it covers every command and sub-group."""
 
-    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]  # typer's click base Context is private
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:

@@ -83,7 +83,11 @@ def _imported_count(session: Session, device_id: int, space_id: int) -> int:
 
 def _bulk_insert(connection: Connection, rows: list[tuple[int, int, float]]) -> None:
     if connection.dialect.name == "postgresql":
-        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        import psycopg
+
+        driver = connection.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)  # make_engine's driver for PostgreSQL
+        cursor = driver.cursor()
         with cursor.copy("COPY measurements (device_id, architecture_id, latency_ms, source) FROM STDIN") as copy:
             for device_id, arch_id, ms in rows:
                 copy.write_row((device_id, arch_id, ms, IMPORTED))

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Row, and_, case, func, or_, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from agent.protocol import PROTOCOL_VERSION, HeartbeatResponse, Preset
 from server import metrics
 from server.background.wakeup import jobs_changed
+from server.db import AnyRow
 from server.errors import Conflict, Forbidden, Invalid, NotFound
 from server.models import (
     Artifact,
@@ -40,7 +41,7 @@ FINISHED = (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
 #: a device's state once its job ended: online again if it was busy (a degraded or paused one stays so)
 FREED_STATE = case((Device.state == DeviceState.busy, DeviceState.online), else_=Device.state)
 #: a job as an ORM object or as a row of its columns
-LeasedJob = TypeVar("LeasedJob", Job, Row[Any])
+LeasedJob = TypeVar("LeasedJob", Job, AnyRow)
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,17 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
-from sqlalchemy import Connection, Row, and_, bindparam, case, exists, null, or_, select, union_all, update
+from sqlalchemy import Connection, and_, bindparam, case, exists, null, or_, select, union_all, update
 from sqlalchemy.orm import Session, aliased
 
 from agent.protocol import PRESETS, ArtifactFormat, ArtifactRef, JobLease, Preset, Runtime
 from server import metrics
 from server.background.wakeup import device_taken, jobs_changed
+from server.db import AnyRow
 from server.models import (
     Agent,
     AgentDevice,
@@ -220,7 +221,7 @@ class Leases:
 
 
 def _most_urgent(session: Session, agent_id: int, named: tuple[int, int, int] | None,
-                 selector_jobs: Sequence[Row[Any]]) -> tuple[int, int, int] | None:
+                 selector_jobs: Sequence[AnyRow]) -> tuple[int, int, int] | None:
     """(job id, priority, device id) of the more urgent of the agent's `named` job and the first
     queued selector job one of its idle, healthy devices matches."""
     devices = session.scalars(_SELECTABLE_DEVICES, {"agent": agent_id}).all()

@@ -13,7 +13,7 @@ from agent.protocol import Preset
 from predictor import LatencyPredictor, get_sampler
 from predictor.samplers import DefaultSampler, candidate_keys
 from predictor.spaces import SearchSpace
-from server.db import session_scope
+from server.db import affected_rows, session_scope
 from server.errors import Conflict, Invalid
 from server.models import Architecture, Device, Job, JobStatus, Onboarding, OnboardingStatus, Predictor, utcnow
 from server.services import jobs, predictors, training_queue
@@ -89,11 +89,12 @@ def _adapt_if_measured(session: Session, onboarding_id: int) -> None:
     )
     if unfinished:
         return
-    claimed = session.execute(
+    claimed = affected_rows(
+        session,
         update(Onboarding)
         .where(Onboarding.id == onboarding_id, Onboarding.status == OnboardingStatus.measuring)
         .values(status=OnboardingStatus.adapting)
-    ).rowcount
+    )
     if claimed == 1:
         onboarding = session.get_one(Onboarding, onboarding_id)
         training_queue.enqueue_adaptation(session, onboarding.space_id, onboarding.device_id, onboarding_id)

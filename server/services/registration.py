@@ -9,7 +9,7 @@ import secrets
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from agent.protocol import RegisterRequest, RegisterResponse
+from agent.protocol import DeviceAttributes, RegisterRequest, RegisterResponse
 from server.auth import hash_token
 from server.context import Services
 from server.db import insert_missing
@@ -44,6 +44,7 @@ def _registrant(session: Session, services: Services, presented: str) -> tuple[A
     known = session.scalar(select(Agent).where(Agent.token_hash == hash_token(presented)))
     if known is not None:
         return known, presented
+    one_time: RegistrationToken | None = None  # the admin token registers without one
     if not hmac.compare_digest(presented, services.admin_token):
         one_time = session.scalar(
             select(RegistrationToken)
@@ -56,12 +57,12 @@ def _registrant(session: Session, services: Services, presented: str) -> tuple[A
     agent = Agent(name="", token_hash=hash_token(token))
     session.add(agent)
     session.flush()
-    if not hmac.compare_digest(presented, services.admin_token):
+    if one_time is not None:
         one_time.used_at, one_time.used_by_agent_id = utcnow(), agent.id
     return agent, token
 
 
-def _serve_device(session: Session, name: str, attributes: dict[str, object], cpu_model: str) -> Device:
+def _serve_device(session: Session, name: str, attributes: DeviceAttributes, cpu_model: str) -> Device:
     insert_missing(session, Device, [{"name": name, "source": "agent"}])
     device = session.scalars(select(Device).where(Device.name == name).with_for_update()).one()
     if device.source == "imported":
@@ -80,10 +81,10 @@ def _serve_device(session: Session, name: str, attributes: dict[str, object], cp
     return device
 
 
-def _count(attributes: dict[str, object], key: str) -> int:
+def _count(attributes: DeviceAttributes, key: str) -> int:
     """A device's thread count or batch size: a positive integer, 1 when not given."""
     try:
-        count = int(attributes.get(key) or 1)  # type: ignore[call-overload]
+        count = int(attributes.get(key) or 1)
     except (ValueError, OverflowError):  # "four", nan, inf
         count = 0
     if not 1 <= count <= INT_MAX:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,7 +25,7 @@ from agent.protocol import (
 from agent.quality import quality_flags
 from server import metrics
 from server.background.wakeup import jobs_changed
-from server.db import session_scope
+from server.db import AnyRow, session_scope
 from server.errors import Conflict
 from server.models import (
     Architecture,
@@ -146,7 +146,7 @@ def record_result(session: Session, agent_id: int, job_id: int, result: JobResul
                      flags=measurement["flags"] if measurement else None)
 
 
-def _after_job(session: Session, conn: Connection, job: Row[Any], measurement: dict[str, Any] | None,
+def _after_job(session: Session, conn: Connection, job: AnyRow, measurement: dict[str, Any] | None,
                failure: str, settings: Settings) -> None:
     """Free the device and look after its health; re-adapt its predictor on a new valid measurement."""
     is_canary = job.kind is JobKind.canary
@@ -162,7 +162,7 @@ def _after_job(session: Session, conn: Connection, job: Row[Any], measurement: d
         readapt_later(session, job.space_id, job.device_id, settings)
 
 
-def _retry(session: Session, job: Row[Any], result: JobResult, settings: Settings) -> Recorded:
+def _retry(session: Session, job: AnyRow, result: JobResult, settings: Settings) -> Recorded:
     leased = session.get_one(Job, job.id)
     retry(leased, f"{result.failure_class}: {result.error}", settings.max_attempts, str(result.failure_class))
     jobs_changed(session, leased.device_id)  # None for a selector job: any matching device may take it
@@ -171,12 +171,12 @@ def _retry(session: Session, job: Row[Any], result: JobResult, settings: Setting
                      queue_position=queue_position(session, leased))
 
 
-def _recorded(job: Row[Any], **changes: Any) -> Recorded:
+def _recorded(job: AnyRow, **changes: Any) -> Recorded:
     described = describe({**job._mapping, "queue_position": None, **changes})
     return Recorded(described, job.onboarding_id if described.status in FINISHED else None)
 
 
-def _measurement(job: Row[Any], result: JobResult) -> dict[str, Any]:
+def _measurement(job: AnyRow, result: JobResult) -> dict[str, Any]:
     assert result.stats is not None
     flags = quality_flags(result.samples_ms, PRESETS[Preset(job.preset)])
     provenance = {**result.provenance, "artifact_sha256": job.artifact_sha256, "preset": job.preset,

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
+from sqlalchemy.orm import Session, sessionmaker
 
 from server.db import make_engine, make_session_factory, session_scope, upgrade
 from server.models import Predictor
@@ -18,7 +19,7 @@ from server.services.datasets import ImportReport, import_datasets
 from server.settings import Settings
 
 
-def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
+def _sessions(settings: Settings) -> sessionmaker[Session]:
     torch.set_num_threads(settings.torch_threads)
     if settings.is_sqlite:
         upgrade(settings.database_url)
@@ -26,7 +27,7 @@ def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def import_reference_datasets(settings: Settings, root: Path, progress: Progress | None = None) -> ImportReport:
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
 
     def report(space: str, done: int, total: int) -> None:
         if progress is None:

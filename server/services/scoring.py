@@ -3,7 +3,7 @@ see, and how that grew with the number of samples."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,7 +65,7 @@ def _summary(method: str, keys: list[str], truth: Mapping[str, float], predicted
     }
 
 
-def _spearman(predicted: np.ndarray, measured: object) -> float | None:
+def _spearman(predicted: np.ndarray, measured: Sequence[float] | np.ndarray) -> float | None:
     """None where it is undefined (all measured latencies equal): JSON has no NaN."""
     rho = float(spearmanr(predicted, measured).statistic)
     return round(rho, 4) if np.isfinite(rho) else None

@@ -9,7 +9,7 @@ from datetime import timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from server.db import insert_missing
+from server.db import affected_rows, insert_missing
 from server.models import TaskKind, TaskStatus, TrainingTask, utcnow
 
 #: a task whose worker died mid-way is tried this many times in all
@@ -54,13 +54,14 @@ def claim(session: Session, worker: str, lease_s: float) -> TrainingTask | None:
     )
     if candidate is None:
         return None
-    claimed = session.execute(
+    claimed = affected_rows(
+        session,
         update(TrainingTask)
         .where(TrainingTask.id == candidate,
                or_(TrainingTask.status == TaskStatus.queued, TrainingTask.lease_expires_at < now))
         .values(status=TaskStatus.running, worker=worker, lease_expires_at=now + timedelta(seconds=lease_s),
                 attempts=TrainingTask.attempts + 1, started_at=now, progress=0.0)
-    ).rowcount
+    )
     if claimed != 1:  # another worker got there first (SQLite has no row locks to skip)
         return None
     return session.get_one(TrainingTask, candidate, populate_existing=True)
@@ -68,11 +69,12 @@ def claim(session: Session, worker: str, lease_s: float) -> TrainingTask | None:
 
 def renew(session: Session, task_id: int, worker: str, lease_s: float, progress: float) -> bool:
     """Extend the lease and record progress; False if the task is no longer this worker's."""
-    return session.execute(
+    return affected_rows(
+        session,
         update(TrainingTask)
         .where(TrainingTask.id == task_id, TrainingTask.worker == worker, TrainingTask.status == TaskStatus.running)
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s), progress=progress)
-    ).rowcount == 1
+    ) == 1
 
 
 def finish(task: TrainingTask, predictor_id: int | None = None, error: str | None = None) -> None:

@@ -150,7 +150,7 @@ def _job_row(job: Job, measurement: Measurement | None) -> JobRow:
     )
 
 
-def _jobs(session: Session, query: Select[tuple[Job]]) -> list[JobRow]:
+def _jobs(session: Session, query: Select[Job]) -> list[JobRow]:
     rows = session.execute(query.add_columns(Measurement).outerjoin(Measurement, Measurement.id == Job.measurement_id))
     return [_job_row(job, measurement) for job, measurement in rows]
 
@@ -166,6 +166,7 @@ def _canary_runs(session: Session, device_id: int | None = None) -> dict[int, li
         query = query.where(Job.device_id == device_id)
     runs: dict[int, list[CanaryRun]] = defaultdict(list)
     for device, job_id, ms, valid, at in session.execute(query):
+        assert device is not None and at is not None  # a finished canary ran on a device
         runs[device].append(CanaryRun(job_id, ms, valid, as_utc(at)))
     return runs
 
@@ -214,7 +215,8 @@ def device_agents(session: Session, name: str) -> list[AgentRow]:
 
 def _agent_row(agent: Agent) -> AgentRow:
     report = agent.capabilities if isinstance(agent.capabilities, dict) else {}
-    runtimes = report.get("runtimes") if isinstance(report.get("runtimes"), dict) else {}
+    runtimes = report.get("runtimes")
+    runtimes = runtimes if isinstance(runtimes, dict) else {}
     cores = report.get("cpu_cores")
     return AgentRow(
         name=agent.name, last_seen=_utc(agent.last_seen),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
@@ -54,7 +54,7 @@ class UiRoute(APIRoute):
     """Errors become pages: a missing or weak token gets the sign-in form, a missing row a 404 page
     (the API's handlers would answer JSON)."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def render_errors(request: Request) -> Response:

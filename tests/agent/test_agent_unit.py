@@ -127,7 +127,7 @@ class LocalServer:
 
 
 class _QuietFiles(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -653,7 +653,7 @@ class FakeFarm:
         farm = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
             def _send(self, status: int, body: Any = None, raw: bytes | None = None) -> None:
@@ -684,7 +684,7 @@ class FakeFarm:
             def _body(self) -> dict[str, Any]:
                 return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 if self.path.startswith("/api/v1/agents/me/jobs/next"):
                     if not self._auth():
                         return
@@ -709,7 +709,7 @@ class FakeFarm:
                     return self._send(200, raw=farm.artifacts[sha])
                 self._send(404, {"detail": "not found"})
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 if self.path == "/api/v1/agents/register":
                     body = self._body()
                     reply = farm.register(self._token())

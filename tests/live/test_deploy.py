@@ -204,7 +204,7 @@ def resolve_latfarm(argv: list[str]) -> Any:
     assert argv[0] == "latfarm", argv
     # typer may bundle its own click: use its classes, not the `click` package's
     command: Any = typer.main.get_command(latfarm_app)
-    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    usage_error = next(c for c in typer.BadParameter.__mro__ if issubclass(c, Exception) and c.__name__ == "UsageError")
     ctx = command.context_class(command, info_name="latfarm")
     args = list(argv[1:])
     while hasattr(command, "get_command"):  # a group
@@ -432,7 +432,8 @@ def check_server(compose: Mapping[str, Any], dockerfile: Dockerfile) -> None:
     assert url.split("://", 1)[1].split(":")[0] == db_env.get("POSTGRES_USER", "postgres")
     assert "LATFARM_ADMIN_TOKEN" in env, f"{name}: no admin token, so agents cannot register"
     merged = {**dockerfile.env(), **env}
-    settings = Settings(**{k.removeprefix("LATFARM_").lower(): v for k, v in merged.items() if k in SERVER_ENV})
+    fields: dict[str, Any] = {k.removeprefix("LATFARM_").lower(): v for k, v in merged.items() if k in SERVER_ENV}
+    settings = Settings(**fields)
     assert settings.database_url == url and not settings.is_sqlite
 
     depends = svc.get("depends_on") or {}

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +26,7 @@ from tests.helpers import ADMIN_TOKEN, REPO, registered, wait_until
 EXAMPLE = REPO / "examples" / "latency_constrained_search.py"
 
 
-def load_example():  # type: ignore[no-untyped-def]
+def load_example() -> ModuleType:
     spec = importlib.util.spec_from_file_location("latency_constrained_search", EXAMPLE)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -51,7 +53,9 @@ def test_example_nb201_code_matches_the_search_space() -> None:
 
 def test_example_pareto_and_spearman_helpers() -> None:
     example = load_example()
-    c = lambda proxy, ms: example.Candidate((proxy, int(ms * 10)), proxy, ms, 0.0)  # noqa: E731
+    def c(proxy: float, ms: float) -> Any:
+        return example.Candidate((proxy, int(ms * 10)), proxy, ms, 0.0)
+
     front = example.pareto_front([c(1, 1.0), c(2, 2.0), c(1, 1.5), c(3, 2.0), c(0.5, 0.5)])
     assert [(x.proxy, x.ms) for x in front] == [(0.5, 0.5), (1, 1.0), (3, 2.0)]
     assert example.pareto_ranks([c(1, 1.0), c(1, 1.5), c(0.5, 2.0)]) == [0, 1, 2]

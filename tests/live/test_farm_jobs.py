@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,8 +28,8 @@ CANARY_EVERY = 2
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def farm_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("farm")
-    fast = {"lease_ttl_s": 3, "heartbeat_s": 0.5, "reaper_interval_s": 0.3, "poll_wait_s": 1, "max_attempts": 2,
-            "canary_every": CANARY_EVERY, "canary_recheck_s": 1}
+    fast: dict[str, Any] = {"lease_ttl_s": 3, "heartbeat_s": 0.5, "reaper_interval_s": 0.3, "poll_wait_s": 1,
+                            "max_attempts": 2, "canary_every": CANARY_EVERY, "canary_recheck_s": 1}
     if request.param == "sqlite":
         url = f"sqlite:///{tmp / 'farm.db'}"
         upgrade(url)
@@ -61,10 +62,11 @@ class ScriptedAgent:
         self.http = httpx.Client(base_url=admin.base_url, timeout=60,
                                  headers={"Authorization": f"Bearer {self.registration['agent_token']}"})
 
-    def claim(self, wait: float = 0) -> dict | None:
+    def claim(self, wait: float = 0) -> dict:
+        """The next lease; fails the test when none comes within `wait` s."""
         reply = self.http.get("/agents/me/jobs/next", params={"wait": wait})
-        assert reply.status_code in (200, 204), reply.text
-        return reply.json() if reply.status_code == 200 else None
+        assert reply.status_code == 200, f"no lease within {wait} s: {reply.status_code} {reply.text}"
+        return reply.json()
 
     def finish(self, lease: dict, median_ms: float = 10.0) -> dict:
         samples = [median_ms] * 60  # steady and long enough for every preset's flags
@@ -81,9 +83,7 @@ class ScriptedAgent:
         return reply.json()
 
     def pass_canary(self, median_ms: float = 10.0) -> None:
-        lease = self.claim(wait=5)
-        assert lease is not None
-        assert self.finish(lease, median_ms)["kind"] == "canary"
+        assert self.finish(self.claim(wait=5), median_ms)["kind"] == "canary"
 
 
 def submit(admin: httpx.Client, **body: object) -> httpx.Response:
@@ -115,7 +115,7 @@ def test_selector_picks_a_matching_device_and_422_when_none_can(admin: httpx.Cli
     assert job.status_code == 201, job.text
     assert job.json()["device"] is None and job.json()["queue_position"] == 0
     lease = agent.claim(wait=5)
-    assert lease is not None and lease["device"] == four and lease["threads"] == 4
+    assert lease["device"] == four and lease["threads"] == 4
     assert agent.finish(lease)["device"] == four
 
     never = submit(admin, selector="threads == 4 and board == nowhere")
@@ -190,14 +190,14 @@ def test_a_retried_selector_job_wakes_the_polls_of_every_matching_device(admin: 
     second.pass_canary()
     job = submit(admin, selector=f"pool == {pool}").json()
     lease = first.claim(wait=5)
-    assert lease is not None and lease["job_id"] == job["id"]
+    assert lease["job_id"] == job["id"]
     with ThreadPoolExecutor(1) as waiting:
         poll = waiting.submit(second.claim, 10)
         time.sleep(0.5)  # the poll is waiting by then
         failed_at = time.monotonic()
         assert first.fail(lease, "artifact_error")["status"] == "queued"
         taken = poll.result()
-    assert taken is not None and taken["job_id"] == job["id"], taken
+    assert taken["job_id"] == job["id"], taken
     assert time.monotonic() - failed_at < 3.0
     assert second.finish(taken)["status"] == "done"  # no lease left to expire in the tests after this one
 

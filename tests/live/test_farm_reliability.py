@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -44,8 +45,8 @@ def postgres_url() -> Iterator[str]:
 
 
 def fast_settings(url: str, tmp_path: Path) -> Settings:
-    return Settings(database_url=url, artifact_dir=tmp_path / "artifacts", admin_token=ADMIN,
-                    **{key.removeprefix("LATFARM_").lower(): float(value) for key, value in FAST.items()})
+    fast: dict[str, Any] = {key.removeprefix("LATFARM_").lower(): float(value) for key, value in FAST.items()}
+    return Settings(database_url=url, artifact_dir=tmp_path / "artifacts", admin_token=ADMIN, **fast)
 
 
 def client(url: str) -> httpx.Client:
@@ -250,8 +251,9 @@ def test_a_lease_claimed_for_a_poll_that_hung_up_goes_back_to_the_queue(postgres
         [job_id] = submit(api, "hangup-dev", KEYS[:1])
 
         def claims_waiting() -> int:
-            return observer.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                   " AND query LIKE 'WITH named%'").fetchone()[0]  # type: ignore[index]
+            [(count,)] = observer.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                          " AND query LIKE 'WITH named%'").fetchall()
+            return count
 
         blocker.execute("LOCK TABLE jobs IN EXCLUSIVE MODE")  # a claim's FOR UPDATE waits for it
         with ThreadPoolExecutor(1) as pool:

@@ -12,6 +12,7 @@ import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -39,9 +40,9 @@ pytestmark = pytest.mark.slow
 VALIDATION_ARCHS = 8
 
 
-def _finished(api: httpx.Client, onboarding_id: int):  # type: ignore[no-untyped-def]
+def _finished(api: httpx.Client, onboarding_id: int) -> dict[str, Any] | None:
     onboarding = api.get(f"/onboardings/{onboarding_id}").json()
-    return onboarding["status"] in ("ready", "failed") and onboarding
+    return onboarding if onboarding["status"] in ("ready", "failed") else None
 
 
 def test_a_new_device_is_onboarded_with_20_samples_and_served(imported: Settings, server_url: str,
@@ -119,7 +120,7 @@ def test_a_new_device_is_onboarded_with_20_samples_and_served(imported: Settings
     valid = sum(not job["flags"] for job in done)
     if not valid:
         pytest.skip("re-adaptation follows valid measurements; this host flagged all 5 (unstable, drift or short)")
-    def readapted_on_them():  # type: ignore[no-untyped-def]
+    def readapted_on_them() -> Any:
         # measurements arriving a moment apart may make two re-adaptations: wait for one that has them all
         served = api.post("/predict", json={"device": device, "space": "nb201", "architectures": fresh}).json()
         row = api.get(f"/predictors/{served['predictor_id']}").json()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +24,11 @@ from predictor.bench import RAW_COLUMNS, BenchMismatch, load_space_table, load_t
 from predictor.bench.methods import Method, OneProxy, Prediction, TaskContext, ridge_fit_predict
 from predictor.cost import analytic_cost, hooked_cost
 from predictor.datasets import find_datasets
+from predictor.reference import LatencyTable, Row
+from predictor.samplers import PredictorView, Sampler
+from predictor.spaces import SearchSpace
+from predictor.spaces.fbnet import FBNetSpace
+from predictor.spaces.nb201 import NB201Space
 from server.cli.bench import bench_app
 
 REAL_DATASETS = find_datasets()
@@ -54,8 +61,9 @@ def test_analytic_flops_and_params_match_hook_counts(space_name: str, extra: lis
 
 
 def _write_space(root: Path, space_name: str, keys: list[str], rng: np.random.Generator,
-                 unconnected: list[str] = ()) -> None:
+                 unconnected: Sequence[str] = ()) -> None:
     space = get_space(space_name)
+    assert isinstance(space, NB201Space | FBNetSpace)  # the spaces keyed by op vectors
     with open(root / f"{space_name}_archs.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         if space_name == "nb201":
@@ -133,7 +141,8 @@ class _Spy(Method):
     def __init__(self) -> None:
         self.calls: list[tuple[dict[str, float], list[str]]] = []
 
-    def predict(self, context, device, samples, keys, seed):  # type: ignore[no-untyped-def]
+    def predict(self, context: TaskContext, device: str, samples: Mapping[str, float],
+                keys: Sequence[str], seed: int) -> Prediction:
         self.calls.append((dict(samples), list(keys)))
         return Prediction(np.random.default_rng(seed).random(len(keys)))
 
@@ -142,30 +151,33 @@ def test_harness_keeps_test_devices_out_of_pretraining_and_sampling(
     datasets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pretrained_devices: list[set[str]] = []
-    original = LatencyPredictor.pretrain.__func__  # type: ignore[attr-defined]
+    original = LatencyPredictor.pretrain
 
-    def recording_pretrain(cls, space, rows, **kwargs):  # type: ignore[no-untyped-def]
+    def recording_pretrain(cls: type[LatencyPredictor], space: SearchSpace | str, rows: Iterable[Row],
+                           **kwargs: Any) -> LatencyPredictor:
         rows = list(rows)
         pretrained_devices.append({device for _, device, _ in rows})
-        return original(cls, space, rows, **kwargs)
+        return original(space, rows, **kwargs)
 
     monkeypatch.setattr(LatencyPredictor, "pretrain", classmethod(recording_pretrain))
     fitted_devices: list[set[str]] = []  # every network fitted: the base and the validation folds
-    original_fit = LatencyPredictor._fit.__func__  # type: ignore[attr-defined]
+    original_fit = LatencyPredictor._fit
 
-    def recording_fit(cls, space, table, **kwargs):  # type: ignore[no-untyped-def]
+    def recording_fit(cls: type[LatencyPredictor], space: SearchSpace, table: LatencyTable,
+                      **kwargs: Any) -> LatencyPredictor:
         fitted_devices.append(set(table.devices))
-        return original_fit(cls, space, table, **kwargs)
+        return original_fit(space, table, **kwargs)
 
     monkeypatch.setattr(LatencyPredictor, "_fit", classmethod(recording_fit))
     seen: list[dict] = []
 
-    class SpySampler:
+    class SpySampler(Sampler):
         def __init__(self, name: str) -> None:
             self.inner = get_sampler(name)
             self.name = self.inner.name
 
-        def select(self, space, k, seed=0, predictor=None, candidates=None):  # type: ignore[no-untyped-def]
+        def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: PredictorView | None = None,
+                   candidates: Sequence[str] | None = None) -> list[str]:
             seen.append({"predictor": predictor, "candidates": candidates, "k": k})
             return self.inner.select(space, k, seed=seed, predictor=predictor, candidates=candidates)
 

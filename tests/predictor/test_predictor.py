@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ from scipy.stats import spearmanr
 
 from predictor import LatencyPredictor, TrainConfig, get_sampler, get_space
 from predictor.cost import analytic_cost
+from predictor.reference import LatencyTable
 from predictor.samplers import SAMPLERS, DefaultSampler
+from predictor.spaces import SearchSpace
 from predictor.validation import held_out_devices, sampler_for, spearman
 
 TINY = TrainConfig(members=2, hidden=64, depth=2, epochs=20, sampler_folds=3)
@@ -25,8 +28,12 @@ def synthetic_ms(keys: list[str], op_cost: np.ndarray, overhead: float) -> np.nd
     return overhead + counts @ op_cost + macs / 5e7
 
 
+#: the reference fixture: keys, and (key, device, ms) rows of six synthetic reference devices
+Reference = tuple[list[str], list[tuple[str, str, float]]]
+
+
 @pytest.fixture(scope="module")
-def reference() -> tuple[list[str], list[tuple[str, str, float]]]:
+def reference() -> Reference:
     keys = SPACE.sample(1500, seed=1)
     rng = np.random.default_rng(0)
     rows = []
@@ -37,12 +44,12 @@ def reference() -> tuple[list[str], list[tuple[str, str, float]]]:
 
 
 @pytest.fixture(scope="module")
-def base(reference) -> LatencyPredictor:  # type: ignore[no-untyped-def]
+def base(reference: Reference) -> LatencyPredictor:
     torch.manual_seed(0)
     return LatencyPredictor.pretrain(SPACE, reference[1], config=TINY)
 
 
-def test_pretrained_predictor_tracks_its_reference_devices(base: LatencyPredictor, reference) -> None:  # type: ignore[no-untyped-def]
+def test_pretrained_predictor_tracks_its_reference_devices(base: LatencyPredictor, reference: Reference) -> None:
     keys, rows = reference
     truth = [ms for key, device, ms in rows if device == "ref0"]
     predicted, std = base.predict(keys, device="ref0")
@@ -113,17 +120,18 @@ def test_default_sampler_is_known() -> None:
 
 
 def test_pretraining_chooses_the_default_sampler_on_held_out_reference_devices(
-    reference, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+    reference: Reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
     keys, rows = reference
     few = set(keys[:400])
     rows = [row for row in rows if row[1] != "ref5" and row[0] in few]  # ref5: a device never seen
     fitted: list[set[str]] = []
-    original = LatencyPredictor._fit.__func__  # type: ignore[attr-defined]
+    original = LatencyPredictor._fit
 
-    def recording_fit(cls, space, table, **kwargs):  # type: ignore[no-untyped-def]
+    def recording_fit(cls: type[LatencyPredictor], space: SearchSpace, table: LatencyTable,
+                      **kwargs: Any) -> LatencyPredictor:
         fitted.append(set(table.devices))
-        return original(cls, space, table, **kwargs)
+        return original(space, table, **kwargs)
 
     monkeypatch.setattr(LatencyPredictor, "_fit", classmethod(recording_fit))
     config = TrainConfig(members=1, hidden=32, depth=2, epochs=8, sampler_folds=3)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ DATASETS = find_datasets()
 
 FBNET_KEY = "|".join(["k3_e1", "k3_e1_g2", "k5_e6", "skip", "k5_e1_g2", "k3_e3"] * 3
                     + ["skip", "k3_e6", "k5_e3", "skip"])
-OFA_ARCH = {"ks": [3, 5, 7, 3] * 5, "e": [3, 4, 6, 4] * 5, "d": [2, 3, 4, 2, 3], "r": 128}
+OFA_ARCH: dict[str, Any] = {"ks": [3, 5, 7, 3] * 5, "e": [3, 4, 6, 4] * 5, "d": [2, 3, 4, 2, 3], "r": 128}
 OFA_KEY = json.dumps(OFA_ARCH, sort_keys=True, separators=(",", ":"))
 KEYS = {"nb201": NB201_KEY, "fbnet": FBNET_KEY, "ofa": OFA_KEY}
 N_CLASSES = {"nb201": 10, "fbnet": 1000, "ofa": 1000}

@@ -30,14 +30,14 @@ def declared_scopes(route: APIRoute) -> frozenset[Scope] | None:
 
 
 def api_routes() -> list[tuple[str, str, frozenset[Scope]]]:
-    routes = []
+    routes: list[tuple[str, str, frozenset[Scope]]] = []
     for route in (route for router in ROUTERS for route in router.routes):
         if not isinstance(route, APIRoute) or route.path in PUBLIC | OWN_AUTH:
             continue
         scopes = declared_scopes(route)
         assert scopes, f"{route.path} declares no scope"
         path = re.sub(r"\{(\w+)(?::path)?\}", lambda m: PATH_VALUES.get(m.group(1), "1"), route.path)
-        routes.extend((method, path, scopes) for method in route.methods)
+        routes.extend((method, path, scopes) for method in route.methods or ())
     return routes
 
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner, Result
 from agent.cli import build_parser
 from predictor import get_space
 from server.cli import app
-from server.client import FarmClient
+from latfarm import FarmClient
 from server.cli_output import EXIT_CODE_SUMMARY, ExitCode
 from server.db import upgrade
 from server.local import free_port, running_agent, running_server

@@ -1,0 +1,192 @@
+"""The public client, `latfarm.FarmClient`: installed alone, against a real server (its answers,
+its errors, its waits with a real agent) and held to the server's OpenAPI document."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, get_args
+
+import httpx
+import pytest
+from pydantic import BaseModel
+
+from latfarm import (
+    Conflict,
+    FarmClient,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    models,
+)
+from server.db import upgrade
+from server.local import running_agent, running_server
+from server.settings import Settings
+from tests.conftest import ADMIN_TOKEN, pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ["|nor_conv_1x1~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|avg_pool_3x3~1|nor_conv_1x1~2|",
+        "|avg_pool_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|nor_conv_1x1~0|skip_connect~1|nor_conv_3x3~2|"]
+
+
+@pytest.mark.slow
+def test_client_extra_installs_without_torch_or_the_server(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "--quiet", f"{REPO}[client]"], check=True, cwd=tmp_path)
+    probe = (
+        "import importlib.util, sys\n"
+        "absent = [name for name in ('torch', 'fastapi', 'sqlalchemy', 'onnxruntime') if importlib.util.find_spec(name)]\n"
+        "assert not absent, f'the client extra installed {absent}'\n"
+        "from latfarm import FarmClient, Job, NotFound\n"
+        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('server', 'agent', 'predictor'))\n"
+        "assert not leaked, leaked\n"
+        "print(FarmClient.__module__)\n"
+    )
+    done = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "latfarm.client"
+
+
+# --------------------------------------------------------------------------- against a real server
+
+
+@pytest.fixture
+def farm(server_url: str) -> Any:
+    with FarmClient(server_url, ADMIN_TOKEN) as client:
+        yield client
+
+
+def test_errors_are_typed_by_status(farm: FarmClient, api: httpx.Client, server_url: str) -> None:
+    with pytest.raises(NotFound) as missing:
+        farm.device("no-such-device")
+    assert missing.value.status_code == 404 and "no-such-device" in missing.value.detail
+
+    lonely = "client-lonely"
+    if api.get(f"/devices/{lonely}").status_code == 404:
+        assert api.post("/devices", json={"name": lonely}).status_code == 201
+    with pytest.raises(Conflict) as unserved:
+        farm.predict(lonely, "nb201", KEYS)
+    assert unserved.value.status_code == 409 and unserved.value.field == "device"
+    assert "no predictor serves" in unserved.value.detail
+
+    with pytest.raises(InvalidRequest) as invalid:
+        farm.submit(lonely, "nb201", ["not-an-nb201-key"])
+    assert invalid.value.status_code == 422 and invalid.value.field
+
+    with FarmClient(server_url, "wrong-token") as stranger, pytest.raises(Unauthorized) as refused:
+        stranger.devices()
+    assert refused.value.status_code == 401
+
+    assert lonely in {device.name for device in farm.devices()}
+    assert farm.device(lonely).agents == []
+
+
+def test_rate_limit_says_when_to_retry(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'limited.db'}"
+    upgrade(url)
+    settings = Settings(database_url=url, artifact_dir=tmp_path / "artifacts", admin_token=ADMIN_TOKEN,
+                        predict_rate_limit="2/minute")
+    with running_server(settings) as server, FarmClient(server, ADMIN_TOKEN) as farm:
+        for _ in range(2):
+            with pytest.raises(NotFound):
+                farm.predict("nowhere", "nb201", "all")
+        with pytest.raises(RateLimited) as limited:
+            farm.predict("nowhere", "nb201", "all")
+    assert limited.value.status_code == 429 and "2 per 1 minute" in limited.value.detail
+    assert limited.value.retry_after_s is not None and 1 <= limited.value.retry_after_s <= 60
+
+
+def test_an_overloaded_server_is_unavailable(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    upgrade(url)
+    settings = Settings(database_url=url, artifact_dir=tmp_path / "artifacts", admin_token=ADMIN_TOKEN,
+                        max_concurrency=2)
+    with running_server(settings) as server, FarmClient(server, ADMIN_TOKEN) as farm:
+        assert farm.devices() == []  # its connection stays open: one of the two places
+        address = httpx.URL(server)
+        with socket.create_connection((address.host, address.port)), pytest.raises(Unavailable) as busy:
+            farm.devices()  # the second place is held by an idle connection: one request too many
+        assert farm.devices() == []
+    assert busy.value.status_code == 503 and busy.value.retry_after_s is None
+
+
+@pytest.mark.slow
+def test_nas_loop_with_a_real_agent(imported: Settings, api: httpx.Client, farm: FarmClient, server_url: str,
+                                    tmp_path: Path) -> None:
+    """What a NAS loop does: onboard a device served by a real agent, predict keys and a whole
+    space, measure a few for real, and measure an uploaded ONNX model."""
+    base = pretrained(api)
+    device = f"client-cpu-{tmp_path.name[-8:]}"
+    with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1"]):
+        served = farm.wait_for_device(device)
+        assert served.name == device and served.agents and served.runtime == "onnxruntime"
+
+        progress: list[tuple[int, int]] = []
+        onboarding = farm.onboard(device, "nb201", samples=2, preset="quick", on_progress=lambda *p: progress.append(p))
+        assert onboarding.status == "ready" and onboarding.jobs_total == 2 and onboarding.predictor_id is not None
+        assert progress[-1] == (2, 2)
+        adapted = farm.predictor(onboarding.predictor_id)
+        assert adapted.kind == "adapted" and adapted.device == device and adapted.parent_id == base["id"]
+
+        prediction = farm.predict(device, "nb201", KEYS)
+        assert prediction.architectures == KEYS and prediction.predictor_kind == "adapted"
+        assert all(ms > 0 for ms in prediction.latency_ms) and len(prediction.uncertainty_ms) == 2
+        whole = farm.predict(device, "nb201", "all", prediction.predictor_id)
+        assert len(whole.architectures) == 15625
+        assert whole.by_architecture()[KEYS[0]] == pytest.approx(prediction.by_architecture()[KEYS[0]])
+
+        jobs = farm.measure(device, "nb201", KEYS, "quick")
+        assert [job.architecture for job in jobs] == KEYS
+        assert all(job.status == "done" and job.latency_ms and job.latency_ms > 0 for job in jobs), jobs
+        [again] = farm.submit(device, "nb201", KEYS[:1], "quick")
+        assert again.reused and again.finished and again.latency_ms == jobs[0].latency_ms
+
+        assert jobs[0].artifact_sha256 is not None
+        model = api.get(f"/artifacts/{jobs[0].artifact_sha256}").content
+        artifact = farm.upload_artifact(model)
+        assert artifact.sha256 == jobs[0].artifact_sha256 and artifact.size_bytes == len(model)
+        [by_upload] = farm.wait_for_jobs([farm.submit_artifact(device, artifact.sha256, "quick", force=True)])
+        assert by_upload.status == "done" and by_upload.latency_ms and not by_upload.reused
+        assert {job.id for job in farm.jobs(device=device)} >= {job.id for job in [*jobs, by_upload]}
+    with pytest.raises(InvalidRequest) as not_onnx:
+        farm.upload_artifact(b"not an onnx model")
+    assert not_onnx.value.status_code == 422 and "not a valid ONNX model" in not_onnx.value.detail
+
+
+# --------------------------------------------------------------------------- held to the OpenAPI document
+
+#: each answer model of the client and the server's response schema it reads
+ANSWERS: dict[type[BaseModel], str] = {
+    models.Device: "DeviceOut", models.Artifact: "ArtifactOut", models.Job: "JobOut", models.Prediction: "PredictOut",
+    models.Predictor: "PredictorOut", models.Onboarding: "OnboardingOut", models.OnboardingRound: "OnboardingRound",
+    models.Task: "TaskOut", models.Explanation: "ExplainOut", models.Resemblance: "Resemblance",
+    models.OpCost: "OpCost",
+}
+
+
+def test_client_models_match_the_servers_schema(anonymous: httpx.Client, server_url: str) -> None:
+    document = httpx.get(f"{server_url}/openapi.json").json()
+    schemas = document["components"]["schemas"]
+
+    def enum_of(prop: dict[str, Any]) -> set[str] | None:
+        options = prop.get("anyOf", [prop])
+        for option in options:
+            if "$ref" in option:
+                option = schemas[option["$ref"].rpartition("/")[2]]
+            if "enum" in option:
+                return set(option["enum"])
+        return None
+
+    for model, name in ANSWERS.items():
+        server = schemas[name]["properties"]
+        assert set(model.model_fields) == set(server), (model.__name__, set(model.model_fields) ^ set(server))
+        for field, info in model.model_fields.items():
+            literal = {arg for arg in get_args(info.annotation) if isinstance(arg, str)}
+            if literal:
+                assert literal == enum_of(server[field]), (model.__name__, field)

@@ -20,6 +20,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latfarm import FarmClient, Job  # noqa: E402
+from latfarm.models import Preset  # noqa: E402
 from predictor.spaces import get_space  # noqa: E402
 from server.db import upgrade  # noqa: E402
 from server.local import running_agent, running_server  # noqa: E402
@@ -28,7 +29,7 @@ from server.settings import Settings  # noqa: E402
 ADMIN_TOKEN = "agreement-bench-admin"
 
 
-def measure_on(url: str, device: str, keys: list[str], preset: str, workdir: Path) -> list[Job]:
+def measure_on(url: str, device: str, keys: list[str], preset: Preset, workdir: Path) -> list[Job]:
     agent_dir = workdir / device
     agent_dir.mkdir()
     with running_agent(url, ADMIN_TOKEN, device, 1, agent_dir), FarmClient(url, ADMIN_TOKEN) as farm:

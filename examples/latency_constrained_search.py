@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latfarm import FarmClient, FarmError, Job
+from latfarm.models import Preset
 
 SPACE = "nb201"
 #: NB201 operations (ids are positions) and the cell's edges (source, target) in arch-string order
@@ -253,7 +254,7 @@ def spread(front: Sequence[Candidate], n: int) -> list[Candidate]:
     return [front[round(i * (len(front) - 1) / (n - 1))] for i in range(n)]
 
 
-def measure(farm: FarmClient, device: str, keys: Sequence[str], preset: str, deadline_s: float,
+def measure(farm: FarmClient, device: str, keys: Sequence[str], preset: Preset, deadline_s: float,
             log: Callable[[str], None]) -> list[Job]:
     jobs = farm.submit(device, SPACE, keys, preset, queue_deadline_s=deadline_s)
     log(f"submitted {len(jobs)} measurement jobs to {device} ({preset} preset); waiting for the agent")
@@ -343,10 +344,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         jobs: dict[str, Job] = {}
         if args.verify and front:
             chosen = spread(front, args.verify_max)
-            measured = measure(farm, args.device, [c.key for c in chosen], args.preset, args.queue_deadline_s, log)
-            jobs = {c.key: job for c, job in zip(chosen, measured)}
+            measured_jobs = measure(farm, args.device, [c.key for c in chosen], args.preset, args.queue_deadline_s, log)
+            jobs = {c.key: job for c, job in zip(chosen, measured_jobs)}
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for c in front:
         job = jobs.get(c.key)
         measured = job.latency_ms if job and job.status == "done" else None

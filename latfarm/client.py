@@ -225,7 +225,9 @@ class FarmClient:
         return model.model_validate_json(self._send(method, path, **kwargs).content)
 
     def _get_list(self, model: type[M], path: str, **kwargs: Any) -> list[M]:
-        return TypeAdapter(list[model]).validate_json(self._send("GET", path, **kwargs).content)  # type: ignore[valid-type]
+        # a list of the model given at run time, which mypy cannot take for a type
+        answer = self._send("GET", path, **kwargs).content
+        return TypeAdapter(list[model]).validate_json(answer)  # type: ignore[valid-type]
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         response = self.http.request(method, path, **kwargs)

@@ -28,8 +28,8 @@ error a user can act on (see `classify`) as one `error: ...` line, without a tra
 from __future__ import annotations
 
 import json
-from enum import IntEnum
 from collections.abc import Callable
+from enum import IntEnum
 from typing import Annotated, Any, NoReturn
 
 import httpx

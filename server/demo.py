@@ -11,8 +11,8 @@ from rich.console import Console
 from scipy.stats import spearmanr
 
 from agent.capabilities import default_device_name
-from predictor.spaces import get_space
 from latfarm import FarmClient
+from predictor.spaces import get_space
 from server.cli_output import progress_bar, track
 from server.local import running_agent, running_server
 from server.services.runtime import import_reference_datasets, pretrain_base

@@ -23,12 +23,15 @@ from latfarm import (
     Unavailable,
     models,
 )
-from server.db import upgrade
+from latfarm.models import Predictor
+from server.db import make_engine, make_session_factory, session_scope, upgrade
 from server.local import running_agent, running_server
+from server.services.datasets import import_datasets
 from server.settings import Settings
-from tests.conftest import ADMIN_TOKEN, pretrained
+from tests.conftest import ADMIN_TOKEN, DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
+REFERENCE_DEVICES = ["pixel3", "raspi4", "titan_rtx_1"]
 KEYS = ["|nor_conv_1x1~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|avg_pool_3x3~1|nor_conv_1x1~2|",
         "|avg_pool_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|nor_conv_1x1~0|skip_connect~1|nor_conv_3x3~2|"]
 
@@ -41,7 +44,8 @@ def test_client_extra_installs_without_torch_or_the_server(tmp_path: Path) -> No
     subprocess.run([python, "-m", "pip", "install", "--quiet", f"{REPO}[client]"], check=True, cwd=tmp_path)
     probe = (
         "import importlib.util, sys\n"
-        "absent = [name for name in ('torch', 'fastapi', 'sqlalchemy', 'onnxruntime') if importlib.util.find_spec(name)]\n"
+        "heavy = ('torch', 'fastapi', 'sqlalchemy', 'onnxruntime')\n"
+        "absent = [name for name in heavy if importlib.util.find_spec(name)]\n"
         "assert not absent, f'the client extra installed {absent}'\n"
         "from latfarm import FarmClient, Job, NotFound\n"
         "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('server', 'agent', 'predictor'))\n"
@@ -117,46 +121,79 @@ def test_an_overloaded_server_is_unavailable(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_nas_loop_with_a_real_agent(imported: Settings, api: httpx.Client, farm: FarmClient, server_url: str,
-                                    tmp_path: Path) -> None:
-    """What a NAS loop does: onboard a device served by a real agent, predict keys and a whole
-    space, measure a few for real, and measure an uploaded ONNX model."""
-    base = pretrained(api)
-    device = f"client-cpu-{tmp_path.name[-8:]}"
-    with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1"]):
-        served = farm.wait_for_device(device)
-        assert served.name == device and served.agents and served.runtime == "onnxruntime"
+def test_nas_loop_with_a_real_agent(tmp_path: Path) -> None:
+    """What NAS code does: pre-train and onboard a device served by a real agent, predict keys and
+    a whole space, measure a few for real, measure an uploaded ONNX model, run the README's loop.
+    A farm of its own (SQLite, the NB201 tables, a base predictor on three reference devices) keeps
+    its base predictor from the session's other tests and trains in minutes on this host."""
+    if not (DATASETS / "devices.csv").is_file():
+        pytest.skip("reference datasets not found")
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'latfarm.db'}", datasets=DATASETS,
+                        artifact_dir=tmp_path / "artifacts", admin_token=ADMIN_TOKEN, poll_wait_s=1.0,
+                        heartbeat_s=1.0)
+    upgrade(settings.database_url)
+    with session_scope(make_session_factory(make_engine(settings.database_url))) as session:
+        import_datasets(session, DATASETS, spaces=("nb201",))
+    device = "client-cpu"
+    with running_server(settings) as server_url, FarmClient(server_url, ADMIN_TOKEN) as farm, \
+            httpx.Client(base_url=f"{server_url}/api/v1", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as api:
+        base = farm.pretrain("nb201", REFERENCE_DEVICES)
+        assert base.kind == "base" and sorted(base.training_devices) == sorted(REFERENCE_DEVICES)
+        # the agent starts after training, so that its registration canary is not timed beside it
+        with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1"]):
+            run_nas_code(farm, api, server_url, device, base)
 
-        progress: list[tuple[int, int]] = []
-        onboarding = farm.onboard(device, "nb201", samples=2, preset="quick", on_progress=lambda *p: progress.append(p))
-        assert onboarding.status == "ready" and onboarding.jobs_total == 2 and onboarding.predictor_id is not None
-        assert progress[-1] == (2, 2)
-        adapted = farm.predictor(onboarding.predictor_id)
-        assert adapted.kind == "adapted" and adapted.device == device and adapted.parent_id == base["id"]
 
-        prediction = farm.predict(device, "nb201", KEYS)
-        assert prediction.architectures == KEYS and prediction.predictor_kind == "adapted"
-        assert all(ms > 0 for ms in prediction.latency_ms) and len(prediction.uncertainty_ms) == 2
-        whole = farm.predict(device, "nb201", "all", prediction.predictor_id)
-        assert len(whole.architectures) == 15625
-        assert whole.by_architecture()[KEYS[0]] == pytest.approx(prediction.by_architecture()[KEYS[0]])
+def run_nas_code(farm: FarmClient, api: httpx.Client, server_url: str, device: str, base: Predictor) -> None:
+    served = farm.wait_for_device(device)
+    assert served.name == device and served.agents and served.runtime == "onnxruntime"
 
-        jobs = farm.measure(device, "nb201", KEYS, "quick")
-        assert [job.architecture for job in jobs] == KEYS
-        assert all(job.status == "done" and job.latency_ms and job.latency_ms > 0 for job in jobs), jobs
-        [again] = farm.submit(device, "nb201", KEYS[:1], "quick")
-        assert again.reused and again.finished and again.latency_ms == jobs[0].latency_ms
+    progress: list[tuple[int, int]] = []
+    onboarding = farm.onboard(device, "nb201", samples=2, preset="quick", on_progress=lambda *p: progress.append(p))
+    assert onboarding.status == "ready" and onboarding.jobs_total == 2 and onboarding.predictor_id is not None
+    assert progress[-1] == (2, 2)
+    adapted = farm.predictor(onboarding.predictor_id)
+    assert adapted.kind == "adapted" and adapted.device == device and adapted.parent_id == base.id
 
-        assert jobs[0].artifact_sha256 is not None
-        model = api.get(f"/artifacts/{jobs[0].artifact_sha256}").content
-        artifact = farm.upload_artifact(model)
-        assert artifact.sha256 == jobs[0].artifact_sha256 and artifact.size_bytes == len(model)
-        [by_upload] = farm.wait_for_jobs([farm.submit_artifact(device, artifact.sha256, "quick", force=True)])
-        assert by_upload.status == "done" and by_upload.latency_ms and not by_upload.reused
-        assert {job.id for job in farm.jobs(device=device)} >= {job.id for job in [*jobs, by_upload]}
+    prediction = farm.predict(device, "nb201", KEYS)
+    assert prediction.architectures == KEYS and prediction.predictor_kind == "adapted"
+    assert all(ms > 0 for ms in prediction.latency_ms) and len(prediction.uncertainty_ms) == 2
+    whole = farm.predict(device, "nb201", "all", prediction.predictor_id)
+    assert len(whole.architectures) == 15625
+    assert whole.by_architecture()[KEYS[0]] == pytest.approx(prediction.by_architecture()[KEYS[0]])
+
+    jobs = farm.measure(device, "nb201", KEYS, "quick")
+    assert [job.architecture for job in jobs] == KEYS
+    assert all(job.status == "done" and job.latency_ms and job.latency_ms > 0 for job in jobs), jobs
+    [again] = farm.submit(device, "nb201", KEYS[:1], "quick")
+    assert again.reused and again.finished and again.latency_ms == jobs[0].latency_ms
+
+    assert jobs[0].artifact_sha256 is not None
+    model = api.get(f"/artifacts/{jobs[0].artifact_sha256}").content
+    artifact = farm.upload_artifact(model)
+    assert artifact.sha256 == jobs[0].artifact_sha256 and artifact.size_bytes == len(model)
+    [by_upload] = farm.wait_for_jobs([farm.submit_artifact(device, artifact.sha256, "quick", force=True)])
+    assert by_upload.status == "done" and by_upload.latency_ms and not by_upload.reused
+    assert {job.id for job in farm.jobs(device=device)} >= {job.id for job in [*jobs, by_upload]}
+
+    printed = run_readme_loop(server_url, device)
+    assert len(printed) == 3 and all(line.split()[1] == "done" and float(line.split()[2]) > 0 for line in printed)
     with pytest.raises(InvalidRequest) as not_onnx:
         farm.upload_artifact(b"not an onnx model")
     assert not_onnx.value.status_code == 422 and "not a valid ONNX model" in not_onnx.value.detail
+
+
+def run_readme_loop(server_url: str, device: str) -> list[str]:
+    """The README's NAS loop, run as written but against this farm (and with no latency budget:
+    this host's speed is not known): the lines it prints."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## NAS client"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    code = (code.replace('"http://farm:8000"', repr(server_url)).replace('token="..."', f"token={ADMIN_TOKEN!r}")
+            .replace('"rpi4-ort-1t-b1"', repr(device)).replace("BUDGET_MS = ", "BUDGET_MS = float('inf') or "))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
 
 
 # --------------------------------------------------------------------------- held to the OpenAPI document

@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import httpx
@@ -74,7 +73,8 @@ def test_generated_client_parses_answers_and_errors(generated: ModuleType, serve
 
     name = "generated-client-device"
     create = operation(generated, "devices", "create_device_api_v1_devices_post")
-    created = create.sync_detailed(client=client, body=models.DeviceIn(name=name, hardware="made by a generated client"))
+    body = models.DeviceIn(name=name, hardware="made by a generated client")
+    created = create.sync_detailed(client=client, body=body)
     assert created.status_code in (201, 409), created.content  # 409: the other backend's run made it
     read = operation(generated, "devices", "read_device_api_v1_devices_name_get")
     device = read.sync(name, client=client)
@@ -96,7 +96,8 @@ def test_generated_client_parses_answers_and_errors(generated: ModuleType, serve
     refused = upload.sync(client=client, body=types.File(payload=io.BytesIO(b"not onnx")))
     assert isinstance(refused, models.Error) and "not a valid ONNX model" in refused.detail
 
-    job = submit.sync(client=client, body=models.JobIn(device=name, artifact=artifact.sha256, preset=models.Preset.QUICK))
+    job = submit.sync(client=client,
+                      body=models.JobIn(device=name, artifact=artifact.sha256, preset=models.Preset.QUICK))
     assert isinstance(job, models.JobOut) and job.artifact_sha256 == artifact.sha256
     assert job.status == models.JobStatus.QUEUED and job.created_at.tzinfo is not None
     cancel = operation(generated, "jobs", "cancel_job_api_v1_jobs_job_id_cancel_post")

@@ -218,7 +218,8 @@ def chromium() -> Iterator[Any]:
     options.binary_location = str(CHROMIUM)
     # no host but 127.0.0.1 resolves: the pages must work on a network without internet (a lab's)
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900",
-                     "--hide-scrollbars", "--force-device-scale-factor=1", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+                     "--hide-scrollbars", "--force-device-scale-factor=1",
+                     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
         options.add_argument(argument)
     # every request the page makes, for `requested_hosts`
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
@@ -317,7 +318,8 @@ def test_api_docs_render_offline(server_url: str, chromium: Any) -> None:
     screenshot(driver, "api-docs")
 
     driver.get(f"{server_url}/redoc")
-    wait_for("ReDoc's operations", lambda: count(driver, "[data-section-id^='operation/']") == len(operations), 30, 0.2)
+    wait_for("ReDoc's operations",
+             lambda: count(driver, "[data-section-id^='operation/']") == len(operations), 30, 0.2)
     assert "Upload Artifact" in driver.find_element("tag name", "body").text
     # ReDoc's bundle always asks its CDN for the logo of its "API docs by Redocly" link, and hides
     # the image when that fails; nothing else leaves

@@ -38,11 +38,9 @@ class FarmClient:
     (429) and Unavailable (503) with the server's Retry-After, ServerError (other 5xx). httpx's
     TransportError means the server could not be reached."""
 
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 120.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 120.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/") + "/api/v1", headers=headers, timeout=timeout,
-                                 transport=transport)
+        self.http = httpx.Client(base_url=base_url.rstrip("/") + "/api/v1", headers=headers, timeout=timeout)
 
     def __enter__(self) -> FarmClient:
         return self

@@ -121,6 +121,7 @@ def test_an_overloaded_server_is_unavailable(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # a pre-training and real measurements, on a busy 2-core host
 def test_nas_loop_with_a_real_agent(tmp_path: Path) -> None:
     """What NAS code does: pre-train and onboard a device served by a real agent, predict keys and
     a whole space, measure a few for real, measure an uploaded ONNX model, run the README's loop.
@@ -162,20 +163,23 @@ def run_nas_code(farm: FarmClient, api: httpx.Client, server_url: str, device: s
     assert len(whole.architectures) == 15625
     assert whole.by_architecture()[KEYS[0]] == pytest.approx(prediction.by_architecture()[KEYS[0]])
 
-    jobs = farm.measure(device, "nb201", KEYS, "quick")
-    assert [job.architecture for job in jobs] == KEYS
-    assert all(job.status == "done" and job.latency_ms and job.latency_ms > 0 for job in jobs), jobs
-    [again] = farm.submit(device, "nb201", KEYS[:1], "quick")
-    assert again.reused and again.finished and again.latency_ms == jobs[0].latency_ms
+    measured = list(farm.jobs(onboarding=onboarding.id))
+    assert len(measured) == 2 and all(job.status == "done" and job.latency_ms for job in measured), measured
+    first = measured[0]
+    assert first.architecture is not None and first.artifact_sha256 is not None
+    [again] = farm.submit(device, "nb201", [first.architecture], "quick")
+    if first.flags:  # flagged (a busy host): not valid, so measured again
+        assert not again.reused
+    else:
+        assert again.reused and again.finished and again.latency_ms == first.latency_ms
 
-    assert jobs[0].artifact_sha256 is not None
-    model = api.get(f"/artifacts/{jobs[0].artifact_sha256}").content
+    model = api.get(f"/artifacts/{first.artifact_sha256}").content
     artifact = farm.upload_artifact(model)
-    assert artifact.sha256 == jobs[0].artifact_sha256 and artifact.size_bytes == len(model)
+    assert artifact.sha256 == first.artifact_sha256 and artifact.size_bytes == len(model)
     [by_upload] = farm.wait_for_jobs([farm.submit_artifact(device, artifact.sha256, "quick", force=True)])
     assert by_upload.status == "done" and by_upload.latency_ms and not by_upload.reused
-    assert {job.id for job in farm.jobs(device=device)} >= {job.id for job in [*jobs, by_upload]}
 
+    # measure() is submit + wait_for_jobs: the README's loop measures three architectures with it
     printed = run_readme_loop(server_url, device)
     assert len(printed) == 3 and all(line.split()[1] == "done" and float(line.split()[2]) > 0 for line in printed)
     with pytest.raises(InvalidRequest) as not_onnx:
@@ -190,7 +194,7 @@ def run_readme_loop(server_url: str, device: str) -> list[str]:
     section = readme[readme.index("## NAS client"):]
     code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
     code = (code.replace('"http://farm:8000"', repr(server_url)).replace('token="..."', f"token={ADMIN_TOKEN!r}")
-            .replace('"rpi4-ort-1t-b1"', repr(device)).replace("BUDGET_MS = ", "BUDGET_MS = float('inf') or "))
+            .replace('"rpi4-ort-1t-b1"', repr(device)).replace('"nb201", 5.0', '"nb201", float("inf")'))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()

@@ -7,25 +7,26 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, TypeVar
 
 import httpx
-from pydantic import BaseModel, TypeAdapter
 
 from latfarm.errors import WaitTimeout, WorkFailed, raise_for_answer
 from latfarm.models import (
     FINISHED_ONBOARDING,
     FINISHED_TASK,
+    Answer,
     Artifact,
     Device,
     Explanation,
     Job,
     JobStatus,
     Onboarding,
+    Page,
     Prediction,
     Predictor,
     Preset,
     Task,
 )
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=Answer)
 #: called with (finished, total) as a wait makes progress
 Progress = Callable[[int, int], None]
 
@@ -55,7 +56,7 @@ class FarmClient:
 
     def devices(self, space: str | None = None) -> list[Device]:
         """Every device, or those with measurements in `space`."""
-        return self._get_list(Device, "/devices", params=_drop_none(space=space))
+        return list(self._pages(Device, "/devices", space=space))
 
     def device(self, name: str) -> Device:
         return self._call(Device, "GET", f"/devices/{name}")
@@ -84,7 +85,7 @@ class FarmClient:
             "device": device, "space": space, "architectures": keys, "predictor_id": predictor_id})
 
     def predictors(self, space: str | None = None) -> list[Predictor]:
-        return self._get_list(Predictor, "/predictors", params=_drop_none(space=space))
+        return list(self._pages(Predictor, "/predictors", space=space))
 
     def predictor(self, predictor_id: int) -> Predictor:
         return self._call(Predictor, "GET", f"/predictors/{predictor_id}")
@@ -123,11 +124,7 @@ class FarmClient:
     def jobs(self, device: str | None = None, status: JobStatus | None = None,
              onboarding: int | None = None) -> Iterator[Job]:
         """Jobs in submission order, fetched a page at a time."""
-        cursor = 0
-        while page := self._get_list(Job, "/jobs", params=_drop_none(
-                device=device, status=status, onboarding=onboarding, cursor=cursor, limit=1000)):
-            yield from page
-            cursor = page[-1].id
+        return self._pages(Job, "/jobs", device=device, status=status, onboarding=onboarding)
 
     def cancel(self, job_id: int) -> Job:
         return self._call(Job, "POST", f"/jobs/{job_id}/cancel")
@@ -222,10 +219,16 @@ class FarmClient:
     def _call(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
         return model.model_validate_json(self._send(method, path, **kwargs).content)
 
-    def _get_list(self, model: type[M], path: str, **kwargs: Any) -> list[M]:
-        # a list of the model given at run time, which mypy cannot take for a type
-        answer = self._send("GET", path, **kwargs).content
-        return TypeAdapter(list[model]).validate_json(answer)  # type: ignore[valid-type]
+    def _pages(self, model: type[M], path: str, **filters: Any) -> Iterator[M]:
+        """The items of a list endpoint, page after page."""
+        params = _drop_none(**filters)
+        # a Page of the model given at run time, which mypy cannot take for a type
+        page_type: type[Page[M]] = Page[model]  # type: ignore[valid-type]
+        cursor: int | None = 0
+        while cursor is not None:
+            page = page_type.model_validate_json(self._send("GET", path, params={**params, "cursor": cursor}).content)
+            yield from page.items
+            cursor = page.next_cursor
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         response = self.http.request(method, path, **kwargs)

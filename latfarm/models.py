@@ -7,7 +7,7 @@ Fields the server adds later are ignored, so an older client keeps working."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -28,6 +28,16 @@ FINISHED_TASK: frozenset[TaskStatus] = frozenset({"done", "failed"})
 
 class Answer(BaseModel):
     model_config = ConfigDict(frozen=True)
+
+
+Item = TypeVar("Item", bound=Answer)
+
+
+class Page(Answer, Generic[Item]):
+    """One page of a list: pass `next_cursor` as `cursor` for the next; None on the last."""
+
+    items: list[Item]
+    next_cursor: int | None
 
 
 class Device(Answer):

@@ -88,6 +88,10 @@ def test_errors_are_typed_by_status(farm: FarmClient, api: httpx.Client, server_
 
     assert lonely in {device.name for device in farm.devices()}
     assert farm.device(lonely).agents == []
+    [queued] = farm.submit(lonely, "nb201", KEYS[:1], force=True)  # no agent serves it: it waits
+    assert queued.status == "queued" and queued.queue_position is not None
+    assert farm.cancel(queued.id).status == "cancelled" and farm.job(queued.id).finished
+    assert queued.id in {job.id for job in farm.jobs(device=lonely, status="cancelled")}
 
 
 def test_rate_limit_says_when_to_retry(tmp_path: Path) -> None:
@@ -163,6 +167,11 @@ def run_nas_code(farm: FarmClient, api: httpx.Client, server_url: str, device: s
     assert progress[-1] == (2, 2)
     adapted = farm.predictor(onboarding.predictor_id)
     assert adapted.kind == "adapted" and adapted.device == device and adapted.parent_id == base.id
+
+    explanation = farm.explain(device, "nb201")
+    assert explanation.predictor_id == adapted.id
+    assert sorted(r.device for r in explanation.resembles) == sorted(REFERENCE_DEVICES)
+    assert explanation.op_costs and all(cost.op for cost in explanation.op_costs)
 
     prediction = farm.predict(device, "nb201", KEYS)
     assert prediction.architectures == KEYS and prediction.predictor_kind == "adapted"

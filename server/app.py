@@ -26,12 +26,12 @@ from server.api import (
     tasks,
     tokens,
 )
-from server.auth import TokenCache
+from server.auth import AuthenticateFirst, TokenCache
 from server.context import Services
 from server.db import make_engine, make_session_factory, normalise_url
 from server.errors import BodySizeLimit, install_error_handlers
 from server.logs import RequestId, configure_worker_logging
-from server.ratelimit import RateLimiter
+from server.ratelimit import PollSlots, RateLimiter
 from server.services.artifacts import ArtifactStore
 from server.services.leasing import Leases
 from server.services import onboarding
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tokens=TokenCache(),
         wakeup=JobWakeup(sessions, url.replace("+psycopg", "") if url.startswith("postgresql") else None),
         predict_limiter=RateLimiter(settings.predict_rate_limit),
+        polls=PollSlots(settings.max_polls_per_agent, min(settings.max_polls, settings.max_concurrency)),
     )
 
     def finish_onboardings(ids: set[int]) -> None:
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthenticateFirst)  # added later, so it runs before the body limit reads anything
     app.add_middleware(RequestId)
     install_error_handlers(app)
     for router in ROUTERS:

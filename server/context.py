@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.auth import TokenCache
-from server.ratelimit import RateLimiter
+from server.ratelimit import PollSlots, RateLimiter
 from server.services.artifacts import ArtifactStore
 from server.services.leasing import Leases
 from server.services.predictors import PredictorCache
@@ -26,3 +26,4 @@ class Services:
     tokens: TokenCache
     wakeup: JobWakeup
     predict_limiter: RateLimiter
+    polls: PollSlots

@@ -219,6 +219,17 @@ class RegistrationTokenOut(BaseModel):
     token: str
 
 
+class AgentOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    devices: list[str] = Field(description="names of the devices the agent's token serves")
+    created_at: Timestamp
+    last_seen: Timestamp | None
+    revoked_at: Timestamp | None
+
+
 class ClientTokenIn(Strict):
     name: str = Field(min_length=1, max_length=128)
     scopes: list[Literal[Scope.read, Scope.predict, Scope.submit]] = Field(min_length=1)

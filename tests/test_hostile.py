@@ -6,18 +6,21 @@ bounded, and every socket a test opens is closed by it."""
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from server.local import free_port, server_process, stop_process
+from server.local import free_port, server_process, stop_process, temporary_postgres_database
+from tests.conftest import POSTGRES_ADMIN_URL
 
 REPO = Path(__file__).resolve().parents[1]
 NGINX_CONF = REPO / "deploy" / "nginx.conf"
@@ -25,17 +28,60 @@ TOKEN = "hostile-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def sqlite_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {"LATFARM_DATABASE_URL": f"sqlite:///{tmp_path / 'latfarm.db'}", "LATFARM_ADMIN_TOKEN": TOKEN,
-            "LATFARM_ARTIFACT_DIR": str(tmp_path / "artifacts"), "LATFARM_WORKER": "false", **extra}
+#: every server of this module runs with these: two polls per agent, five in all, 2 MiB bodies
+SETTINGS = {"LATFARM_ADMIN_TOKEN": TOKEN, "LATFARM_WORKER": "false", "LATFARM_MAX_POLLS_PER_AGENT": "2",
+            "LATFARM_MAX_POLLS": "5", "LATFARM_MAX_BODY_BYTES": str(2 * 1024 * 1024), "LATFARM_CANARY_EVERY": "0"}
+CAPABILITIES = {"hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",
+                "python": "3", "agent_version": "0"}
+#: what a server logs when it answered 500 (the app's last-resort handler, or uvicorn's)
+CRASH_LINES = ("unhandled error on", "Exception in ASGI application")
 
 
-@pytest.fixture
-def sqlite_server(tmp_path: Path) -> Iterator[str]:
-    """A `latfarm server` process on a SQLite database of its own."""
+@contextlib.contextmanager
+def farm_process(database_url: str, workdir: Path, **extra: str) -> Iterator[str]:
+    """A `latfarm server` process; afterwards, its log must show no request answered 500."""
     port = free_port()
-    with server_process(sqlite_env(tmp_path), port, log=tmp_path / "server.log", access_log=False):
+    log = workdir / f"server-{port}.log"
+    env = {**SETTINGS, "LATFARM_DATABASE_URL": database_url, "LATFARM_ARTIFACT_DIR": str(workdir / "artifacts"),
+           **extra}
+    with server_process(env, port, log=log, access_log=False):
         yield f"http://127.0.0.1:{port}"
+    crashes = [line for line in log.read_text().splitlines() if any(crash in line for crash in CRASH_LINES)]
+    assert not crashes, f"the server answered 500: {crashes[:3]}"
+
+
+@pytest.fixture(scope="module")
+def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A `latfarm server` process on a SQLite database of its own."""
+    tmp = tmp_path_factory.mktemp("sqlite-farm")
+    with farm_process(f"sqlite:///{tmp / 'latfarm.db'}", tmp) as url:
+        yield url
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def farm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A `latfarm server` process on each backend."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("sqlite_server")
+        return
+    tmp = tmp_path_factory.mktemp("postgres-farm")
+    with temporary_postgres_database(POSTGRES_ADMIN_URL, "latfarm_hostile") as url, farm_process(url, tmp) as server:
+        yield server
+
+
+def api(url: str, token: str | None = TOKEN) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=f"{url}/api/v1", headers=headers, timeout=30)
+
+
+def register(url: str, token: str, name: str, *devices: str) -> httpx.Response:
+    with api(url, token) as client:
+        return client.post("/agents/register", json={"name": name, "capabilities": CAPABILITIES,
+                                                     "devices": [{"name": device} for device in devices]})
+
+
+def unique(name: str) -> str:
+    return f"{name}-{secrets.token_hex(3)}"
 
 
 # --------------------------------------------------------------------------- the reverse proxy
@@ -170,3 +216,80 @@ def test_the_deployed_proxy_caps_header_size(sqlite_server: str, tmp_path: Path)
         assert client.get("/healthz", headers=many).status_code in (400, 431, 494)
         oversized = client.post("/api/v1/devices", headers=AUTH, content=b"x" * (65 * 1024 * 1024))
         assert oversized.status_code == 413
+
+
+# --------------------------------------------------------------------------- long polls
+
+
+def test_long_polls_are_capped_per_agent_and_per_server(sqlite_server: str) -> None:
+    first = register(sqlite_server, TOKEN, "poller-1", unique("polled-1")).json()["agent_token"]
+    second = register(sqlite_server, TOKEN, "poller-2", unique("polled-2")).json()["agent_token"]
+    with api(sqlite_server, first) as one, api(sqlite_server, second) as two:
+        while one.get("/agents/me/jobs/next", params={"wait": 0}).status_code == 200:
+            pass  # the canary of its device: every poll from now on waits
+        while two.get("/agents/me/jobs/next", params={"wait": 0}).status_code == 200:
+            pass
+
+    def poll(token: str) -> httpx.Response:
+        with api(sqlite_server, token) as client:
+            return client.get("/agents/me/jobs/next", params={"wait": 4})
+
+    with ThreadPoolExecutor(16) as pool:
+        firsts = [pool.submit(poll, first) for _ in range(12)]
+        time.sleep(1.0)  # the first agent's two polls are open: the second's may take the server's other three
+        seconds = [pool.submit(poll, second) for _ in range(4)]
+        with api(sqlite_server) as admin:
+            health = _timed_get(admin, f"{sqlite_server}/healthz")
+            listing = _timed_get(admin, "/devices")
+        first_statuses = sorted(f.result().status_code for f in firsts)
+        second_replies = [f.result() for f in seconds]
+    assert first_statuses == [204] * 2 + [429] * 10
+    assert sorted(r.status_code for r in second_replies) == [204] * 2 + [429] * 2
+    refused = [r for r in second_replies if r.status_code == 429]
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in refused)
+    assert "this agent" in refused[0].json()["detail"] or "this server" in refused[0].json()["detail"]
+    assert health[0] == listing[0] == 200 and max(health[1], listing[1]) < 1.0
+
+
+# --------------------------------------------------------------------------- agents and their tokens
+
+
+def test_an_agent_token_serves_only_the_devices_it_was_registered_for(farm: str) -> None:
+    mine, theirs = unique("mine"), unique("theirs")
+    owner = register(farm, TOKEN, "owner", theirs)
+    intruder = register(farm, TOKEN, "intruder", mine)
+    assert owner.status_code == intruder.status_code == 201
+    token, agent_id = intruder.json()["agent_token"], intruder.json()["agent_id"]
+
+    takeover = register(farm, token, "intruder", mine, theirs)
+    assert takeover.status_code == 403, takeover.text
+    assert register(farm, token, "intruder", theirs).status_code == 403
+    again = register(farm, token, "intruder", mine)
+    assert again.status_code == 201 and again.json()["agent_id"] == agent_id
+
+    with api(farm, token) as agent:
+        leased = []
+        while (reply := agent.get("/agents/me/jobs/next", params={"wait": 0})).status_code == 200:
+            leased.append(reply.json()["device"])
+        assert reply.status_code == 204 and theirs not in leased and mine in leased
+    with api(farm) as admin:
+        device = admin.get(f"/devices/{theirs}").json()
+        assert device["agents"] == [owner.json()["agent_id"]]
+        # serving another device takes an admin or registration token: a new agent
+        one_time = admin.post("/agents/registration-tokens").json()["token"]
+    both = register(farm, one_time, "intruder", mine, theirs)
+    assert both.status_code == 201 and both.json()["agent_id"] != agent_id
+
+
+def test_a_registration_token_is_spent_exactly_once_under_concurrent_use(farm: str) -> None:
+    with api(farm) as admin:
+        token = admin.post("/agents/registration-tokens").json()["token"]
+    start = threading.Barrier(12)
+
+    def use(i: int) -> int:
+        start.wait()
+        return register(farm, token, f"racer-{i}", unique(f"race-{i}")).status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        statuses = sorted(pool.map(use, range(12)))
+    assert statuses == [201] + [401] * 11, statuses

@@ -287,9 +287,100 @@ def test_a_registration_token_is_spent_exactly_once_under_concurrent_use(farm: s
     start = threading.Barrier(12)
 
     def use(i: int) -> int:
-        start.wait()
-        return register(farm, token, f"racer-{i}", unique(f"race-{i}")).status_code
+        body = {"name": f"racer-{i}", "capabilities": CAPABILITIES, "devices": [{"name": unique(f"race-{i}")}]}
+        with api(farm, token) as client:
+            assert client.get(f"{farm}/healthz").status_code == 200  # connected before the race starts
+            start.wait()
+            return client.post("/agents/register", json=body).status_code
 
     with ThreadPoolExecutor(12) as pool:
         statuses = sorted(pool.map(use, range(12)))
     assert statuses == [201] + [401] * 11, statuses
+
+
+def test_a_revoked_agent_is_refused_by_every_server_process_and_its_lease_requeued(tmp_path: Path) -> None:
+    from server.auth import TOKEN_CACHE_S
+
+    with temporary_postgres_database(POSTGRES_ADMIN_URL, "latfarm_revoke") as url, \
+            farm_process(url, tmp_path) as first, farm_process(url, tmp_path) as second:
+        device = unique("revoked-dev")
+        registered = register(first, TOKEN, "to-revoke", device).json()
+        with api(first, registered["agent_token"]) as on_first, api(second, registered["agent_token"]) as on_second:
+            lease = on_first.get("/agents/me/jobs/next", params={"wait": 5}).json()  # its device's canary
+            assert on_second.get("/agents/me/jobs/next", params={"wait": 0}).status_code == 204  # cached there
+            with api(first) as admin:
+                revoked = admin.delete(f"/agents/{registered['agent_id']}")
+                revoked_at = time.monotonic()
+                assert revoked.status_code == 200 and revoked.json()["revoked_at"] and revoked.json()["devices"] == []
+                job = admin.get(f"/jobs/{lease['job_id']}").json()
+                assert job["status"] == "queued" and job["attempts"] == 0
+                listed = {agent["id"]: agent for agent in admin.get("/agents").json()}
+                assert listed[registered["agent_id"]]["revoked_at"] is not None
+                assert admin.delete("/agents/999999").status_code == 404
+            assert on_first.get("/agents/me/jobs/next", params={"wait": 0}).status_code == 401
+            heartbeat = on_first.post(f"/jobs/{lease['job_id']}/heartbeat", json={"lease_id": lease["lease_id"]})
+            assert heartbeat.status_code == 401
+            while (status := on_second.get("/agents/me/jobs/next", params={"wait": 0}).status_code) != 401:
+                assert status == 204
+                assert time.monotonic() - revoked_at < TOKEN_CACHE_S + 2, "still accepted past the cache time"
+                time.sleep(0.2)
+        assert register(second, registered["agent_token"], "to-revoke", device).status_code == 401
+
+
+# --------------------------------------------------------------------------- bodies and headers
+
+
+def _raw_request(port: int, head: bytes, timeout_s: float = 5) -> bytes:
+    """Send `head` (a request without its body) and read what comes back before `timeout_s`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(head)
+        try:
+            return sock.recv(65536)
+        except TimeoutError:
+            return b""
+
+
+def test_a_request_without_a_valid_token_is_refused_before_its_body_is_read(farm: str) -> None:
+    port = int(farm.rsplit(":", 1)[1])
+    for path, token in (("/api/v1/devices", None), ("/api/v1/devices", "wrong"), ("/api/v1/agents/register", None),
+                        ("/api/v1/agents/register", "wrong"), ("/api/v1/measurements", "wrong")):
+        auth = f"Authorization: Bearer {token}\r\n".encode() if token else b""
+        head = (f"POST {path} HTTP/1.1\r\nHost: farm\r\nContent-Type: application/json\r\n"
+                f"Content-Length: 1000000\r\n").encode() + auth + b"\r\n"
+        start = time.perf_counter()
+        answer = _raw_request(port, head)
+        assert answer.startswith(b"HTTP/1.1 401"), (path, token, answer[:80])
+        assert time.perf_counter() - start < 2
+
+
+def test_a_chunked_body_over_the_limit_gets_413_as_with_content_length(farm: str) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"name": "x", "attributes": {"pad": "'
+        for _ in range(40):
+            yield b"a" * 65536
+        yield b'"}}'
+
+    with api(farm) as admin:
+        chunked = admin.post("/devices", content=chunks(), headers={"Content-Type": "application/json"})
+        assert chunked.status_code == 413, chunked.text
+        declared = admin.post("/devices", content=b"{" + b" " * (3 * 1024 * 1024) + b"}",
+                              headers={"Content-Type": "application/json"})
+        assert declared.status_code == 413
+        upload = admin.post("/artifacts", content=chunks())
+        assert upload.status_code == 413
+
+
+def test_a_non_ascii_token_is_refused_not_a_crash(farm: str) -> None:
+    bad = "Bearer t\u00f6k\u00e9n".encode("utf-8")
+    with httpx.Client(base_url=farm, timeout=30) as client:
+        for method, path in (("GET", "/api/v1/devices"), ("POST", "/api/v1/agents/register"),
+                             ("GET", "/api/v1/agents/me/jobs/next")):
+            reply = client.request(method, path, headers={"Authorization": bad}, json={})
+            assert reply.status_code == 401, (path, reply.status_code, reply.text)
+        login = client.post("/ui/login", content="token=t%C3%B6k%C3%A9n&next=/ui/devices".encode(),
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert login.status_code == 401
+        cookie = client.get("/ui/devices", headers={"Cookie": "latfarm_ui=t\u00f6k\u00e9n".encode("utf-8")})
+        assert cookie.status_code == 401
+        header = client.get("/ui/devices", headers={"Authorization": bad})
+        assert header.status_code == 401

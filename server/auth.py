@@ -24,7 +24,14 @@ from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as ASGIScope
 
 from server.db import session_scope
-from server.errors import ApiError, Forbidden, Unauthorized, error_response
+from server.errors import (
+    DATABASE_UNAVAILABLE,
+    ApiError,
+    Forbidden,
+    Unauthorized,
+    database_unavailable,
+    error_response,
+)
 from server.models import Agent, AgentDevice, ClientToken, RegistrationToken, Scope
 
 TOKEN_CACHE_S = 10.0
@@ -162,6 +169,9 @@ class AuthenticateFirst:
                 scope.setdefault("state", {})["principal"] = await authenticate(request, credentials)
         except ApiError as exc:
             await error_response(exc)(scope, receive, send)
+            return
+        except DATABASE_UNAVAILABLE as exc:  # outside the app's exception handlers
+            await database_unavailable(scope["method"], scope["path"], exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 

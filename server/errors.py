@@ -89,6 +89,18 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(_body(exc.detail, exc.field), status_code=exc.status_code, headers=exc.headers())
 
 
+#: what the database raises when it went away (a restart, a lost connection) or is locked
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+
+
+def database_unavailable(method: str, path: str, exc: DBAPIError) -> JSONResponse:
+    """503: worth a retry, not a bug."""
+    log.warning("database unavailable on %s %s: %s", method, path,
+                str(exc.orig).splitlines()[0] if exc.orig is not None else exc)
+    return JSONResponse(_body("the database is unavailable; retry later"), status_code=503,
+                        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     _document_errors(app)
 
@@ -116,11 +128,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     async def _database_unavailable(request: Request, exc: DBAPIError) -> JSONResponse:
-        # the database went away (a restart, a lost connection) or is locked: worth a retry, not a bug
-        log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
-                    str(exc.orig).splitlines()[0] if exc.orig is not None else exc)
-        return JSONResponse(_body("the database is unavailable; retry later"), status_code=503,
-                            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+        return database_unavailable(request.method, request.url.path, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

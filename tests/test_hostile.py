@@ -6,6 +6,7 @@ bounded, and every socket a test opens is closed by it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import shutil
 import socket
@@ -384,3 +385,121 @@ def test_a_non_ascii_token_is_refused_not_a_crash(farm: str) -> None:
         assert cookie.status_code == 401
         header = client.get("/ui/devices", headers={"Authorization": bad})
         assert header.status_code == 401
+
+
+# --------------------------------------------------------------------------- malformed input
+
+
+def test_deeply_nested_input_is_refused_not_a_crash(farm: str) -> None:
+    with api(farm) as admin:
+        key = "[" * 4000
+        assert admin.post("/architectures", json={"space": "ofa", "key": key}).status_code == 422
+        predicted = admin.post("/predict", json={"device": "nowhere", "space": "ofa", "architectures": [key]})
+        assert predicted.status_code == 422, predicted.text
+        nested: object = 1
+        for _ in range(256):
+            nested = {"a": nested}
+        name = unique("nested")
+        assert admin.post("/devices", json={"name": name, "attributes": {"n": nested}}).status_code == 422
+        shallow = admin.post("/devices", json={"name": name, "attributes": {"board": {"rev": [1, 2]}}})
+        assert shallow.status_code == 201, shallow.text
+        assert admin.patch(f"/devices/{name}", json={"attributes": {"n": nested}}).status_code == 422
+        assert admin.get(f"/devices/{name}").json()["attributes"] == {"board": {"rev": [1, 2]}}
+
+
+NB201_KEY = "|nor_conv_1x1~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|avg_pool_3x3~1|nor_conv_1x1~2|"
+
+
+def test_numbers_are_strict_and_finite_on_both_backends(farm: str) -> None:
+    device = unique("strict")
+    with api(farm) as admin:
+        assert admin.post("/devices", json={"name": device}).status_code == 201
+
+        def rows(latency: str) -> httpx.Response:
+            body = (f'{{"device": "{device}", "space": "nb201", "rows": '
+                    f'[{{"architecture": "{NB201_KEY}", "latency_ms": {latency}}}]}}')
+            return admin.post("/measurements", content=body, headers={"Content-Type": "application/json"})
+
+        for refused in ("true", '"12"', "NaN", "Infinity", "-Infinity"):
+            assert rows(refused).status_code == 422, refused
+        assert rows("12").status_code == 201
+        stored = admin.get("/measurements", params={"device": device}).json()["items"]
+        assert [row["latency_ms"] for row in stored] == [12.0]
+        assert admin.post("/devices", content=f'{{"name": "{unique("nan")}", "attributes": {{"x": NaN}}}}',
+                          headers={"Content-Type": "application/json"}).status_code == 422
+
+    registered = register(farm, TOKEN, "finite", unique("finite-dev")).json()
+    with api(farm, registered["agent_token"]) as agent:
+        lease = agent.get("/agents/me/jobs/next", params={"wait": 5}).json()
+        stats = {"n": 30, "median_ms": 1.0, "mean_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0, "p90_ms": 1.0,
+                 "iqr_ms": 0.0, "cv": 0.0}
+        base = f'"lease_id": "{lease["lease_id"]}", "status": "ok", "stats": {json.dumps(stats)}'
+
+        def result(extra: str) -> httpx.Response:
+            return agent.post(f"/jobs/{lease['job_id']}/result", content=f"{{{base}, {extra}}}",
+                              headers={"Content-Type": "application/json"})
+
+        for refused in ('"load_ms": NaN', '"load_ms": Infinity', '"first_inference_ms": true',
+                        '"provenance": {"clock": NaN}', '"provenance": {"clock": -Infinity}',
+                        '"samples_ms": [1.0, NaN]', '"load_ms": "3"'):
+            assert result(refused).status_code == 422, refused
+        assert result('"load_ms": 3, "provenance": {"clock": 1.5}').status_code == 200
+
+
+def test_nul_characters_are_refused_on_both_backends(farm: str) -> None:
+    with api(farm) as admin:
+        assert admin.post("/tokens", json={"name": "a\u0000b", "scopes": ["read"]}).status_code == 422
+        assert admin.post("/tokens", json={"name": "ab", "scopes": ["read"]}).status_code == 201
+        assert all("\u0000" not in token["name"] for token in admin.get("/tokens").json())
+    assert register(farm, TOKEN, "nul\u0000agent", unique("nul-dev")).status_code == 422
+
+
+def _onnx_model(external_location: str | None) -> bytes:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones(4, dtype=np.float32), "w")
+    if external_location is not None:
+        weight.ClearField("raw_data")
+        weight.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", external_location), ("offset", "0"), ("length", "16")):
+            weight.external_data.add(key=key, value=value)
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_an_onnx_upload_with_external_data_is_refused_whatever_file_it_names(farm: str) -> None:
+    with api(farm) as admin:
+        answers = [admin.post("/artifacts", content=_onnx_model(location))
+                   for location in ("pyproject.toml", "no-such-file", "../../etc/passwd")]
+        assert [a.status_code for a in answers] == [422] * 3
+        assert len({a.json()["detail"] for a in answers}) == 1  # the same answer: nothing to learn
+        assert admin.post("/artifacts", content=_onnx_model(None)).status_code == 201
+
+
+def test_the_agent_takes_its_token_from_a_file_and_keeps_it_out_of_ps(sqlite_server: str, tmp_path: Path) -> None:
+    import sys
+
+    help_text = subprocess.run([sys.executable, "-m", "agent", "--help"], capture_output=True, text=True).stdout
+    assert "--token-file" in help_text and "ps" in help_text
+    with api(sqlite_server) as admin:
+        one_time = admin.post("/agents/registration-tokens").json()["token"]
+    token_file = tmp_path / "token"
+    token_file.write_text(one_time + "\n")
+    device = unique("filed")
+    command = [sys.executable, "-m", "agent", "--server", sqlite_server, "--token-file", str(token_file),
+               "--device", device, "--state-dir", str(tmp_path / "state"), "--cache-dir", str(tmp_path / "cache")]
+    with open(tmp_path / "agent.log", "wb") as log:
+        agent = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with api(sqlite_server) as admin:
+                deadline = time.monotonic() + 60
+                while admin.get(f"/devices/{device}").status_code != 200:
+                    assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
+                    time.sleep(0.3)
+            assert one_time.encode() not in Path(f"/proc/{agent.pid}/cmdline").read_bytes()
+        finally:
+            stop_process(agent)

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -503,3 +503,83 @@ def test_the_agent_takes_its_token_from_a_file_and_keeps_it_out_of_ps(sqlite_ser
             assert one_time.encode() not in Path(f"/proc/{agent.pid}/cmdline").read_bytes()
         finally:
             stop_process(agent)
+
+
+# --------------------------------------------------------------------------- the database going away
+
+
+@contextlib.contextmanager
+def private_postgres() -> Iterator[tuple[str, Callable[[str], None]]]:
+    """A Postgres cluster of this test's own (initdb in a temporary folder, a free port), so that
+    it can be stopped and restarted without touching anyone else's databases. Yields its admin URL
+    and `pg_ctl(action)`."""
+    import glob
+    import os
+    import pwd
+    import tempfile
+
+    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not binaries:
+        pytest.skip("no PostgreSQL server binaries (Debian: apt-get install postgresql)")
+    bin_dir = Path(binaries[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="latfarm-pg-"))
+    port = free_port()
+    run_as: dict[str, object] = {}
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        run_as = {"user": user.pw_uid, "group": user.pw_gid}
+
+    def pg_ctl(action: str) -> None:
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w",
+                        "-m", "fast", "-o", options, action], check=True, capture_output=True, timeout=60, **run_as)
+
+    subprocess.run([str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "postgres", "--auth=trust"],
+                   check=True, capture_output=True, timeout=120, **run_as)
+    pg_ctl("start")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres", pg_ctl
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            pg_ctl("stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_database_restart_answers_503_and_the_cli_exits_unavailable(tmp_path: Path) -> None:
+    import sys
+
+    with private_postgres() as (admin_url, pg_ctl), temporary_postgres_database(admin_url, "latfarm_restart") as url, \
+            farm_process(url, tmp_path) as farm:
+        registered = register(farm, TOKEN, "across-restart", unique("restart-dev")).json()
+        with api(farm, registered["agent_token"]) as agent, api(farm) as admin:
+            assert agent.get("/agents/me/jobs/next", params={"wait": 5}).status_code == 200  # the canary
+            with ThreadPoolExecutor(2) as pool:
+                poll = pool.submit(agent.get, "/agents/me/jobs/next", params={"wait": 30})
+                stop, statuses = threading.Event(), []
+
+                def keep_asking() -> None:
+                    with api(farm) as client:
+                        while not stop.is_set():
+                            statuses.append(client.get("/devices").status_code)
+                            time.sleep(0.05)
+
+                asker = pool.submit(keep_asking)
+                time.sleep(1)
+                pg_ctl("stop")  # the long poll re-checks the queue every 2 s: it meets the stopped database
+                time.sleep(3)
+                down = admin.get("/devices")
+                assert down.status_code == 503 and int(down.headers["Retry-After"]) >= 1
+                onboard = subprocess.run(
+                    [sys.executable, "-m", "server.cli", "onboard", "somewhere", "--server", farm, "--token", TOKEN],
+                    capture_output=True, text=True, timeout=60)
+                pg_ctl("start")
+                assert poll.result(timeout=40).status_code == 503
+                time.sleep(1)
+                stop.set()
+                asker.result(timeout=10)
+            assert set(statuses) <= {200, 503} and 503 in statuses and statuses[-1] == 200, statuses
+            assert onboard.returncode == 7, onboard.stderr
+            assert "unavailable" in onboard.stderr or "503" in onboard.stderr
+            assert admin.get("/devices").status_code == 200
+            assert agent.get("/agents/me/jobs/next", params={"wait": 0}).status_code == 204

@@ -53,6 +53,10 @@ class Forbidden(ApiError):
     status_code = 403
 
 
+class PayloadTooLarge(ApiError):
+    status_code = 413
+
+
 class TooManyRequests(ApiError):
     status_code = 429
 

@@ -369,6 +369,10 @@ def test_a_chunked_body_over_the_limit_gets_413_as_with_content_length(farm: str
         assert declared.status_code == 413
         upload = admin.post("/artifacts", content=chunks())
         assert upload.status_code == 413
+    with httpx.Client(base_url=farm, timeout=30) as browser:  # the sign-in form is read before any token
+        form = browser.post("/ui/login", content=b"token=" + b"a" * 100_000,
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert form.status_code == 413
 
 
 def test_a_non_ascii_token_is_refused_not_a_crash(farm: str) -> None:

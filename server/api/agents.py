@@ -8,16 +8,17 @@ import time
 from fastapi import APIRouter, Query, Request, Response, status
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from agent.protocol import JobLease, RegisterRequest, RegisterResponse
 from server.api.deps import Db, ServicesDep
+from server.api.pagination import Cursor, page
 from server.auth import ADMIN, AgentPrincipal, Credentials, hash_token
 from server.context import Services
 from server.db import session_scope
-from server.models import Agent, AgentDevice, Device, RegistrationToken
-from server.schemas import AgentOut, RegistrationTokenOut, RowId
+from server.models import Agent, RegistrationToken
+from server.schemas import AgentOut, Page, RegistrationTokenOut, RowId
 from server.services import agents as agent_service
+from server.services import registration
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
 #: a long poll re-checks the queue this often even without a wake-up (e.g. from another server)
@@ -42,24 +43,13 @@ def register(body: RegisterRequest, session: Db, services: ServicesDep,
     another device: that takes the admin or a registration token). Every registered device gets a
     canary job.
     """
-    agent, token = agent_service.register(session, services.settings, services.admin_token,
-                                          credentials.credentials if credentials else "", body)
-    services.tokens.forget_agent(agent.id)
-    settings = services.settings
-    return RegisterResponse(agent_id=agent.id, agent_token=token, poll_wait_s=settings.poll_wait_s,
-                            heartbeat_s=settings.heartbeat_s, lease_ttl_s=settings.lease_ttl_s)
-
-
-def _agent_out(session: Session, agent: Agent) -> AgentOut:
-    devices = session.scalars(select(Device.name).join(AgentDevice).where(AgentDevice.agent_id == agent.id)
-                              .order_by(Device.name))
-    return AgentOut(id=agent.id, name=agent.name, devices=list(devices), created_at=agent.created_at,
-                    last_seen=agent.last_seen, revoked_at=agent.revoked_at)
+    return registration.register(session, services, body, credentials.credentials if credentials else "")
 
 
 @router.get("", dependencies=[ADMIN])
-def list_agents(session: Db) -> list[AgentOut]:
-    return [_agent_out(session, agent) for agent in agent_service.agents(session)]
+def list_agents(session: Db, cursor: Cursor = 0, limit: int = Query(100, ge=1, le=1000)) -> Page[AgentOut]:
+    """Agents with the devices their tokens serve; revoked ones too, with the time of revocation."""
+    return page(session, select(Agent), Agent.id, cursor, limit, lambda agent: agent_service.describe(session, agent))
 
 
 @router.delete("/{agent_id}", dependencies=[ADMIN])
@@ -68,7 +58,7 @@ def revoke_agent(agent_id: RowId, session: Db, services: ServicesDep) -> AgentOu
     time (10 s) on the others; the jobs leased to it go back to the queue."""
     agent = agent_service.revoke(session, agent_id)
     services.tokens.forget_agent(agent_id)
-    return _agent_out(session, agent)
+    return agent_service.describe(session, agent)
 
 
 def _try_claim(services: Services, agent_id: int) -> JobLease | None:

@@ -19,7 +19,6 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
-
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as ASGIScope
 

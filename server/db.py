@@ -47,7 +47,8 @@ def _refuse_nul(_conn, _cursor, _statement, parameters, _context, executemany) -
     """Refuse text holding a NUL character, as Postgres does (its DataError answers 422), so that
     both backends store the same values; SQLite would keep it."""
     for row in parameters if executemany else (parameters,):
-        if any(isinstance(value, str) and "\x00" in value for value in (row.values() if isinstance(row, dict) else row)):
+        values = row.values() if isinstance(row, dict) else row
+        if any(isinstance(value, str) and "\x00" in value for value in values):
             raise sqlite3.DataError("a string cannot contain NUL (0x00) characters")
 
 

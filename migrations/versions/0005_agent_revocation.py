@@ -5,8 +5,8 @@ Revises: 0004
 Create Date: 2026-12-01 21:40:00.000000
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 
 revision = '0005'

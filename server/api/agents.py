@@ -79,8 +79,9 @@ async def next_job(request: Request, agent: AgentPrincipal, services: ServicesDe
                    wait: float = Query(30, ge=0, le=120, description="long-poll seconds")) -> JobLease:
     """Lease the next job for one of the agent's devices, waiting up to `wait` seconds for one.
     An agent may hold `LATFARM_MAX_POLLS_PER_AGENT` polls open at once and a server process
-    `LATFARM_MAX_POLLS` in all (429 with Retry-After above either). A poll whose agent hung up leases nothing: a lease claimed for it meanwhile goes back to the
-    queue (it would sit leased to no one until it expired)."""
+    `LATFARM_MAX_POLLS` in all (429 with Retry-After above either). A poll whose agent hung up
+    leases nothing: a lease claimed for it meanwhile goes back to the queue (it would sit leased
+    to no one until it expired)."""
     assert agent.agent_id is not None
     deadline = time.monotonic() + wait
     with services.polls.hold(agent.agent_id), services.wakeup.subscription(agent.device_ids) as changed:

@@ -466,7 +466,7 @@ def check_server(compose: Mapping[str, Any], dockerfile: Dockerfile) -> None:
 
 def check_proxy(compose: Mapping[str, Any], server: str, port: int) -> None:
     """An nginx service publishes the farm, with deploy/nginx.conf proxying to the server's port
-    (tests/test_hostile.py runs that configuration in front of a real server)."""
+    (tests/live/test_hostile.py runs that configuration in front of a real server)."""
     found = [(name, svc) for name, svc in compose["services"].items() if str(svc.get("image", "")).startswith("nginx")]
     assert len(found) == 1, f"expected one nginx proxy service, found {[n for n, _ in found]}"
     name, svc = found[0]

@@ -43,7 +43,7 @@ def farm_process(database_url: str, workdir: Path, **extra: str) -> Iterator[str
     log = workdir / f"server-{port}.log"
     env = {**SETTINGS, "LATFARM_DATABASE_URL": database_url, "LATFARM_ARTIFACT_DIR": str(workdir / "artifacts"),
            **extra}
-    with server_process(env, port, log=log, access_log=False):
+    with server_process(env, port, log=log, access_log=False, timeout_s=180):  # a busy host starts slowly
         yield f"http://127.0.0.1:{port}"
     crashes = [line for line in log.read_text().splitlines() if any(crash in line for crash in CRASH_LINES)]
     assert not crashes, f"the server answered 500: {crashes[:3]}"

@@ -240,8 +240,6 @@ class RegistrationTokenOut(BaseModel):
 
 
 class AgentOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
     id: int
     name: str
     devices: list[str] = Field(description="names of the devices the agent's token serves")

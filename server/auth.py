@@ -19,6 +19,7 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as ASGIScope
 
@@ -189,7 +190,7 @@ async def _check_registrant(request: Request, credentials: HTTPAuthorizationCred
         raise Forbidden("registration takes the admin token, an agent token or a registration token")
 
 
-def _registration_token_unused(sessions, token_hash: str) -> bool:  # type: ignore[no-untyped-def]
+def _registration_token_unused(sessions: sessionmaker[Session], token_hash: str) -> bool:
     with session_scope(sessions) as session:
         return session.scalar(select(RegistrationToken.id).where(
             RegistrationToken.token_hash == token_hash, RegistrationToken.used_at.is_(None))) is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from functools import partial
 
 from fastapi import APIRouter, Query, Request, Response, status
 from sqlalchemy import select
@@ -49,7 +50,7 @@ def register(body: RegisterRequest, session: Db, services: ServicesDep,
 @router.get("", dependencies=[ADMIN])
 def list_agents(session: Db, cursor: Cursor = 0, limit: int = Query(100, ge=1, le=1000)) -> Page[AgentOut]:
     """Agents with the devices their tokens serve; revoked ones too, with the time of revocation."""
-    return page(session, select(Agent), Agent.id, cursor, limit, lambda agent: agent_service.describe(session, agent))
+    return page(session, select(Agent), Agent.id, cursor, limit, partial(agent_service.describe, session))
 
 
 @router.delete("/{agent_id}", dependencies=[ADMIN])

@@ -16,6 +16,7 @@ from server.api import (
     agents,
     architectures,
     artifacts,
+    collections,
     devices,
     jobs,
     measurements,
@@ -26,6 +27,7 @@ from server.api import (
     tasks,
     tokens,
 )
+from predictor.spaces import get_space
 from server.auth import TokenCache
 from server.context import Services
 from server.db import make_engine, make_session_factory, normalise_url
@@ -44,7 +46,7 @@ from server.ui import router as ui_router
 
 log = logging.getLogger(__name__)
 ROUTERS = tuple(module.router for module in (system, devices, architectures, artifacts, measurements, jobs, agents,
-                                             tokens, predictors, tasks, onboardings, predict))
+                                             tokens, predictors, tasks, onboardings, predict, collections))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -57,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     sessions = make_session_factory(make_engine(settings.database_url))
     url = normalise_url(settings.database_url)
     store = ArtifactStore(settings.artifact_dir)
+    # uploaded models are encoded from their stored bytes on first use
+    get_space("onnx").add_source(store.read)  # type: ignore[attr-defined]
     services = Services(
         settings=settings,
         sessions=sessions,

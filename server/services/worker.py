@@ -17,6 +17,7 @@ from predictor.spaces import get_space
 from server.db import session_scope
 from server.models import TaskKind, TrainingTask
 from server.services import adaptation, onboarding, predictors, training_queue
+from server.services.graph_references import row_source
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ class TrainingWorker:
         with session_scope(self.sessions) as session:
             task = session.get_one(TrainingTask, task_id)
             space, devices, seed = get_space(task.space.name), task.params.get("devices"), task.params.get("seed", 0)
-        row = predictors.pretrain(self.sessions, space, devices, seed, self._reporter(task_id))
+            source = row_source(self.settings, space.name, devices, task.params.get("archs_per_space"))
+        row = predictors.pretrain(self.sessions, space, devices, seed, self._reporter(task_id), source)
         with session_scope(self.sessions) as session:
             training_queue.finish(session.get_one(TrainingTask, task_id), predictor_id=row.id)
 

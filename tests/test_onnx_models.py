@@ -49,7 +49,7 @@ def unparsable_model() -> bytes:
         [helper.make_node("Mystery", ["input"], ["hidden"], name="mystery_node", domain="com.example"),
          helper.make_node("Relu", ["hidden"], ["output"], name="relu")],
         "unparsable", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", "c", "h", "w"])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     onnx.checker.check_model(model)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
+from sqlalchemy import select
 
 from server.api.deps import Db
+from server.api.pagination import Cursor, page
 from server.auth import READ, SUBMIT
 from server.models import Collection
-from server.schemas import CollectionIn, CollectionName, CollectionOut
+from server.schemas import CollectionIn, CollectionName, CollectionOut, Page
 from server.services import collections
 
 router = APIRouter(prefix="/api/v1/collections", tags=["collections"])
@@ -26,8 +28,9 @@ def create_collection(body: CollectionIn, session: Db) -> CollectionOut:
 
 
 @router.get("", dependencies=[READ])
-def list_collections(session: Db) -> list[CollectionOut]:
-    return [collection_out(c) for c in collections.listing(session)]
+def list_collections(session: Db, cursor: Cursor = 0,
+                     limit: int = Query(1000, ge=1, le=10_000)) -> Page[CollectionOut]:
+    return page(session, select(Collection), Collection.id, cursor, limit, collection_out)
 
 
 @router.get("/{name}", dependencies=[READ])

@@ -81,7 +81,3 @@ def members(collection: Collection) -> list[str]:
 def members_named(sessions: sessionmaker[Session], name: str) -> list[str]:
     with session_scope(sessions) as session:
         return members(get(session, name))
-
-
-def listing(session: Session) -> list[Collection]:
-    return list(session.scalars(select(Collection).order_by(Collection.id)))

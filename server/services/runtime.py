@@ -12,7 +12,8 @@ from server.db import make_engine, make_session_factory, session_scope, upgrade
 from server.models import Predictor
 from server.schemas import ExplainOut, PredictIn, PredictOut
 from predictor.spaces import get_space
-from server.services import collections, predictors
+from server.services import collections, prediction, predictors
+from server.services.answer_cache import PredictorCache
 from server.services.artifacts import ArtifactStore
 from server.services.catalog import get_device, resolve_space
 from server.services.datasets import ImportReport, import_datasets
@@ -55,7 +56,7 @@ def pretrain_base(settings: Settings, space: str, devices: list[str] | None, see
 
 def explain_device(settings: Settings, device: str, space: str) -> ExplainOut:
     with session_scope(_sessions(settings)) as session:
-        return predictors.explanation(session, predictors.PredictorCache(), get_device(session, device),
+        return prediction.explanation(session, PredictorCache(), get_device(session, device),
                                       resolve_space(space))
 
 
@@ -65,7 +66,7 @@ def predict_latencies(settings: Settings, device: str, space: str, architectures
     get_space("onnx").add_source(ArtifactStore(settings.artifact_dir).read)  # type: ignore[attr-defined]
     request = PredictIn(device=device, space=space, architectures=architectures, collection=collection)
     members = collections.members_named(sessions, collection) if collection is not None else None
-    return predictors.predict_batch(sessions, predictors.PredictorCache(), predictors.PredictQuery.of(request, members))
+    return prediction.predict_batch(sessions, PredictorCache(), prediction.PredictQuery.of(request, members))
 
 
 def upload_models(settings: Settings, models: list[bytes]) -> list[str]:

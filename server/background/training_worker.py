@@ -18,6 +18,7 @@ from server.db import session_scope
 from server.models import TaskKind, TrainingTask
 from server.services import adaptation, onboarding, predictors, training_queue
 from server.services.answer_cache import PredictorCache
+from server.services.artifacts import ArtifactStore
 from server.services.graph_references import row_source
 from server.settings import Settings
 
@@ -33,6 +34,8 @@ class LeaseLost(RuntimeError):
 class TrainingWorker:
     def __init__(self, sessions: sessionmaker[Session], cache: PredictorCache, settings: Settings) -> None:
         self.sessions, self.cache, self.settings = sessions, cache, settings
+        # adaptations in space onnx encode the uploaded models they fit on from the artifact store
+        get_space("onnx").add_source(ArtifactStore(settings.artifact_dir).read)  # type: ignore[attr-defined]
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.run_forever, name="training-worker", daemon=True)

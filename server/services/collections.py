@@ -7,7 +7,6 @@ names a set of uploads: a user's candidates, onboarded and predicted like a spac
 
 from __future__ import annotations
 
-import onnx
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,7 +14,7 @@ from predictor.spaces import InvalidArchitecture, get_space
 from server.db import session_scope
 from server.errors import Conflict, Invalid, NotFound
 from server.models import Artifact, Collection, CollectionMember
-from server.services.artifacts import ArtifactStore
+from server.services.artifacts import ArtifactStore, check_onnx_upload
 from server.services.catalog import ensure_architecture
 
 ONNX = "onnx"
@@ -23,10 +22,7 @@ ONNX = "onnx"
 
 def upload(session: Session, store: ArtifactStore, data: bytes) -> Artifact:
     """Check, store and register an uploaded ONNX model (idempotent)."""
-    try:
-        onnx.checker.check_model(onnx.load_from_string(data))
-    except Exception as exc:  # onnx raises several unrelated types for malformed bytes
-        raise Invalid(f"not a valid ONNX model: {exc}", "body") from exc
+    check_onnx_upload(data)
     sha256 = store.put(data)
     architecture = ensure_architecture(session, get_space(ONNX), sha256)
     artifact = session.get(Artifact, sha256)

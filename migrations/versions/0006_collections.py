@@ -1,7 +1,7 @@
 """collections: named sets of uploaded ONNX models; onboardings of a collection
 
-Revision ID: 0005_collections
-Revises: 0004
+Revision ID: 0006_collections
+Revises: 0005
 Create Date: 2026-12-01 21:40:00.000000
 """
 
@@ -9,8 +9,8 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0005_collections'
-down_revision = '0004'
+revision = '0006_collections'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 

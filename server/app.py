@@ -12,6 +12,7 @@ from anyio import to_thread
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from predictor.spaces import get_space
 from server import __version__
 from server.api import (
     agents,
@@ -28,7 +29,6 @@ from server.api import (
     tasks,
     tokens,
 )
-from predictor.spaces import get_space
 from server.auth import AuthenticateFirst, TokenCache
 from server.background.reaper import Reaper
 from server.background.training_worker import TrainingWorker

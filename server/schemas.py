@@ -195,7 +195,7 @@ class JobIn(Strict):
                                         description="fail the job if it runs longer (default: server setting)")
 
     @model_validator(mode="after")
-    def _one_target(self) -> "JobIn":
+    def _one_target(self) -> JobIn:
         if (self.architecture is None) == (self.artifact is None):
             raise ValueError("give exactly one of `architecture` (with `space`) or `artifact`")
         if self.architecture is not None and self.space is None:
@@ -277,7 +277,7 @@ class PredictIn(Strict):
     predictor_id: RowId | None = None
 
     @model_validator(mode="after")
-    def _one_target(self) -> "PredictIn":
+    def _one_target(self) -> PredictIn:
         if (self.architectures is None) == (self.collection is None):
             raise ValueError("name either `architectures` or a `collection`")
         if self.collection is not None:

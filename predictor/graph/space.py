@@ -97,5 +97,5 @@ class OnnxSpace(SearchSpace):
             return np.zeros((0, FEATURE_DIM), dtype=np.float32)
         return np.stack([self._vectors[self.canonical(key)] for key in keys])
 
-    def build(self, key: str) -> "torch.nn.Module":  # noqa: F821
+    def build(self, key: str) -> torch.nn.Module:  # noqa: F821
         raise NotImplementedError("an uploaded ONNX model is run as uploaded; it has no PyTorch builder")

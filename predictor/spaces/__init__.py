@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+from predictor.graph.space import OnnxSpace  # noqa: E402 - it builds on .base
+
 from .base import ArchGraph, InvalidArchitecture, SearchSpace
 from .fbnet import FBNetSpace
 from .nb201 import NB201Space
 from .ofa import OFASpace
-from predictor.graph.space import OnnxSpace  # noqa: E402 - it builds on .base
 
 __all__ = ["BUILT_IN_SPACES", "SPACES", "ArchGraph", "InvalidArchitecture", "SearchSpace", "UnknownSpace", "get_space"]
 
@@ -16,7 +17,9 @@ class UnknownSpace(ValueError):
     """A search-space name that is not one of SPACES."""
 
 
-_INSTANCES: dict[str, SearchSpace] = {space.name: space for space in (NB201Space(), FBNetSpace(), OFASpace(), OnnxSpace())}
+_INSTANCES: dict[str, SearchSpace] = {
+    space.name: space for space in (NB201Space(), FBNetSpace(), OFASpace(), OnnxSpace())
+}
 SPACES: tuple[str, ...] = tuple(_INSTANCES)
 #: the spaces with published reference tables and a PyTorch builder
 BUILT_IN_SPACES: tuple[str, ...] = ("nb201", "fbnet", "ofa")

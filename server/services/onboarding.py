@@ -15,7 +15,17 @@ from predictor.samplers import DefaultSampler, candidate_keys
 from predictor.spaces import SearchSpace
 from server.db import session_scope
 from server.errors import Conflict, Invalid
-from server.models import Architecture, Collection, Device, Job, JobStatus, Onboarding, OnboardingStatus, Predictor, utcnow
+from server.models import (
+    Architecture,
+    Collection,
+    Device,
+    Job,
+    JobStatus,
+    Onboarding,
+    OnboardingStatus,
+    Predictor,
+    utcnow,
+)
 from server.services import collections, jobs, predictors, training_queue
 from server.services.answer_cache import PredictorCache
 from server.services.catalog import ensure_architecture, space_row

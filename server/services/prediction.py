@@ -42,7 +42,7 @@ class PredictQuery:
     keys: list[str]
 
     @classmethod
-    def of(cls, request: PredictIn, members: list[str] | None = None) -> "PredictQuery":
+    def of(cls, request: PredictIn, members: list[str] | None = None) -> PredictQuery:
         """`members`: the keys of the request's collection, if it names one."""
         space = resolve_space(request.space)
         if members is not None:

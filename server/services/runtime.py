@@ -8,10 +8,10 @@ from typing import Literal
 import torch
 from rich.progress import Progress
 
+from predictor.spaces import get_space
 from server.db import make_engine, make_session_factory, session_scope, upgrade
 from server.models import Predictor
 from server.schemas import ExplainOut, PredictIn, PredictOut
-from predictor.spaces import get_space
 from server.services import collections, prediction, predictors
 from server.services.answer_cache import PredictorCache
 from server.services.artifacts import ArtifactStore

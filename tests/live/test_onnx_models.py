@@ -92,7 +92,7 @@ def test_a_device_onboarded_on_a_collection_predicts_its_other_members(imported:
         checks = [api.post("/jobs", json={"device": device, "space": "onnx", "architecture": sha, "preset": "quick"})
                   .json()["id"]
                   for sha in rest]
-        done = wait_until(lambda: all((j := api.get(f"/jobs/{i}").json())["status"] == "done" for i in checks)
+        done = wait_until(lambda: all(api.get(f"/jobs/{i}").json()["status"] == "done" for i in checks)
                           and [api.get(f"/jobs/{i}").json() for i in checks], 300, 0.5)
     answer = api.post("/predict", json={"device": device, "collection": name,
                                         "predictor_id": final["predictor_id"]})

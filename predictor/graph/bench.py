@@ -117,7 +117,7 @@ def run_cross_space(out_dir: str | Path = "docs/bench", *, held_out: Sequence[st
         others = [pools[name] for name in BUILT_IN_SPACES if name != target_space]
         targets = [d for d in sorted(pool.latencies) if devices is None or d in devices]
         in_space = _InSpace(root, target_space, sorted(pool.latencies))
-        bases: dict[str, LatencyPredictor] = {}
+        bases: dict[str | None, LatencyPredictor] = {}
         for scenario in scenarios:
             for device in targets:
                 cells = [(method, k, seed) for method in METHODS for k in ks for seed in range(seeds)
@@ -189,7 +189,7 @@ def _done(path: Path) -> set[tuple[str, ...]]:
         return {tuple(row[c] for c in COLUMNS[:6]) for row in csv.DictReader(handle)}
 
 
-def _append(path: Path, rows: list[tuple[object, ...]]) -> None:
+def _append(path: Path, rows: Sequence[tuple[object, ...]]) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as handle:
         writer = csv.writer(handle)
@@ -221,8 +221,8 @@ def write_report(out_dir: str | Path) -> str:
              "`rows` counts (device, seed) pairs: a partial run has fewer seeds or devices.", "",
              "| scenario | held out | method | k | devices | rows | rho | tau | MAPE |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for (scenario, space, method, k), values in sorted(cells.items()):
-        array = np.asarray(values)
+    for (scenario, space, method, k), cell in sorted(cells.items()):
+        array = np.asarray(cell)
         devices = len({key[2] for key in per_device if key[:2] == (scenario, space) and key[3:] == (method, k)})
         lines.append(f"| {scenario} | {space} | {method} | {k} | {devices} | {len(array)} | {array[:, 0].mean():.3f} | "
                      f"{array[:, 1].mean():.3f} | {array[:, 2].mean():.1f} |")

@@ -42,9 +42,10 @@ _FREE = {"Identity", "Constant", "Shape", "Dropout"}
 MAC_BINS = np.arange(3.0, 10.0, 1.0)
 BYTE_BINS = np.arange(3.0, 8.5, 0.75)
 KERNELS = (1, 3, 5, 7)
-_DTYPE_BYTES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.DOUBLE: 8,
-                TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.INT32: 4, TensorProto.INT64: 8,
-                TensorProto.BOOL: 1, TensorProto.INT16: 2}
+_DTYPE_BYTES: dict[int, int] = {
+    TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.DOUBLE: 8, TensorProto.INT8: 1,
+    TensorProto.UINT8: 1, TensorProto.INT32: 4, TensorProto.INT64: 8, TensorProto.BOOL: 1, TensorProto.INT16: 2,
+}
 
 #: the whole-model summaries at the end of the vector: what a few samples can fit a ridge on
 SUMMARY_NAMES = ("log_macs", "log_weight_bytes", "log_activation_bytes", "log_nodes", "depthwise_mac_share",

@@ -11,11 +11,15 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from predictor.graph.encoding import FAMILIES, FEATURE_DIM, SUMMARY_NAMES, UnparsableModel, encode_onnx
 from predictor.spaces.base import ArchGraph, InvalidArchitecture, SearchSpace, check_sample_count
+
+if TYPE_CHECKING:
+    import torch
 
 ModelSource = Callable[[str], "bytes | None"]
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -97,5 +101,5 @@ class OnnxSpace(SearchSpace):
             return np.zeros((0, FEATURE_DIM), dtype=np.float32)
         return np.stack([self._vectors[self.canonical(key)] for key in keys])
 
-    def build(self, key: str) -> torch.nn.Module:  # noqa: F821
+    def build(self, key: str) -> torch.nn.Module:
         raise NotImplementedError("an uploaded ONNX model is run as uploaded; it has no PyTorch builder")

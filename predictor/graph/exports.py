@@ -19,6 +19,7 @@ from predictor.datasets import read_arch_keys
 from predictor.export import export_onnx
 from predictor.graph.encoding import FEATURE_DIM, encode_onnx
 from predictor.spaces import SearchSpace
+from predictor.spaces.nb201 import NB201Space
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,8 @@ def table_sample(root: Path, space: SearchSpace, n: int, seed: int = 0) -> list[
     """`n` architectures of the space's published table, drawn reproducibly (NB201 cells without
     an input-output path are left out: they compute nothing)."""
     keys = list(read_arch_keys(root, space).values())
-    if space.name == "nb201":
-        keys = [key for key in keys if space.is_connected(key)]  # type: ignore[attr-defined]
+    if isinstance(space, NB201Space):
+        keys = [key for key in keys if space.is_connected(key)]
     picks = np.random.default_rng(seed).permutation(len(keys))[:n]
     return [keys[i] for i in sorted(picks)]
 

@@ -81,6 +81,11 @@ def _parse(key: str) -> tuple[int, ...]:
     """The op id of each edge of an arch string like `|nor_conv_3x3~0|+|none~0|skip_connect~1|+|...|`."""
     if not isinstance(key, str):
         raise InvalidArchitecture(f"an NB201 key is a string, not {type(key).__name__}")
+    return _parse_string(key)
+
+
+@lru_cache(maxsize=2 * len(OPS) ** len(EDGES))  # parsing dominated whole-space prediction
+def _parse_string(key: str) -> tuple[int, ...]:
     nodes = key.split("+")
     if len(nodes) != OUTPUT_NODE:
         raise InvalidArchitecture(f"expected {OUTPUT_NODE} nodes separated by '+', got {len(nodes)} in {key!r}")
@@ -108,6 +113,19 @@ def _parse(key: str) -> tuple[int, ...]:
     return tuple(ops)
 
 
+@lru_cache(maxsize=2 * len(OPS) ** len(EDGES))
+def _network_key(key: str) -> str:
+    return _key_of(network_ops(_parse(key)))
+
+
+def _key_of(op_vec: Sequence[int]) -> str:
+    nodes = (
+        "|" + "|".join(f"{OPS[op]}~{source}" for op, (source, t) in zip(op_vec, EDGES) if t == target) + "|"
+        for target in range(1, OUTPUT_NODE + 1)
+    )
+    return "+".join(nodes)
+
+
 class NB201Space(SearchSpace):
     """NAS-Bench-201 cells in the CIFAR-10 macro-architecture (15,625 architectures)."""
 
@@ -123,7 +141,7 @@ class NB201Space(SearchSpace):
     def network_key(self, key: str) -> str:
         """The cell with dead edges removed, up to relabelling its intermediate nodes: 8,765
         networks among the 15,625 keys (every disconnected cell builds the same one)."""
-        return self.from_op_vec(network_ops(_parse(key)))
+        return _network_key(key)
 
     def live_key(self, key: str) -> str:
         return self.from_op_vec(live_ops(_parse(key)))
@@ -135,11 +153,7 @@ class NB201Space(SearchSpace):
     def from_op_vec(self, op_vec: Sequence[int]) -> str:
         if len(op_vec) != len(EDGES) or not all(op in range(len(OPS)) for op in op_vec):
             raise InvalidArchitecture(f"an op vector is {len(EDGES)} ids in 0..{len(OPS) - 1}, got {list(op_vec)}")
-        nodes = (
-            "|" + "|".join(f"{OPS[op]}~{source}" for op, (source, t) in zip(op_vec, EDGES) if t == target) + "|"
-            for target in range(1, OUTPUT_NODE + 1)
-        )
-        return "+".join(nodes)
+        return _key_of(op_vec)
 
     def size(self) -> int:
         return len(OPS) ** len(EDGES)

@@ -65,7 +65,7 @@ def save(parts: Parts, file: str | PathLike[str] | BinaryIO) -> None:
         "measured": None if measured is None else {
             "keys": list(measured.keys), "devices": list(measured.devices), "log_ms": _tensor(measured.log_ms),
         },
-        "prior": None if parts.prior is None else {"mean": _tensor(parts.prior.mean), "cov": _tensor(parts.prior.cov)},
+        "prior": None if parts.prior is None else {"cov": _tensor(parts.prior.cov), "unexplained": parts.prior.unexplained},
         "target": None if target is None else {
             "name": target.name, "coef": _tensor(target.coef), "cov": _tensor(target.cov), "noise": target.noise,
             "scales": list(target.scales), "samples": target.samples, "per_network": target.per_network,
@@ -99,7 +99,7 @@ def load(file: str | PathLike[str] | BinaryIO | bytes) -> Parts:
             table = state["measured"]
             measured = LatencyTable(list(table["keys"]), list(table["devices"]), table["log_ms"].numpy())
         if state["prior"] is not None:
-            prior = ReferencePrior(state["prior"]["mean"].numpy(), state["prior"]["cov"].numpy())
+            prior = ReferencePrior(state["prior"]["cov"].numpy(), float(state["prior"]["unexplained"]))
     return Parts(state["space"], devices, ensemble, state["descriptor_mean"].numpy(), state["descriptor_std"].numpy(),
                  config, measured, _target(state["target"], version), dict(state.get("preferred_samplers") or {}),
                  dict(state.get("sampler_scores") or {}), prior)

@@ -83,6 +83,9 @@ class LatencyPredictor:
         self.sampler_scores = {str(n): {int(k): float(v) for k, v in per_k.items()}
                                for n, per_k in (sampler_scores or {}).items()}
         self._prior = prior
+        #: the last design computed, shared with the predictors adapted from this one: a bench
+        #: or a search asks for the same keys' design again and again
+        self._last_design: dict[tuple[bool, tuple[str, ...]], tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- pre-training -----------------------------------------------------------------------
 
@@ -174,10 +177,15 @@ class LatencyPredictor:
     def design(self, keys: list[str], per_network: bool) -> tuple[np.ndarray, np.ndarray]:
         """Regressors of the adaptation for normalised `keys`: [reference block, descriptors],
         and the mask of measured reference cells."""
+        memo = (per_network, tuple(keys))
+        if memo in self._last_design:
+            return self._last_design[memo]
         features = self.space.features(keys)
         descriptors = (summary_features(self.space, keys, features) - self.descriptor_mean) / self.descriptor_std
         block, measured = self._reference_block(keys, per_network, features)
-        return np.hstack([block, descriptors]), measured
+        self._last_design.clear()
+        self._last_design[memo] = (np.hstack([block, descriptors]), measured)
+        return self._last_design[memo]
 
     # ---- what samplers read (`predictor.samplers.Embedding`) ---------------------------------
 
@@ -255,10 +263,13 @@ class LatencyPredictor:
         design, _ = self.design(keys, per_network)
         fit = fit_device(name, design, y, len(self.reference_devices), self.prior,
                          dict(zip(keys, map(float, np.exp(y)))), per_network=per_network)
-        return LatencyPredictor(
+        adapted = LatencyPredictor(
             self.space, self.reference_devices, self.ensemble, self.descriptor_mean, self.descriptor_std,
             self.config, self.measured, fit, self.preferred_samplers, self.sampler_scores, self._prior,
         )
+        adapted._last_design = self._last_design
+        adapted.__dict__["reference"] = self.reference  # the cached per-network table
+        return adapted
 
     # ---- persistence ------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ from scipy.stats import spearmanr
 from predictor import LatencyPredictor, TrainConfig, get_sampler, get_space
 from predictor.cost import analytic_cost
 from predictor.samplers import SAMPLERS, DefaultSampler
-from predictor.validation import held_out_devices, sampler_for, spearman
+from predictor.metrics import spearman
+from predictor.samplers import sampler_for
+from predictor.validation import held_out_devices
 
 TINY = TrainConfig(members=2, hidden=64, depth=2, epochs=20, sampler_folds=3)
 SPACE = get_space("nb201")

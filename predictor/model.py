@@ -83,9 +83,9 @@ class LatencyPredictor:
         self.sampler_scores = {str(n): {int(k): float(v) for k, v in per_k.items()}
                                for n, per_k in (sampler_scores or {}).items()}
         self._prior = prior
-        #: the last design computed, shared with the predictors adapted from this one: a bench
-        #: or a search asks for the same keys' design again and again
-        self._last_design: dict[tuple[bool, tuple[str, ...]], tuple[np.ndarray, np.ndarray]] = {}
+        #: per `per_network`, the last design computed (keys, design, measured), shared with the
+        #: predictors adapted from this one: a bench or a search asks for one design again and again
+        self._last_design: dict[bool, tuple[tuple[str, ...], np.ndarray, np.ndarray]] = {}
 
     # ---- pre-training -----------------------------------------------------------------------
 
@@ -177,15 +177,16 @@ class LatencyPredictor:
     def design(self, keys: list[str], per_network: bool) -> tuple[np.ndarray, np.ndarray]:
         """Regressors of the adaptation for normalised `keys`: [reference block, descriptors],
         and the mask of measured reference cells."""
-        memo = (per_network, tuple(keys))
-        if memo in self._last_design:
-            return self._last_design[memo]
+        memo = tuple(keys)
+        last = self._last_design.get(per_network)
+        if last is not None and last[0] == memo:
+            return last[1], last[2]
         features = self.space.features(keys)
         descriptors = (summary_features(self.space, keys, features) - self.descriptor_mean) / self.descriptor_std
         block, measured = self._reference_block(keys, per_network, features)
-        self._last_design.clear()
-        self._last_design[memo] = (np.hstack([block, descriptors]), measured)
-        return self._last_design[memo]
+        design = np.hstack([block, descriptors])
+        self._last_design[per_network] = (memo, design, measured)
+        return design, measured
 
     # ---- what samplers read (`predictor.samplers.Embedding`) ---------------------------------
 

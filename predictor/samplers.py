@@ -118,7 +118,8 @@ class StratifiedSampler(Sampler):
         _check_k(k, len(pool))
         embedding = predictor.descriptors(pool) if predictor is not None else space.features(pool)
         centred = (embedding - embedding.mean(axis=0)) / (embedding.std(axis=0) + 1e-6)
-        direction = np.linalg.svd(centred, full_matrices=False)[2][0]
+        # the first principal axis, from the small covariance rather than an SVD of every candidate
+        direction = np.linalg.eigh(centred.T @ centred)[1][:, -1]
         order = np.argsort(centred @ direction, kind="stable")
         rng = np.random.default_rng(seed)
         return [pool[int(rng.choice(stratum))] for stratum in np.array_split(order, k)]

@@ -88,7 +88,9 @@ def run_lodo(
         others = tuple(d for d in sorted(table.latencies) if d != device)
         if progress is not None:
             progress(count, total, f"{space_name}: pre-training without {device}")
-        base = LatencyPredictor.fit(space, LatencyTable.from_rows(space, table.rows(others)), config=config)
+        with np.errstate(divide="ignore"):
+            reference_table = LatencyTable(table.keys, list(others), np.log(table.matrix(others)).astype(np.float32))
+        base = LatencyPredictor.fit(space, reference_table, config=config)
         context = TaskContext(space, others, base, {key: i for i, key in enumerate(table.keys)}, table.matrix(others))
         truth = table.device_truth(device)
         keys = list(truth)

@@ -44,9 +44,9 @@ class LatencyTable:
 
 
 #: a reference device "charges for dead code" when keys holding dead code take this much longer
-#: (mean relative excess, log scale) than the same network without it; on the NB201 tables the
-#: HELP/BRP-NAS devices charge 14-40 % (they timed every cell as written) and the HW-NAS-Bench
-#: ones -1.6 to +3.2 % (measurement noise), see docs/bench/lodo.md
+#: (mean excess in log-latency) than the same network without it; on the NB201 tables the
+#: HELP/BRP-NAS devices charge 15-36 % (they timed every cell as written) and the HW-NAS-Bench
+#: ones -1.6 to +2.8 % (noise), see docs/bench/lodo.md
 DEAD_CODE_THRESHOLD = 0.05
 
 

@@ -41,12 +41,12 @@ def _mean(values: list[str]) -> float:
     return float(np.mean(numbers)) if numbers else math.nan
 
 
-def write_lodo_report(out_dir: str | Path) -> dict[tuple[str, str, int], dict[str, float]]:
+def write_lodo_report(out_dir: str | Path, datasets: Path | None = None) -> dict[tuple[str, str, int], dict[str, float]]:
     out = Path(out_dir)
     with open(out / RAW_FILE, newline="") as handle:
         rows = list(csv.DictReader(handle))
     summary = summarise(rows)
-    (out / MARKDOWN_FILE).write_text(_markdown(summary))
+    (out / MARKDOWN_FILE).write_text(_markdown(summary) + _dead_code(datasets))
     _plot(out / PLOT_FILE, summary)
     return summary
 
@@ -73,6 +73,28 @@ def _markdown(summary: dict[tuple[str, str, int], dict[str, float]]) -> str:
                          f"{_fmt(row['within10'])} | {_fmt(row['coverage90'])} | {_fmt(row['calibration_rho'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _dead_code(datasets: Path | None) -> str:
+    """Per NB201 reference device: how much longer keys holding dead code took than the same
+    network without it (the tables timed every cell as written)."""
+    from predictor.datasets import find_datasets
+    from predictor.reference import DEAD_CODE_THRESHOLD, LatencyTable, MeasuredReference
+
+    from .data import load_space_table
+
+    table = load_space_table(datasets or find_datasets(), "nb201")
+    devices = sorted(table.latencies)
+    with np.errstate(divide="ignore"):
+        log_ms = np.log(table.matrix(devices)).astype(np.float32)
+    cost = MeasuredReference(table.space, LatencyTable(table.keys, devices, log_ms)).dead_code_cost
+    lines = ["## Does dead code cost? (NB201 reference tables)", "",
+             "Mean log-latency excess of keys holding dead code (edges no input-output path uses) over the same "
+             f"network timed without it; above {DEAD_CODE_THRESHOLD:.0%} a device is taken to charge for it, and its "
+             "per-network latency is read from dead-code-free keys only.", "",
+             "| device | excess | charges |", "|---|---|---|"]
+    lines += [f"| {d} | {100 * c:+.1f} % | {'yes' if c > DEAD_CODE_THRESHOLD else 'no'} |" for d, c in zip(devices, cost)]
+    return "\n".join(lines) + "\n"
 
 
 def _plot(path: Path, summary: dict[tuple[str, str, int], dict[str, float]]) -> None:

@@ -30,6 +30,7 @@ from predictor.samplers import get_sampler
 
 from .data import load_space_table, memoised_space
 from .methods import Method, TaskContext, get_methods
+from .run import append_rows
 
 RAW_FILE = "lodo.csv"
 COLUMNS = ("space", "device", "method", "k", "seed", "spearman", "kendall", "mape", "within10", "coverage90",
@@ -107,7 +108,7 @@ def run_lodo(
                     continue
                 rows.append((space_name, device, method.name, k, seed,
                              *_scores(method, context, device, samples, held_out, measured, seed)))
-            _append(out / RAW_FILE, rows)
+            append_rows(out / RAW_FILE, COLUMNS, rows)
             written += len(rows)
             count += 1
             if progress is not None:
@@ -139,14 +140,3 @@ def _done(path: Path) -> set[tuple[str, str, str, int, int]]:
         return set()
     with open(path, newline="") as handle:
         return {(r["space"], r["device"], r["method"], int(r["k"]), int(r["seed"])) for r in csv.DictReader(handle)}
-
-
-def _append(path: Path, rows: list[tuple[object, ...]]) -> None:
-    if not rows:
-        return
-    new = not path.is_file() or path.stat().st_size == 0
-    with open(path, "a", newline="") as handle:
-        writer = csv.writer(handle)
-        if new:
-            writer.writerow(COLUMNS)
-        writer.writerows(rows)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from predictor.spaces import get_space  # noqa: E402
 from server.client import FarmClient  # noqa: E402
 from server.db import upgrade  # noqa: E402
-from server.local import running_agent, running_server  # noqa: E402
+from server.cli.local import running_agent, running_server  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 ADMIN_TOKEN = "agreement-bench-admin"
@@ -48,7 +48,7 @@ def main() -> None:
     url_db = f"sqlite:///{workdir / 'latfarm.db'}"
     upgrade(url_db)
     settings = Settings(database_url=url_db, artifact_dir=workdir / "artifacts", admin_token=ADMIN_TOKEN,
-                        datasets=None, poll_wait_s=2.0)
+                        poll_wait_s=2.0)
     with running_server(settings) as url:
         a = measure_on(url, "agree-a", keys, args.preset, workdir)
         b = measure_on(url, "agree-b", keys, args.preset, workdir)

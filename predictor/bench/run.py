@@ -48,7 +48,8 @@ Progress = Callable[[int, int, str], None]
 RowKey = tuple[str, str, str, int, int]
 
 #: files whose edits change the numbers; a resumed run refuses rows from other versions of them
-_SOURCES = ("model.py", "samplers.py", "validation.py", "reference.py", "spaces/*.py", "bench/data.py", "cost.py", "datasets.py",
+_SOURCES = ("model.py", "network.py", "pretraining.py", "adaptation.py", "checkpoint.py", "metrics.py",
+            "samplers.py", "validation.py", "reference.py", "spaces/*.py", "bench/data.py", "cost.py", "datasets.py",
             "bench/methods.py", "bench/run.py")
 
 

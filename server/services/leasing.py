@@ -20,12 +20,12 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-
 from sqlalchemy import Connection, Row, and_, bindparam, case, exists, null, or_, select, union_all, update
 from sqlalchemy.orm import Session, aliased
 
 from agent.protocol import PRESETS, ArtifactFormat, ArtifactRef, JobLease, Preset, Runtime
 from server import metrics
+from server.background.wakeup import device_taken, jobs_changed
 from server.models import (
     Agent,
     AgentDevice,
@@ -42,7 +42,6 @@ from server.models import (
 from server.services import selectors
 from server.services.artifacts import ArtifactStore, materialise
 from server.services.jobs import FREED_STATE
-from server.services.wakeup import device_taken, jobs_changed
 from server.settings import Settings
 
 #: how many queued selector jobs one claim looks through for one its devices match

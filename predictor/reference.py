@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -67,7 +68,8 @@ class MeasuredReference:
         group = np.asarray([self.network_row[key] for key in network], dtype=np.int64)
         live_mean = _group_mean(table.log_ms, group, ~dead, len(self.network_row))
         excess = table.log_ms[dead] - live_mean[group[dead]]
-        with np.errstate(invalid="ignore"):
+        with warnings.catch_warnings():  # a device that timed no key with dead code: NaN, then 0
+            warnings.simplefilter("ignore", RuntimeWarning)
             cost = np.nanmean(excess, axis=0) if dead.any() else np.zeros(len(table.devices))
         #: per reference device: mean log-latency excess of keys holding dead code
         self.dead_code_cost = np.nan_to_num(cost)

@@ -125,8 +125,8 @@ def _scores(method: Method, context: TaskContext, device: str, samples: dict[str
             truth: np.ndarray, seed: int) -> tuple[str, ...]:
     prediction = method.predict(context, device, samples, keys, seed)
     ms = prediction.ms
-    values = [metrics.spearman(ms, truth), metrics.kendall(ms, truth), metrics.mape(ms, truth),
-              metrics.within(ms, truth)]
+    values = [metrics.spearman(ms, truth), metrics.kendall(ms, truth)]
+    values += [float("nan")] * 2 if method.ranks_only else [metrics.mape(ms, truth), metrics.within(ms, truth)]
     if prediction.std is not None:
         values += [metrics.coverage(ms, prediction.std, truth), metrics.calibration_rho(ms, prediction.std, truth)]
     else:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .lodo import RAW_FILE
+from .methods import METHODS
 
 MARKDOWN_FILE = "lodo.md"
 PLOT_FILE = "lodo.png"
@@ -25,6 +26,8 @@ def summarise(rows: list[dict[str, str]]) -> dict[tuple[str, str, int], dict[str
     out = {}
     for key, cell in grouped.items():
         summary = {m: _mean([r[m] for r in cell]) for m in METRICS}
+        if METHODS[key[1]].ranks_only:  # older rows scored its relative errors too
+            summary["mape"] = summary["within10"] = math.nan
         by_seed: dict[str, list[float]] = defaultdict(list)
         for r in cell:
             by_seed[r["seed"]].append(float(r["spearman"]) if r["spearman"] else math.nan)

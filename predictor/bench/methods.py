@@ -66,6 +66,8 @@ class Method(ABC):
     needs_base: bool = False
     #: search spaces it applies to; None: all
     spaces: tuple[str, ...] | None = None
+    #: its answers rank architectures but are not in ms (relative errors mean nothing)
+    ranks_only: bool = False
 
     def supports(self, space: str) -> bool:
         return self.spaces is None or space in self.spaces
@@ -107,6 +109,7 @@ class Flops(Method):
 
     name = "flops"
     spaces = ("nb201", "fbnet")
+    ranks_only = True
 
     def __init__(self) -> None:
         self._macs: dict[str, dict[str, int]] = {}

@@ -19,21 +19,22 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from latfarm import FarmClient, Job  # noqa: E402
+from latfarm.models import Preset  # noqa: E402
 from predictor.spaces import get_space  # noqa: E402
-from server.client import FarmClient  # noqa: E402
-from server.db import upgrade  # noqa: E402
 from server.cli.local import running_agent, running_server  # noqa: E402
+from server.db import upgrade  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 ADMIN_TOKEN = "agreement-bench-admin"
 
 
-def measure_on(url: str, device: str, keys: list[str], preset: str, workdir: Path) -> list[dict]:
+def measure_on(url: str, device: str, keys: list[str], preset: Preset, workdir: Path) -> list[Job]:
     agent_dir = workdir / device
     agent_dir.mkdir()
     with running_agent(url, ADMIN_TOKEN, device, 1, agent_dir), FarmClient(url, ADMIN_TOKEN) as farm:
         farm.wait_for_device(device)
-        return farm.wait_for_jobs(farm.submit(device, "nb201", keys, preset))
+        return farm.measure(device, "nb201", keys, preset)
 
 
 def main() -> None:
@@ -52,12 +53,12 @@ def main() -> None:
     with running_server(settings) as url:
         a = measure_on(url, "agree-a", keys, args.preset, workdir)
         b = measure_on(url, "agree-b", keys, args.preset, workdir)
-    pairs = [(x["latency_ms"], y["latency_ms"]) for x, y in zip(a, b) if x["status"] == y["status"] == "done"]
+    pairs = [(x.latency_ms, y.latency_ms) for x, y in zip(a, b) if x.status == y.status == "done"]
     la, lb = np.asarray(pairs).T
     ratio = float(np.median(la / lb))
     rho = float(spearmanr(la, lb).statistic)
-    flagged_a = sum(bool(job["flags"]) for job in a)
-    flagged_b = sum(bool(job["flags"]) for job in b)
+    flagged_a = sum(bool(job.flags) for job in a)
+    flagged_b = sum(bool(job.flags) for job in b)
     print(f"agreement: archs={len(pairs)} preset={args.preset} median_ratio={ratio:.4f} rho={rho:.4f} "
           f"flagged_a={flagged_a} flagged_b={flagged_b}")
 

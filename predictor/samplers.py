@@ -1,28 +1,36 @@
-"""Samplers: which few architectures to measure on a new device."""
+"""Samplers: which few architectures to measure on a new device.
+
+Every sampler draws distinct networks: of candidate keys that build the same network
+(`SearchSpace.network_key`) only the first is a candidate, so no two samples measure one network.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 
 from predictor.spaces import SearchSpace
-from predictor.validation import sampler_for
 
 #: candidates considered for spaces too large to enumerate
 CANDIDATE_POOL = 5000
 
 
-class PredictorView(Protocol):
-    """What samplers read of a predictor: a `LatencyPredictor`, or a view that caches its answers."""
+class Embedding(Protocol):
+    """What samplers read of a predictor (a `LatencyPredictor` is one)."""
 
-    preferred_samplers: dict[int, str]
+    @property
+    def preferred_samplers(self) -> Mapping[int, str]:
+        """Validated sample count -> the sampler name that adapted best at it (read-only here, so
+        a predictor's dict attribute is one)."""
 
-    def descriptors(self, keys: Sequence[str]) -> np.ndarray: ...
+    def descriptors(self, keys: Sequence[str]) -> np.ndarray:
+        """Per key, what the adaptation regresses on."""
 
-    def embed(self, keys: Sequence[str]) -> np.ndarray: ...
+    def embed(self, keys: Sequence[str]) -> np.ndarray:
+        """Per key, how the reference devices see it."""
 
 
 class Sampler(ABC):
@@ -34,25 +42,31 @@ class Sampler(ABC):
         space: SearchSpace,
         k: int,
         seed: int = 0,
-        predictor: PredictorView | None = None,
+        predictor: Embedding | None = None,
         candidates: Sequence[str] | None = None,
     ) -> list[str]:
         """`k` distinct canonical keys to measure, reproducible from `seed`."""
 
 
 def candidate_keys(space: SearchSpace, seed: int, candidates: Sequence[str] | None) -> list[str]:
+    """The candidates (default: the whole space, or a sample of it), one key per network."""
     if candidates is not None:
-        return [space.canonical(key) for key in candidates]
-    try:
-        return list(space.enumerate())
-    except NotImplementedError:
-        return space.sample(CANDIDATE_POOL, seed)
+        keys = [space.canonical(key) for key in candidates]
+    else:
+        try:
+            keys = list(space.enumerate())
+        except NotImplementedError:
+            keys = space.sample(CANDIDATE_POOL, seed)
+    first: dict[str, str] = {}
+    for key in keys:
+        first.setdefault(space.network_key(key), key)
+    return list(first.values())
 
 
 class RandomSampler(Sampler):
     name = "random"
 
-    def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: PredictorView | None = None,
+    def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: Embedding | None = None,
                candidates: Sequence[str] | None = None) -> list[str]:
         pool = candidate_keys(space, seed, candidates)
         _check_k(k, len(pool))
@@ -70,7 +84,7 @@ class KMeansSampler(Sampler):
     name = "kmeans"
     iterations = 25
 
-    def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: PredictorView | None = None,
+    def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: Embedding | None = None,
                candidates: Sequence[str] | None = None) -> list[str]:
         pool = candidate_keys(space, seed, candidates)
         _check_k(k, len(pool))
@@ -103,13 +117,14 @@ class StratifiedSampler(Sampler):
 
     name = "stratified"
 
-    def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: PredictorView | None = None,
+    def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: Embedding | None = None,
                candidates: Sequence[str] | None = None) -> list[str]:
         pool = candidate_keys(space, seed, candidates)
         _check_k(k, len(pool))
         embedding = predictor.descriptors(pool) if predictor is not None else space.features(pool)
         centred = (embedding - embedding.mean(axis=0)) / (embedding.std(axis=0) + 1e-6)
-        direction = np.linalg.svd(centred, full_matrices=False)[2][0]
+        # the first principal axis, from the small covariance rather than an SVD of every candidate
+        direction = np.linalg.eigh(centred.T @ centred)[1][:, -1]
         order = np.argsort(centred @ direction, kind="stable")
         rng = np.random.default_rng(seed)
         return [pool[int(rng.choice(stratum))] for stratum in np.array_split(order, k)]
@@ -146,12 +161,12 @@ class DefaultSampler(Sampler):
 
     name = "default"
 
-    def resolve(self, k: int, predictor: PredictorView | None = None) -> str:
+    def resolve(self, k: int, predictor: Embedding | None = None) -> str:
         """The name of the sampler `select` delegates to for `k` samples."""
-        preferred = predictor.preferred_samplers if predictor is not None else {}
+        preferred = getattr(predictor, "preferred_samplers", None) or {}
         return sampler_for(preferred, k) or FALLBACK_SAMPLER
 
-    def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: PredictorView | None = None,
+    def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: Embedding | None = None,
                candidates: Sequence[str] | None = None) -> list[str]:
         return SAMPLERS[self.resolve(k, predictor)]().select(space, k, seed=seed, predictor=predictor,
                                                             candidates=candidates)
@@ -161,6 +176,14 @@ SAMPLERS: dict[str, type[Sampler]] = {"random": RandomSampler, "kmeans": KMeansS
                                       "stratified": StratifiedSampler}
 #: what "default" uses when the predictor holds no validated preference
 FALLBACK_SAMPLER = "stratified"
+
+
+def sampler_for(preferred: Mapping[int, str], k: int) -> str | None:
+    """The preferred sampler at the validated sample count nearest to `k` (in log scale)."""
+    if not preferred:
+        return None
+    nearest = min(preferred, key=lambda validated: (abs(np.log(validated) - np.log(max(k, 1))), validated))
+    return preferred[nearest]
 
 
 def get_sampler(name: str) -> Sampler:

@@ -25,7 +25,7 @@ from predictor.bench.methods import Method, OneProxy, Prediction, TaskContext, r
 from predictor.cost import analytic_cost, hooked_cost
 from predictor.datasets import find_datasets
 from predictor.reference import LatencyTable, Row
-from predictor.samplers import PredictorView, Sampler
+from predictor.samplers import Embedding, Sampler
 from predictor.spaces import SearchSpace
 from predictor.spaces.fbnet import FBNetSpace
 from predictor.spaces.nb201 import NB201Space
@@ -161,14 +161,14 @@ def test_harness_keeps_test_devices_out_of_pretraining_and_sampling(
 
     monkeypatch.setattr(LatencyPredictor, "pretrain", classmethod(recording_pretrain))
     fitted_devices: list[set[str]] = []  # every network fitted: the base and the validation folds
-    original_fit = LatencyPredictor._fit
+    original_fit = LatencyPredictor.fit
 
     def recording_fit(cls: type[LatencyPredictor], space: SearchSpace, table: LatencyTable,
                       **kwargs: Any) -> LatencyPredictor:
         fitted_devices.append(set(table.devices))
         return original_fit(space, table, **kwargs)
 
-    monkeypatch.setattr(LatencyPredictor, "_fit", classmethod(recording_fit))
+    monkeypatch.setattr(LatencyPredictor, "fit", classmethod(recording_fit))
     seen: list[dict] = []
 
     class SpySampler(Sampler):
@@ -176,7 +176,7 @@ def test_harness_keeps_test_devices_out_of_pretraining_and_sampling(
             self.inner = get_sampler(name)
             self.name = self.inner.name
 
-        def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: PredictorView | None = None,
+        def select(self, space: SearchSpace, k: int, seed: int = 0, predictor: Embedding | None = None,
                    candidates: Sequence[str] | None = None) -> list[str]:
             seen.append({"predictor": predictor, "candidates": candidates, "k": k})
             return self.inner.select(space, k, seed=seed, predictor=predictor, candidates=candidates)
@@ -207,7 +207,7 @@ def test_harness_keeps_test_devices_out_of_pretraining_and_sampling(
 
 def test_resume_skips_existing_rows_and_pretraining(datasets: Path, tmp_path: Path) -> None:
     first = run_bench(["F0"], (5, 10), 2, None, tmp_path, config=TINY, datasets=datasets)
-    methods = 6  # lut applies to FBNet
+    methods = 7  # lut applies to FBNet
     assert first.rows_written == len(TEST) * 2 * 2 * methods and first.tasks_pretrained == ["F0"]
     second = run_bench(["F0"], (5, 10), 2, None, tmp_path, config=TINY, datasets=datasets)
     assert second.rows_written == 0 and second.tasks_pretrained == []
@@ -270,6 +270,6 @@ def test_quick_cli_writes_raw_csv_summary_and_plot(datasets: Path, tmp_path: Pat
 def test_quick_on_the_real_tables(tmp_path: Path) -> None:
     run_bench(quick=True, out_dir=tmp_path, datasets=REAL_DATASETS)
     rows = _raw_rows(tmp_path)
-    assert len(rows) == 6 * 2 * 5  # N0: 6 test devices, k in (5, 20), 5 methods
+    assert len(rows) == 6 * 2 * 6  # N0: 6 test devices, k in (5, 20), 6 methods
     ours = [float(r["spearman"]) for r in rows if r["method"] == "ours" and r["k"] == "20"]
     assert np.mean(ours) > 0.8

@@ -57,10 +57,18 @@ def _refuse_nul(_conn: Connection, _cursor: DBAPICursor, _statement: str, parame
                 _context: ExecutionContext | None, executemany: bool) -> None:
     """Refuse text holding a NUL character, as Postgres does (its DataError answers 422), so that
     both backends store the same values; SQLite would keep it."""
-    for row in parameters if executemany else (parameters,):
-        values = row.values() if isinstance(row, dict) else row
-        if any(isinstance(value, str) and "\x00" in value for value in values):
-            raise sqlite3.DataError("a string cannot contain NUL (0x00) characters")
+    if any(isinstance(value, str) and "\x00" in value for value in _flat(parameters)):
+        raise sqlite3.DataError("a string cannot contain NUL (0x00) characters")
+
+
+def _flat(parameters: Any) -> Iterator[Any]:
+    """Every bound value: of one row (a tuple or a dict), of many rows, or of an insert's batch of
+    rows flattened into one tuple (how SQLAlchemy's insertmanyvalues hands them over)."""
+    for value in parameters.values() if isinstance(parameters, dict) else parameters:
+        if isinstance(value, dict | list | tuple):
+            yield from _flat(value)
+        else:
+            yield value
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -81,6 +81,14 @@ class OnnxSpace(SearchSpace):
                 return key
         raise InvalidArchitecture(f"no ONNX model with sha256 {key} was uploaded")
 
+    def network_key(self, key: str) -> str:
+        """A model is its own network: the key needs no look-up (reference tables hold the keys of
+        models this process may not have loaded)."""
+        return key
+
+    def live_key(self, key: str) -> str:
+        return key
+
     def size(self) -> int:
         return len(self._vectors)
 

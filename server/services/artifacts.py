@@ -1,4 +1,5 @@
-"""Content-addressed artifact storage and on-demand export of architectures (ONNX or torch.export)."""
+"""Content-addressed artifact storage and on-demand export of architectures in the format of a
+runtime (`agent.protocol.ARTIFACT_FORMATS`): ONNX, torch.export or LiteRT."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from agent.protocol import ArtifactFormat
-from predictor.export import export_onnx, export_torch
+from predictor.export import export_onnx, export_tflite, export_torch, litert_export_problem
 from predictor.spaces import get_space
 from server.db import insert_missing
 from server.models import Architecture, Artifact
@@ -45,7 +46,13 @@ _export_lock = threading.Lock()
 _exported: dict[tuple[str, str, ArtifactFormat], tuple[str, int]] = {}
 
 
-_EXPORTERS = {ArtifactFormat.onnx: export_onnx, ArtifactFormat.torch_export: export_torch}
+_EXPORTERS = {ArtifactFormat.onnx: export_onnx, ArtifactFormat.torch_export: export_torch,
+              ArtifactFormat.tflite: export_tflite}
+
+
+def export_problem(fmt: ArtifactFormat) -> str | None:
+    """Why this server cannot export architectures in `fmt` (its exporter is an optional extra), or None."""
+    return litert_export_problem() if fmt is ArtifactFormat.tflite else None
 
 
 def materialise(session: Session, store: ArtifactStore, arch: Architecture,
@@ -53,7 +60,8 @@ def materialise(session: Session, store: ArtifactStore, arch: Architecture,
     """The artifact of an architecture in a format, exported and stored on first request.
 
     Concurrent requests for the same export (whose artifact rows are not committed yet) wait for
-    the first and share its file; the row is inserted race-free."""
+    the first and share its file; the row is inserted race-free. Raises ExportUnavailable when the
+    format's exporter is not installed."""
     existing = session.scalar(
         select(Artifact).where(Artifact.architecture_id == arch.id, Artifact.format == fmt.value).limit(1)
     )

@@ -24,7 +24,8 @@ import anyio.to_thread
 from sqlalchemy import Connection, Row, and_, bindparam, case, exists, null, or_, select, union_all, update
 from sqlalchemy.orm import Session, aliased
 
-from agent.protocol import PRESETS, ArtifactFormat, ArtifactRef, JobLease, Preset, Runtime
+from agent.protocol import ARTIFACT_FORMATS, PRESETS, ArtifactFormat, ArtifactRef, JobLease, Preset, Runtime
+from predictor.export import ExportUnavailable
 from server import metrics
 from server.models import (
     Agent,
@@ -51,6 +52,8 @@ SELECTOR_SCAN = 50
 LAST_SEEN_RESOLUTION_S = 5
 #: artifact descriptions kept in memory (a few hundred bytes each)
 ARTIFACTS_KEPT = 10_000
+#: the failure class of a job whose artifact format this server has no exporter for
+EXPORT_UNAVAILABLE = "export_unavailable"
 T = TypeVar("T")
 
 _RUNNING = aliased(Job)
@@ -123,6 +126,12 @@ _HAND_BACK_JOB = (
             attempts=Job.attempts - 1, device_id=case((Job.selector.is_not(None), None), else_=Job.device_id))
 )
 _FREE_DEVICE = update(Device).where(Device.name == bindparam("device")).values(state=FREED_STATE).returning(Device.id)
+_FAIL_JOB = (
+    update(Job)
+    .where(Job.id == bindparam("job"))
+    .values(status=JobStatus.failed, error=bindparam("error"), failure_class=EXPORT_UNAVAILABLE,
+            finished_at=bindparam("now"), lease_id=None, lease_expires_at=None)
+)
 _TOUCH_AGENT = update(Agent).where(Agent.id == bindparam("agent")).values(last_seen=bindparam("now"))
 _ARTIFACT = select(Artifact.sha256, Artifact.format, Artifact.size_bytes).where(Artifact.sha256 == bindparam("sha256"))
 
@@ -171,7 +180,11 @@ class Leases:
         if leased.artifact_sha256 is not None:
             artifact = self._artifact(conn, leased.artifact_sha256)
         else:
-            artifact = self._exported(session, job_id, leased.architecture_id, runtime)
+            try:
+                artifact = self._exported(session, job_id, leased.architecture_id, runtime)
+            except ExportUnavailable as exc:  # a selector job matched a device this server cannot export for
+                self._fail_unexportable(conn, job_id, device.name, str(exc))
+                return None
         provider = device.attributes.get("provider")
         return JobLease(
             job_id=job_id,
@@ -214,10 +227,15 @@ class Leases:
 
     def _exported(self, session: Session, job_id: int, architecture_id: int, runtime: Runtime) -> ArtifactRef:
         """An architecture job's artifact, exported in the runtime's format on first use."""
-        fmt = ArtifactFormat.torch_export if runtime is Runtime.pytorch else ArtifactFormat.onnx
-        artifact = materialise(session, self.store, session.get_one(Architecture, architecture_id), fmt)
+        artifact = materialise(session, self.store, session.get_one(Architecture, architecture_id),
+                               ARTIFACT_FORMATS[runtime])
         session.execute(update(Job).where(Job.id == job_id).values(artifact_sha256=artifact.sha256))
         return self._artifact(session.connection(), artifact.sha256)
+
+
+    def _fail_unexportable(self, conn: Connection, job_id: int, device: str, error: str) -> None:
+        conn.execute(_FAIL_JOB, {"job": job_id, "error": error, "now": utcnow()})
+        conn.execute(_FREE_DEVICE, {"device": device})
 
 
 def _most_urgent(session: Session, agent_id: int, named: tuple[int, int, int] | None,

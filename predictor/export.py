@@ -89,7 +89,11 @@ def litert_export_problem() -> str | None:
     """Why this server cannot export LiteRT artifacts, or None."""
     import importlib.util
 
-    if importlib.util.find_spec("litert_torch") is None:
+    try:
+        missing = importlib.util.find_spec("litert_torch") is None
+    except ValueError:  # blocked with sys.modules["litert_torch"] = None
+        missing = True
+    if missing:
         return f"exporting LiteRT (.tflite) artifacts needs litert-torch on the server: {LITERT_EXPORT_INSTALL}"
     return None
 

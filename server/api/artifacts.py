@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import onnx
 from fastapi import APIRouter, Depends, Path, Request, status
 from fastapi.responses import FileResponse
 
 from server.api.deps import Db, ServicesDep
 from server.auth import SUBMIT, Requires
-from server.errors import Invalid, NotFound
+from server.errors import NotFound
 from server.models import Artifact, Scope
 from server.schemas import ArtifactOut
+from server.services.artifacts import checked_format
 
 router = APIRouter(prefix="/api/v1/artifacts", tags=["artifacts"])
 Sha256 = Path(pattern=r"^[0-9a-f]{64}$")
@@ -29,16 +29,14 @@ def download_artifact(session: Db, services: ServicesDep, sha256: str = Sha256) 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[SUBMIT],
              openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
 async def upload_artifact(request: Request, session: Db, services: ServicesDep) -> ArtifactOut:
-    """Upload an ONNX model (raw bytes); it is checked with onnx.checker before it is stored."""
+    """Upload an ONNX model or a LiteRT (.tflite) flatbuffer (raw bytes); it is checked (onnx.checker,
+    or loaded by the LiteRT interpreter) before it is stored."""
     data = await request.body()
-    try:
-        onnx.checker.check_model(onnx.load_from_string(data))
-    except Exception as exc:  # onnx raises several unrelated types for malformed bytes
-        raise Invalid(f"not a valid ONNX model: {exc}", "body") from exc
+    fmt = checked_format(data)
     sha256 = services.store.put(data)
     artifact = session.get(Artifact, sha256)
     if artifact is None:
-        artifact = Artifact(sha256=sha256, format="onnx", size_bytes=len(data))
+        artifact = Artifact(sha256=sha256, format=fmt.value, size_bytes=len(data))
         session.add(artifact)
         session.flush()
     return ArtifactOut.model_validate(artifact)

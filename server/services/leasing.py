@@ -41,7 +41,7 @@ from server.models import (
     utcnow,
 )
 from server.services import selectors
-from server.services.artifacts import ArtifactStore, materialise
+from server.services.artifacts import ArtifactStore, export_pending, export_problem, materialise
 from server.services.jobs import FREED_STATE
 from server.services.wakeup import device_taken, jobs_changed
 from server.settings import Settings
@@ -52,8 +52,10 @@ SELECTOR_SCAN = 50
 LAST_SEEN_RESOLUTION_S = 5
 #: artifact descriptions kept in memory (a few hundred bytes each)
 ARTIFACTS_KEPT = 10_000
-#: the failure class of a job whose artifact format this server has no exporter for
+#: failure classes of an architecture job whose artifact this server has no exporter for, or
+#: whose export failed
 EXPORT_UNAVAILABLE = "export_unavailable"
+EXPORT_FAILED = "export_error"
 T = TypeVar("T")
 
 _RUNNING = aliased(Job)
@@ -129,7 +131,7 @@ _FREE_DEVICE = update(Device).where(Device.name == bindparam("device")).values(s
 _FAIL_JOB = (
     update(Job)
     .where(Job.id == bindparam("job"))
-    .values(status=JobStatus.failed, error=bindparam("error"), failure_class=EXPORT_UNAVAILABLE,
+    .values(status=JobStatus.failed, error=bindparam("error"), failure_class=bindparam("failure"),
             finished_at=bindparam("now"), lease_id=None, lease_expires_at=None)
 )
 _TOUCH_AGENT = update(Agent).where(Agent.id == bindparam("agent")).values(last_seen=bindparam("now"))
@@ -181,10 +183,17 @@ class Leases:
             artifact = self._artifact(conn, leased.artifact_sha256)
         else:
             try:
-                artifact = self._exported(session, job_id, leased.architecture_id, runtime)
-            except ExportUnavailable as exc:  # a selector job matched a device this server cannot export for
-                self._fail_unexportable(conn, job_id, device.name, str(exc))
+                exported = self._exported(session, job_id, leased.architecture_id, runtime)
+            except Exception as exc:  # noqa: BLE001 - the export's failure is the job's
+                failure = EXPORT_UNAVAILABLE if isinstance(exc, ExportUnavailable) else EXPORT_FAILED
+                conn.execute(_FAIL_JOB, {"job": job_id, "error": f"export: {exc}", "failure": failure, "now": now})
+                conn.execute(_FREE_DEVICE, {"device": device.name})
                 return None
+            if exported is None:  # a slow export is running: the job waits in the queue, its attempt uncounted
+                conn.execute(_HAND_BACK_JOB, {"job": job_id, "lease": lease_id})
+                conn.execute(_FREE_DEVICE, {"device": device.name})
+                return None
+            artifact = exported
         provider = device.attributes.get("provider")
         return JobLease(
             job_id=job_id,
@@ -225,17 +234,19 @@ class Leases:
                 url=f"/api/v1/artifacts/{row.sha256}")
         return ref
 
-    def _exported(self, session: Session, job_id: int, architecture_id: int, runtime: Runtime) -> ArtifactRef:
-        """An architecture job's artifact, exported in the runtime's format on first use."""
-        artifact = materialise(session, self.store, session.get_one(Architecture, architecture_id),
-                               ARTIFACT_FORMATS[runtime])
+    def _exported(self, session: Session, job_id: int, architecture_id: int, runtime: Runtime) -> ArtifactRef | None:
+        """An architecture job's artifact, exported in the runtime's format on first use; None while
+        a slow export of it runs. Raises ExportUnavailable when the format's exporter is missing."""
+        fmt = ARTIFACT_FORMATS[runtime]
+        problem = export_problem(fmt)
+        if problem is not None:
+            raise ExportUnavailable(problem)
+        arch = session.get_one(Architecture, architecture_id)
+        if export_pending(session, self.store, arch, fmt):
+            return None
+        artifact = materialise(session, self.store, arch, fmt)
         session.execute(update(Job).where(Job.id == job_id).values(artifact_sha256=artifact.sha256))
         return self._artifact(session.connection(), artifact.sha256)
-
-
-    def _fail_unexportable(self, conn: Connection, job_id: int, device: str, error: str) -> None:
-        conn.execute(_FAIL_JOB, {"job": job_id, "error": error, "now": utcnow()})
-        conn.execute(_FREE_DEVICE, {"device": device})
 
 
 def _most_urgent(session: Session, agent_id: int, named: tuple[int, int, int] | None,

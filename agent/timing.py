@@ -228,6 +228,9 @@ def measure(
             pass_fds=(watchdog_read,),
             start_new_session=True,  # a terminal Ctrl-C reaches the agent, which decides; not the child
         )
+    except BaseException:
+        os.close(watchdog_write)
+        raise
     finally:
         os.close(watchdog_read)
     stdout = stderr = b""

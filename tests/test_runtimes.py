@@ -211,6 +211,7 @@ def _registered(api: httpx.Client, device: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # pre-training the base predictor on a loaded 2-core machine took over 10 min
 @pytest.mark.parametrize("runtime", [
     pytest.param("openvino", marks=needs_runtime("openvino")),
     pytest.param("litert", marks=[needs_runtime("litert"), needs_litert_export]),

@@ -42,7 +42,7 @@ from predictor.export import export_onnx, export_tflite  # noqa: E402
 from predictor.spaces import get_space  # noqa: E402
 from server.client import FarmClient  # noqa: E402
 from server.db import upgrade  # noqa: E402
-from server.local import running_agent, running_server  # noqa: E402
+from server.cli.local import running_agent, running_server  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 ADMIN_TOKEN = "agreement-bench-admin"

@@ -38,7 +38,7 @@ from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.local import free_port, server_process, temporary_postgres_database  # noqa: E402
+from server.cli.local import free_port, server_process, temporary_postgres_database  # noqa: E402
 
 ADMIN_TOKEN = "dispatch-bench-admin"
 CAPABILITIES = {"hostname": "bench", "cpu_model": "simulated", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",

@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from predictor.spaces import get_space  # noqa: E402
-from server.local import free_port, server_process  # noqa: E402
+from server.cli.local import free_port, server_process  # noqa: E402
 
 ADMIN_TOKEN = "predict-bench-admin"
 DEVICE = "titan_rtx_256"
@@ -84,7 +84,7 @@ def whole_space_seconds(http: httpx.Client, devices: list[str]) -> list[float]:
 def while_pretraining(http: httpx.Client) -> tuple[list[float], str]:
     """Whole-space calls for fresh reference devices while a queued pre-training runs; the times
     and the task's state after them (it must have been running throughout)."""
-    base = http.get("/predictors", params={"space": "nb201"}).json()[-1]
+    base = http.get("/predictors", params={"space": "nb201"}).json()["items"][-1]
     others = [d for d in base["training_devices"] if d != DEVICE]
     task = http.post("/predictors/pretrain", json={"space": "nb201"}).json()
     while http.get(f"/tasks/{task['id']}").json()["status"] == "queued":

@@ -344,7 +344,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         search_s = time.perf_counter() - started
         feasible = [c for c in seen.values() if c.ms + args.confidence * c.unc <= args.budget_ms]
         front = pareto_front(feasible)
-        predictor = next((p for p in farm.request("GET", "/predictors", params={"space": SPACE})
+        predictor = next((p for p in farm.request("GET", "/predictors", params={"space": SPACE})["items"]
                           if p["id"] == oracle.predictor.get("id")), None)
 
         jobs: dict[str, dict[str, Any]] = {}

@@ -9,8 +9,10 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from predictor.spaces import SearchSpace
+if TYPE_CHECKING:  # the server's settings read `find_datasets` and must not load torch
+    from predictor.spaces import SearchSpace
 
 ENV_VAR = "LATFARM_DATASETS"
 

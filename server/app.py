@@ -27,18 +27,18 @@ from server.api import (
     tokens,
 )
 from server.auth import TokenCache
+from server.background.reaper import Reaper
+from server.background.training_worker import TrainingWorker
+from server.background.wakeup import JobWakeup
 from server.context import Services
 from server.db import make_engine, make_session_factory, normalise_url
 from server.errors import BodySizeLimit, install_error_handlers
 from server.logs import RequestId, configure_worker_logging
 from server.ratelimit import RateLimiter
+from server.services import onboarding
+from server.services.answer_cache import PredictorCache
 from server.services.artifacts import ArtifactStore
 from server.services.leasing import Leases
-from server.services import onboarding
-from server.services.predictors import PredictorCache
-from server.services.reaper import Reaper
-from server.services.wakeup import JobWakeup
-from server.services.worker import TrainingWorker
 from server.settings import Settings, get_settings
 from server.ui import router as ui_router
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.auth import TokenCache
+from server.background.wakeup import JobWakeup
 from server.ratelimit import RateLimiter
+from server.services.answer_cache import PredictorCache
 from server.services.artifacts import ArtifactStore
 from server.services.leasing import Leases
-from server.services.predictors import PredictorCache
-from server.services.wakeup import JobWakeup
 from server.settings import Settings
 
 

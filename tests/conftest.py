@@ -3,24 +3,15 @@ uvicorn server on a free port in front of it."""
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
-from typing import Any
-from pathlib import Path
 
 import httpx
 import pytest
 
-from predictor.datasets import find_datasets
+from server.cli.local import running_server, temporary_postgres_database, worker_process
 from server.db import upgrade
-from server.local import running_server, temporary_postgres_database, worker_process
 from server.settings import Settings
-
-POSTGRES_ADMIN_URL = os.environ.get("LATFARM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-DATASETS = find_datasets()
-ADMIN_TOKEN = "test-admin-token"
-
+from tests.helpers import ADMIN_TOKEN, DATASETS, POSTGRES_ADMIN_URL
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
@@ -87,25 +78,3 @@ def imported(settings: Settings) -> Settings:
     return settings
 
 
-def wait_until(predicate, timeout_s: float = 120, poll_s: float = 0.3):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"condition not met within {timeout_s} s")
-
-
-def pretrained(api: httpx.Client, space: str = "nb201") -> dict[str, Any]:
-    """The newest base predictor of `space`; pre-trains one through the API (and the server's
-    training worker) when there is none."""
-    bases = [p for p in api.get("/predictors", params={"space": space}).json() if p["kind"] == "base"]
-    if bases:
-        return bases[-1]
-    task = api.post("/predictors/pretrain", json={"space": space})
-    assert task.status_code == 202, task.text
-    done = wait_until(lambda: (t := api.get(f"/tasks/{task.json()['id']}").json())["status"] in ("done", "failed") and t,
-                      900, 1.0)
-    assert done["status"] == "done", done
-    return api.get(f"/predictors/{done['predictor_id']}").json()

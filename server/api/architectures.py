@@ -6,10 +6,11 @@ from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import select
 
 from server.api.deps import Db, ServicesDep
+from server.api.pagination import Cursor, page
 from server.auth import READ, SUBMIT
 from server.errors import NotFound
 from server.models import Architecture
-from server.schemas import INT_MAX, ArchitectureIn, ArchitectureOut, ArtifactOut, Page, RowId
+from server.schemas import ArchitectureIn, ArchitectureOut, ArtifactOut, Page, RowId
 from server.services.artifacts import materialise
 from server.services.catalog import canonical_key, ensure_architecture, resolve_space, space_row
 
@@ -24,15 +25,12 @@ def architecture_out(arch: Architecture) -> ArchitectureOut:
 def list_architectures(
     session: Db,
     space: str,
-    cursor: int = Query(0, ge=0, le=INT_MAX, description="id after which the page starts"),
+    cursor: Cursor = 0,
     limit: int = Query(1000, ge=1, le=10_000),
 ) -> Page[ArchitectureOut]:
     space_id = space_row(session, resolve_space(space)).id
-    rows = session.scalars(
-        select(Architecture).where(Architecture.space_id == space_id, Architecture.id > cursor)
-        .order_by(Architecture.id).limit(limit)
-    ).all()
-    return Page(items=[architecture_out(a) for a in rows], next_cursor=rows[-1].id if len(rows) == limit else None)
+    query = select(Architecture).where(Architecture.space_id == space_id)
+    return page(session, query, Architecture.id, cursor, limit, architecture_out)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[SUBMIT])

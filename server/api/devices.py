@@ -6,21 +6,23 @@ from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 from sqlalchemy import exists, select
 
 from server.api.deps import Db, ServicesDep
-from server.auth import ADMIN, READ, SUBMIT
 from server.api.onboardings import onboarding_out
+from server.api.pagination import Cursor, page
+from server.auth import ADMIN, READ, SUBMIT
 from server.errors import Conflict
 from server.models import Architecture, Device, Job, Measurement
-from server.schemas import DeviceIn, DeviceOut, DevicePatch, ExplainOut, OnboardIn, OnboardingOut
+from server.schemas import DeviceIn, DeviceOut, DevicePatch, ExplainOut, OnboardIn, OnboardingOut, Page
 from server.services import onboarding as onboarding_service
-from server.services import predictors as predictor_service
+from server.services import prediction
 from server.services.catalog import get_device, resolve_space, space_row
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
 
 @router.get("", dependencies=[READ])
-def list_devices(session: Db, space: str | None = Query(None, description="only devices measured in this space")) -> list[DeviceOut]:
-    query = select(Device).order_by(Device.name)
+def list_devices(session: Db, space: str | None = Query(None, description="only devices measured in this space"),
+                 cursor: Cursor = 0, limit: int = Query(1000, ge=1, le=10_000)) -> Page[DeviceOut]:
+    query = select(Device)
     if space is not None:
         space_id = space_row(session, resolve_space(space)).id
         query = query.where(
@@ -28,7 +30,7 @@ def list_devices(session: Db, space: str | None = Query(None, description="only 
             .where(Measurement.device_id == Device.id)
             .where(Measurement.architecture_id.in_(select(Architecture.id).where(Architecture.space_id == space_id)))
         )
-    return [DeviceOut.model_validate(device) for device in session.scalars(query)]
+    return page(session, query, Device.id, cursor, limit, DeviceOut.model_validate)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[ADMIN])
@@ -59,7 +61,7 @@ def explain_device(name: str, session: Db, services: ServicesDep, space: str = "
     """Which reference devices this device resembles, and what each operation costs on it compared
     with them, from its newest adapted predictor."""
     device = get_device(session, name, "name")
-    return predictor_service.explanation(session, services.predictors, device, resolve_space(space))
+    return prediction.explanation(session, services.predictors, device, resolve_space(space))
 
 
 @router.get("/{name:path}", dependencies=[READ])

@@ -12,7 +12,7 @@ from server.api.deps import ServicesDep
 from server.auth import PREDICT, Principal
 from server.errors import Error
 from server.schemas import PredictIn, PredictOut
-from server.services.predictors import PredictQuery, predict_batch, predict_from_memory
+from server.services.prediction import PredictQuery, predict_batch, predict_from_memory
 
 router = APIRouter(prefix="/api/v1", tags=["predict"])
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
 from sqlalchemy import select
 
 from server.api.deps import Db
+from server.api.pagination import Cursor, page
 from server.auth import ADMIN, READ
 from server.errors import NotFound
 from server.models import Predictor
-from server.schemas import PredictorOut, PretrainIn, RowId, TaskOut
+from server.schemas import Page, PredictorOut, PretrainIn, RowId, TaskOut
 from server.services import training_queue
-from server.services.predictors import NO_CHECKPOINT
 from server.services.catalog import resolve_space, space_row
+from server.services.predictors import NO_CHECKPOINT
 
 router = APIRouter(prefix="/api/v1/predictors", tags=["predictors"])
 
@@ -25,11 +26,12 @@ def predictor_out(row: Predictor) -> PredictorOut:
 
 
 @router.get("", dependencies=[READ])
-def list_predictors(session: Db, space: str | None = None) -> list[PredictorOut]:
-    query = select(Predictor).options(NO_CHECKPOINT).order_by(Predictor.id)
+def list_predictors(session: Db, space: str | None = None, cursor: Cursor = 0,
+                    limit: int = Query(100, ge=1, le=1000)) -> Page[PredictorOut]:
+    query = select(Predictor).options(NO_CHECKPOINT)
     if space is not None:
         query = query.where(Predictor.space_id == space_row(session, resolve_space(space)).id)
-    return [predictor_out(row) for row in session.scalars(query)]
+    return page(session, query, Predictor.id, cursor, limit, predictor_out)
 
 
 @router.get("/{predictor_id}", dependencies=[READ])

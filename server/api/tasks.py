@@ -6,24 +6,25 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select
 
 from server.api.deps import Db
+from server.api.pagination import Cursor, page
 from server.auth import READ
 from server.errors import NotFound
 from server.models import TaskKind, TaskStatus, TrainingTask
-from server.schemas import RowId, TaskOut
+from server.schemas import Page, RowId, TaskOut
 
 router = APIRouter(prefix="/api/v1/tasks", tags=["predictors"])
 
 
 @router.get("", dependencies=[READ])
 def list_tasks(session: Db, status: TaskStatus | None = None, kind: TaskKind | None = None,
-               limit: int = Query(100, ge=1, le=1000)) -> list[TaskOut]:
+               cursor: Cursor = 0, limit: int = Query(100, ge=1, le=1000)) -> Page[TaskOut]:
     """The newest tasks first."""
-    query = select(TrainingTask).order_by(TrainingTask.id.desc()).limit(limit)
+    query = select(TrainingTask)
     if status is not None:
         query = query.where(TrainingTask.status == status)
     if kind is not None:
         query = query.where(TrainingTask.kind == kind)
-    return [TaskOut.model_validate(task) for task in session.scalars(query)]
+    return page(session, query, TrainingTask.id, cursor, limit, TaskOut.model_validate, newest_first=True)
 
 
 @router.get("/{task_id}", dependencies=[READ])

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import secrets
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
 from sqlalchemy import select
 
 from server.api.deps import Db, ServicesDep
+from server.api.pagination import Cursor, page
 from server.auth import ADMIN, hash_token
 from server.errors import NotFound
 from server.models import ClientToken, utcnow
-from server.schemas import ClientTokenIn, ClientTokenOut, RowId
+from server.schemas import ClientTokenIn, ClientTokenOut, Page, RowId
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"], dependencies=[ADMIN])
 
@@ -32,8 +33,8 @@ def create_token(body: ClientTokenIn, session: Db) -> ClientTokenOut:
 
 
 @router.get("")
-def list_tokens(session: Db) -> list[ClientTokenOut]:
-    return [_out(row) for row in session.scalars(select(ClientToken).order_by(ClientToken.id))]
+def list_tokens(session: Db, cursor: Cursor = 0, limit: int = Query(100, ge=1, le=1000)) -> Page[ClientTokenOut]:
+    return page(session, select(ClientToken), ClientToken.id, cursor, limit, _out)
 
 
 @router.delete("/{token_id}")

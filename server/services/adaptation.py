@@ -15,6 +15,7 @@ from predictor.spaces import get_space
 from server.models import Architecture, Job, Measurement, Onboarding, OnboardingStatus, TrainingTask
 from server.services import onboarding as onboarding_service
 from server.services import predictors
+from server.services.answer_cache import PredictorCache
 from server.services.predictors import Sample
 from server.settings import Settings
 
@@ -25,7 +26,7 @@ MAX_VALIDATION = 2000
 _ACTIVE_ONBOARDING = (OnboardingStatus.measuring, OnboardingStatus.adapting)
 
 
-def run(session: Session, settings: Settings, cache: predictors.PredictorCache, task: TrainingTask) -> int | None:
+def run(session: Session, settings: Settings, cache: PredictorCache, task: TrainingTask) -> int | None:
     """The adapted predictor's id; None when a re-adaptation had nothing to do."""
     space = get_space(task.space.name)
     base = predictors.latest_base(session, space)

@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 
 from agent.protocol import Preset
 from predictor.spaces import get_space
+from server.background.wakeup import jobs_changed
 from server.models import Device, DeviceState, Job, JobKind, JobStatus, Predictor, PredictorStatus
 from server.services.catalog import ensure_architecture
-from server.services.wakeup import jobs_changed
 from server.settings import Settings
 
 CANARY_SPACE = "nb201"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -12,8 +13,10 @@ from sqlalchemy.orm import Session
 
 from agent.protocol import ARTIFACT_FORMATS, PROTOCOL_VERSION, HeartbeatResponse, Preset, Runtime
 from server import metrics
+from server.background.wakeup import jobs_changed
 from server.errors import Conflict, Forbidden, Invalid, NotFound
 from server.models import (
+    Artifact,
     Device,
     DeviceState,
     Job,
@@ -23,9 +26,15 @@ from server.models import (
     as_utc,
     utcnow,
 )
+from server.schemas import JobIn, JobOut
 from server.services import selectors, training_queue
 from server.services.artifacts import export_problem
-from server.services.wakeup import jobs_changed
+from server.services.catalog import (
+    canonical_key,
+    ensure_architecture,
+    get_device,
+    resolve_space,
+)
 from server.settings import Settings
 
 FINISHED = (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
@@ -41,6 +50,66 @@ class Target:
 
     architecture_id: int | None = None
     artifact_sha256: str | None = None
+
+
+def describe(fields: Mapping[str, Any]) -> JobOut:
+    """A job's answer, from its columns and names labelled as `JobOut` fields: the one builder,
+    for jobs loaded as ORM objects (`describe_job`) and as rows of the result path alike."""
+    return JobOut.model_validate(fields)
+
+
+def describe_job(session: Session, job: Job) -> JobOut:
+    """`describe` for a job loaded as an ORM object."""
+    measurement = job.measurement
+    return describe({
+        **{column: getattr(job, column) for column in _JOB_COLUMNS},
+        "device": job.device.name if job.device else None,
+        "space": job.architecture.space.name if job.architecture else None,
+        "architecture": job.architecture.key if job.architecture else None,
+        "queue_position": queue_position(session, job),
+        "latency_ms": measurement.latency_ms if measurement else None,
+        "flags": measurement.flags if measurement else None,
+    })
+
+
+_JOB_COLUMNS = ("id", "kind", "selector", "artifact_sha256", "preset", "priority", "status", "attempts", "error",
+                "failure_class", "measurement_id", "reused", "created_at", "started_at", "finished_at")
+
+
+def get_job(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}", "job_id")
+    return job
+
+
+def submit_request(session: Session, settings: Settings, body: JobIn) -> Job:
+    """A user's submission: the architecture registered (canonical key) or the artifact checked."""
+    if body.architecture is not None:
+        assert body.space is not None
+        space = resolve_space(body.space)
+        target = Target(architecture_id=ensure_architecture(session, space, canonical_key(space, body.architecture)).id)
+    else:
+        if session.get(Artifact, body.artifact) is None:
+            raise NotFound(f"no artifact {body.artifact}; upload it first (POST /api/v1/artifacts)", "artifact")
+        target = Target(artifact_sha256=body.artifact)
+    return submit(
+        session, settings, target, device=get_device(session, body.device) if body.device else None,
+        selector=body.selector, preset=body.preset, priority=body.priority, force=body.force,
+        queue_deadline_s=body.queue_deadline_s, run_timeout_s=body.run_timeout_s,
+    )
+
+
+def cancel(job: Job) -> bool:
+    """Cancel a queued job at once; a running one is told to stop at its next heartbeat. True when
+    the job ended now (its onboarding may be complete)."""
+    if job.status == JobStatus.queued:
+        job.status, job.finished_at = JobStatus.cancelled, utcnow()
+        return True
+    if job.status == JobStatus.running:
+        job.cancel_requested = True
+        return False
+    raise Conflict(f"job {job.id} is already {job.status.value}", "job_id")
 
 
 def submit(session: Session, settings: Settings, target: Target, *, device: Device | None = None,

@@ -20,13 +20,13 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-
 from sqlalchemy import Connection, Row, and_, bindparam, case, exists, null, or_, select, union_all, update
 from sqlalchemy.orm import Session, aliased
 
 from agent.protocol import ARTIFACT_FORMATS, PRESETS, ArtifactFormat, ArtifactRef, JobLease, Preset, Runtime
 from predictor.export import ExportUnavailable
 from server import metrics
+from server.background.wakeup import device_taken, jobs_changed
 from server.models import (
     Agent,
     AgentDevice,
@@ -43,7 +43,6 @@ from server.models import (
 from server.services import selectors
 from server.services.artifacts import ArtifactStore, export_pending, export_problem, materialise
 from server.services.jobs import FREED_STATE
-from server.services.wakeup import device_taken, jobs_changed
 from server.settings import Settings
 
 #: how many queued selector jobs one claim looks through for one its devices match

@@ -17,6 +17,7 @@ from server.db import session_scope
 from server.errors import Conflict, Invalid
 from server.models import Architecture, Device, Job, JobStatus, Onboarding, OnboardingStatus, Predictor, utcnow
 from server.services import jobs, predictors, training_queue
+from server.services.answer_cache import PredictorCache
 from server.services.catalog import ensure_architecture, space_row
 from server.settings import Settings
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 ACTIVE_STEP = 5
 
 
-def start(session: Session, settings: Settings, cache: predictors.PredictorCache, device: Device, space: SearchSpace,
+def start(session: Session, settings: Settings, cache: PredictorCache, device: Device, space: SearchSpace,
           samples: int, sampler_name: str, preset: Preset, seed: int, budget: int | None = None,
           target_uncertainty: float | None = None) -> Onboarding:
     """Queue a job per sampler-chosen architecture; valid earlier measurements are reused."""

@@ -1,11 +1,10 @@
-"""Predictor registry: pre-train, adapt, pick the predictor for a device, cache loaded models."""
+"""Predictor registry: pre-train and adapt predictors, store them as versions, pick the one that
+serves a device."""
 
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,37 +13,19 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer, sessionmaker
 
-import torch
-
 from predictor import LatencyPredictor
-from predictor.explain import explain
 from predictor.reference import Row
 from predictor.spaces import SearchSpace
 from server.db import session_scope
 from server.errors import Conflict, Invalid, NotFound
 from server.models import Architecture, Device, Measurement, Predictor, PredictorKind, PredictorStatus, as_utc
-from server.schemas import ExplainOut, PredictIn, PredictOut
 from server.services import scoring
-from server.services.catalog import canonical_key, get_device, resolve_space, space_row
+from server.services.answer_cache import PredictorCache
+from server.services.catalog import space_row
 from server.services.datasets import IMPORTED, iter_reference_rows
 
-MAX_BATCH = 100_000
 #: picking a predictor reads its row, not its checkpoint (megabytes; loaded once into the cache)
 NO_CHECKPOINT = defer(Predictor.checkpoint)
-#: seconds the predictor picked for a (space, device) is reused without asking the database: a
-#: new predictor of the device is served this long after it is stored at the latest
-PICK_TTL_S = 1.0
-
-
-@dataclass(frozen=True)
-class Pick:
-    """The predictor that answers for a device: what a /predict answer says of it."""
-
-    predictor_id: int
-    version: int
-    kind: PredictorKind
-    status: PredictorStatus
-    device: str
 
 
 @dataclass(frozen=True)
@@ -54,104 +35,6 @@ class Sample:
     key: str
     ms: float
     measured_at: datetime
-
-
-class PredictorCache:
-    """Loaded predictors by id (deserialising a checkpoint costs more than a whole-space predict),
-    and their answers: a predictor is frozen once stored, so what it said of an architecture on a
-    device stays true, and NAS clients ask about the same architectures again and again."""
-
-    def __init__(self, capacity: int = 16, answers_per_device: int = 200_000, torch_threads: int = 1) -> None:
-        self.capacity = capacity
-        self.answers_per_device = answers_per_device
-        self.torch_threads = torch_threads
-        self._pinned = threading.local()
-        self._items: OrderedDict[int, LatencyPredictor] = OrderedDict()
-        #: (predictor id, device) -> {architecture key: (ms, uncertainty ms)}
-        self._answers: OrderedDict[tuple[int, str], dict[str, tuple[float, float]]] = OrderedDict()
-        #: (space, device, named predictor id) -> (monotonic expiry, pick)
-        self._picks: dict[tuple[str, str, int | None], tuple[float, Pick]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, row: Predictor) -> LatencyPredictor:
-        return self.model(row.id, lambda: row.checkpoint)
-
-    def model(self, predictor_id: int, checkpoint: Callable[[], bytes]) -> LatencyPredictor:
-        """The loaded predictor; `checkpoint` is read only when it is not in memory yet."""
-        with self._lock:
-            if predictor_id in self._items:
-                self._items.move_to_end(predictor_id)
-                return self._items[predictor_id]
-        model = LatencyPredictor.load(checkpoint())
-        with self._lock:
-            self._items[predictor_id] = model
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        return model
-
-    def predict(self, row: Predictor, device: str, keys: list[str]) -> tuple[list[float], list[float]]:
-        """Latency and uncertainty (ms) of each key on `device`; only unseen keys reach the model."""
-        return self.answer(row.id, device, keys, lambda: row.checkpoint)
-
-    def answer(self, predictor_id: int, device: str, keys: list[str],
-               checkpoint: Callable[[], bytes]) -> tuple[list[float], list[float]]:
-        answers = self._answers_of(predictor_id, device)
-        unseen = [key for key in dict.fromkeys(keys) if key not in answers]
-        fresh: dict[str, tuple[float, float]] = {}
-        if unseen:
-            self.pin_torch_threads()
-            ms, std = self.model(predictor_id, checkpoint).predict(unseen, device=device)
-            fresh = dict(zip(unseen, zip(ms.tolist(), std.tolist())))
-            self._remember(predictor_id, device, answers, fresh)
-        pairs = [fresh[key] if key in fresh else answers[key] for key in keys]
-        return [ms for ms, _ in pairs], [std for _, std in pairs]
-
-    def remembered(self, pick: Pick, keys: list[str]) -> tuple[list[float], list[float]] | None:
-        """The answers for `keys` if every one is already known, without touching the model."""
-        with self._lock:
-            answers = self._answers.get((pick.predictor_id, pick.device))
-        if answers is None:
-            return None
-        try:
-            pairs = [answers[key] for key in keys]
-        except KeyError:
-            return None
-        return [ms for ms, _ in pairs], [std for _, std in pairs]
-
-    def pick(self, space: str, device: str, predictor_id: int | None) -> Pick | None:
-        found = self._picks.get((space, device, predictor_id))
-        return found[1] if found is not None and found[0] > time.monotonic() else None
-
-    def remember_pick(self, space: str, device: str, predictor_id: int | None, pick: Pick) -> None:
-        if len(self._picks) > self.capacity * 64:  # many devices: forget them all rather than grow
-            self._picks = {}
-        self._picks[(space, device, predictor_id)] = (time.monotonic() + PICK_TTL_S, pick)
-
-    def pin_torch_threads(self) -> None:
-        """Set torch's thread count in the calling thread: OpenMP keeps it per thread, so the count
-        set at start-up does not reach request or worker threads. Unpinned, the server's NB201
-        pre-training on a busy 2-core host was 91 % done after 10 minutes; pinned, it took 79 s."""
-        if getattr(self._pinned, "threads", None) != self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
-            self._pinned.threads = self.torch_threads
-
-    def _answers_of(self, predictor_id: int, device: str) -> dict[str, tuple[float, float]]:
-        with self._lock:
-            answers = self._answers.setdefault((predictor_id, device), {})
-            self._answers.move_to_end((predictor_id, device))
-            while len(self._answers) > self.capacity * 4:
-                self._answers.popitem(last=False)
-            return answers
-
-    def _remember(self, predictor_id: int, device: str, answers: dict[str, tuple[float, float]],
-                  fresh: dict[str, tuple[float, float]]) -> None:
-        """Add `fresh` to `answers`, or start over from it when that would pass the cap (a new dict:
-        concurrent readers keep the one they hold)."""
-        if len(answers) + len(fresh) <= self.answers_per_device:
-            answers.update(fresh)
-            return
-        with self._lock:
-            self._answers[(predictor_id, device)] = dict(fresh)
 
 
 def _next_version(session: Session, space_id: int, device_id: int | None) -> int:
@@ -287,72 +170,3 @@ def predictor_for(session: Session, space: SearchSpace, device: Device, predicto
         f"(POST /api/v1/devices/{device.name}/onboard) or pre-train on it",
         "device",
     )
-
-
-def explanation(session: Session, cache: PredictorCache, device: Device, space: SearchSpace) -> ExplainOut:
-    """What the device's newest adapted predictor says of it."""
-    row = predictor_for(session, space, device, None)
-    if row.kind is not PredictorKind.adapted:
-        raise Conflict(f"device {device.name!r} has no adapted predictor in space {space.name!r}: onboard it first",
-                       "name")
-    found = explain(cache.get(row))
-    return ExplainOut(device=device.name, space=space.name, predictor_id=row.id, architectures=found.architectures,
-                      resembles=found.resembles, op_costs=found.op_costs)
-
-
-@dataclass(frozen=True)
-class PredictQuery:
-    """A /predict request, checked and with canonical keys (every key of the space for "all")."""
-
-    space: SearchSpace
-    device: str
-    predictor_id: int | None
-    keys: list[str]
-
-    @classmethod
-    def of(cls, request: PredictIn) -> "PredictQuery":
-        space = resolve_space(request.space)
-        if request.architectures == "all":
-            try:
-                keys = list(space.enumerate())
-            except NotImplementedError as exc:
-                raise Invalid(f"{exc}; list the architectures instead", "architectures") from exc
-        else:
-            keys = [canonical_key(space, key, f"architectures.{i}") for i, key in enumerate(request.architectures)]
-        if len(keys) > MAX_BATCH:
-            raise Invalid(f"at most {MAX_BATCH} architectures per call", "architectures")
-        return cls(space, request.device, request.predictor_id, keys)
-
-
-def predict_from_memory(cache: PredictorCache, query: PredictQuery) -> PredictOut | None:
-    """The answer when the predictor pick and every answer are in memory (no I/O, no model): what
-    NAS clients asking about the same architectures again and again get; None otherwise."""
-    pick = cache.pick(query.space.name, query.device, query.predictor_id)
-    if pick is None:
-        return None
-    found = cache.remembered(pick, query.keys)
-    return None if found is None else _answer(query, pick, *found)
-
-
-def predict_batch(sessions: sessionmaker[Session], cache: PredictorCache, query: PredictQuery) -> PredictOut:
-    pick = cache.pick(query.space.name, query.device, query.predictor_id)
-    if pick is None:
-        with session_scope(sessions) as session:
-            device = get_device(session, query.device)
-            row = predictor_for(session, query.space, device, query.predictor_id)
-            pick = Pick(row.id, row.version, row.kind, row.status, device.name)
-        cache.remember_pick(query.space.name, query.device, query.predictor_id, pick)
-    ms, std = cache.answer(pick.predictor_id, pick.device, query.keys,
-                           lambda: _checkpoint(sessions, pick.predictor_id))
-    return _answer(query, pick, ms, std)
-
-
-def _checkpoint(sessions: sessionmaker[Session], predictor_id: int) -> bytes:
-    with session_scope(sessions) as session:
-        return session.scalars(select(Predictor.checkpoint).where(Predictor.id == predictor_id)).one()
-
-
-def _answer(query: PredictQuery, pick: Pick, ms: list[float], std: list[float]) -> PredictOut:
-    return PredictOut(device=pick.device, space=query.space.name, predictor_id=pick.predictor_id,
-                      predictor_version=pick.version, predictor_kind=pick.kind, predictor_status=pick.status,
-                      architectures=query.keys, latency_ms=ms, uncertainty_ms=std)

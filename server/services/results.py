@@ -12,11 +12,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Row, bindparam, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
-from agent.protocol import INFRASTRUCTURE_FAILURES, PRESETS, JobResult, Preset, ResultStatus
+from agent.protocol import (
+    INFRASTRUCTURE_FAILURES,
+    PRESETS,
+    JobResult,
+    Preset,
+    ResultStatus,
+)
 from agent.quality import quality_flags
 from server import metrics
+from server.background.wakeup import jobs_changed
+from server.db import session_scope
 from server.errors import Conflict
 from server.models import (
     Architecture,
@@ -29,10 +38,18 @@ from server.models import (
     as_utc,
     utcnow,
 )
-from server.schemas import JobOut
+from server.schemas import JobOut, ResultOut
 from server.services import health
-from server.services.jobs import FINISHED, FREED_STATE, check_lease, queue_position, readapt_later, retry
-from server.services.wakeup import jobs_changed
+from server.services.jobs import (
+    FINISHED,
+    FREED_STATE,
+    check_lease,
+    describe,
+    queue_position,
+    readapt_later,
+    retry,
+)
+from server.services.leasing import Leases
 from server.settings import Settings
 
 #: the job, locked, with the names its description shows (labelled as `JobOut` fields)
@@ -70,6 +87,29 @@ class Recorded:
     job: JobOut
     #: the job's onboarding, once the job finished (it may have been the onboarding's last)
     finished_onboarding: int | None
+
+
+def record_and_lease_next(sessions: sessionmaker[Session], leases: Leases, settings: Settings, agent_id: int,
+                          job_id: int, result: JobResult, lease_next: bool) -> tuple[ResultOut, int | None]:
+    """The job after its result (with `lease_next`, the agent's next lease too, in the same
+    transaction), and the job's onboarding if the job finished. One session, one thread hop."""
+    try:
+        return _record_in_session(sessions, leases, settings, agent_id, job_id, result, lease_next)
+    except IntegrityError:
+        if not lease_next:
+            raise
+    # the next lease lost a race for one of the agent's other devices: the result alone, then
+    return _record_in_session(sessions, leases, settings, agent_id, job_id, result, False)
+
+
+def _record_in_session(sessions: sessionmaker[Session], leases: Leases, settings: Settings, agent_id: int,
+                       job_id: int, result: JobResult, lease_next: bool) -> tuple[ResultOut, int | None]:
+    with session_scope(sessions) as session:
+        recorded = record_result(session, agent_id, job_id, result, settings)
+        session.flush()  # a canary's verdict, before the next claim reads the device's state
+        next_lease = leases.claim(session, agent_id) if lease_next else None
+        # both parts are validated already
+        return ResultOut.model_construct(**dict(recorded.job), next_lease=next_lease), recorded.finished_onboarding
 
 
 def record_result(session: Session, agent_id: int, job_id: int, result: JobResult, settings: Settings) -> Recorded:
@@ -131,7 +171,7 @@ def _retry(session: Session, job: Row[Any], result: JobResult, settings: Setting
 
 
 def _recorded(job: Row[Any], **changes: Any) -> Recorded:
-    described = JobOut.model_validate({**job._mapping, "queue_position": None, **changes})
+    described = describe({**job._mapping, "queue_position": None, **changes})
     return Recorded(described, job.onboarding_id if described.status in FINISHED else None)
 
 

@@ -11,7 +11,8 @@ from rich.progress import Progress
 from server.db import make_engine, make_session_factory, session_scope, upgrade
 from server.models import Predictor
 from server.schemas import ExplainOut, PredictIn, PredictOut
-from server.services import predictors
+from server.services import prediction, predictors
+from server.services.answer_cache import PredictorCache
 from server.services.catalog import get_device, resolve_space
 from server.services.datasets import ImportReport, import_datasets
 from server.settings import Settings
@@ -51,10 +52,10 @@ def pretrain_base(settings: Settings, space: str, devices: list[str] | None, see
 
 def explain_device(settings: Settings, device: str, space: str) -> ExplainOut:
     with session_scope(_sessions(settings)) as session:
-        return predictors.explanation(session, predictors.PredictorCache(), get_device(session, device),
+        return prediction.explanation(session, PredictorCache(), get_device(session, device),
                                       resolve_space(space))
 
 
 def predict_latencies(settings: Settings, device: str, space: str, architectures: list[str] | Literal["all"]) -> PredictOut:
-    query = predictors.PredictQuery.of(PredictIn(device=device, space=space, architectures=architectures))
-    return predictors.predict_batch(_sessions(settings), predictors.PredictorCache(), query)
+    query = prediction.PredictQuery.of(PredictIn(device=device, space=space, architectures=architectures))
+    return prediction.predict_batch(_sessions(settings), PredictorCache(), query)

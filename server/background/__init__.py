@@ -1,0 +1,2 @@
+"""What a server process runs beside its requests: the lease reaper, the training worker and the
+job wake-ups that end long polls."""

@@ -1,0 +1,108 @@
+"""`latfarm bench`: the few-shot latency prediction bench (wired in with
+`app.add_typer(bench_app, name="bench")`)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from server.cli.output import ExitCode, JsonFlag, emit, examples, fail, progress_bar
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against the published state of the art.",
+                        epilog=examples("latfarm bench predictor --quick"))
+
+DEFAULT_OUT = Path("docs/bench")
+QUICK_OUT = DEFAULT_OUT / "quick"
+
+
+def _ints(values: list[str], option: str) -> list[int]:
+    """`--k 5 10 20`, `--k 5 --k 10` and `--k 5,10,20` alike."""
+    out = []
+    for value in values:
+        for part in value.replace(",", " ").split():
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise typer.BadParameter(f"{option} takes integers, got {part!r}") from None
+    return out
+
+
+def _names(value: Optional[str]) -> Optional[list[str]]:
+    if not value:
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _cell(value: str) -> int | float | str | None:
+    """A summary.csv cell as JSON: a number, text, or null when empty."""
+    if not value:
+        return None
+    for number in (int, float):
+        try:
+            return number(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _summary(path: Path) -> list[dict[str, int | float | str | None]]:
+    with open(path, newline="") as handle:
+        return [{column: _cell(cell) for column, cell in row.items()} for row in csv.DictReader(handle)]
+
+
+@bench_app.command(
+    "predictor",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": False},
+    epilog=examples(
+        "# a smoke run in a few minutes (docs/bench/quick)",
+        "latfarm bench predictor --quick",
+        "latfarm bench predictor --tasks N0,F3 --k 5 10 20 --seeds 3 --threads 1",
+        "latfarm bench predictor --quick --json | jq '.summary[] | {task, ours_k20, nasflat}'",
+    ),
+)
+def predictor(
+    ctx: typer.Context,
+    tasks: Annotated[Optional[str], typer.Option(help="comma-separated tasks, e.g. N0,F3; default all twelve")] = None,
+    k: Annotated[Optional[list[str]], typer.Option("--k", help="measured samples per device: --k 5 10 20")] = None,
+    seeds: Annotated[int, typer.Option(help="seeds per (device, k)")] = 3,
+    methods: Annotated[Optional[str], typer.Option(help="comma-separated methods; default all")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output folder; default docs/bench (docs/bench/quick with --quick)")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="smoke run: N0, k 5 and 20, one seed, cheap pre-training")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="discard the rows already in --out instead of resuming")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy machine); default torch's")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Few-shot latency prediction on the MLSys 2024 tasks: ours vs baselines vs published NASFLAT.
+
+    Writes predictor.csv (raw rows, resumable), diagnostics.csv, summary.csv, predictor.md and
+    predictor.png to --out, and prints predictor.md (with --json: the counts and summary.csv's rows).
+    """
+    from predictor.bench import BenchMismatch, run_bench
+
+    ks = _ints([*(k or []), *ctx.args], "--k") or [5, 10, 20]
+    if seeds < 1:
+        raise typer.BadParameter("--seeds must be at least 1")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    out_dir = out or (QUICK_OUT if quick else DEFAULT_OUT)
+    with progress_bar() as bar:
+        job = bar.add_task("loading", total=None)
+
+        def report(done: int, total: int, description: str) -> None:
+            bar.update(job, completed=done, total=total or None, description=description)
+
+        try:
+            result = run_bench(_names(tasks), ks, seeds, _names(methods), out_dir, quick, report, fresh=fresh)
+        except BenchMismatch as exc:
+            fail(ExitCode.CONFLICT, str(exc))
+        except ValueError as exc:  # an unknown task or method, a k below 2
+            fail(ExitCode.INVALID, str(exc))
+    counts = (f"{result.rows_written} rows written, {result.rows_skipped} already there; "
+              f"pre-trained {', '.join(result.tasks_pretrained) or 'nothing'}")
+    emit({**vars(result), "summary": _summary(result.out_dir / "summary.csv")}, as_json,
+         f"{counts}\n{(result.out_dir / 'predictor.md').read_text()}")

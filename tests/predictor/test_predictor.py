@@ -1,0 +1,204 @@
+"""The predictor's Python API on a synthetic reference table with known structure."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from predictor import LatencyPredictor, TrainConfig, get_sampler, get_space
+from predictor.cost import analytic_cost
+from predictor.samplers import SAMPLERS, DefaultSampler
+from predictor.validation import held_out_devices, sampler_for, spearman
+
+TINY = TrainConfig(members=2, hidden=64, depth=2, epochs=20, sampler_folds=3)
+SPACE = get_space("nb201")
+
+
+def synthetic_ms(keys: list[str], op_cost: np.ndarray, overhead: float) -> np.ndarray:
+    """A device whose latency is an overhead plus a cost per live operation and per MAC."""
+    macs, _ = analytic_cost(SPACE, keys)
+    counts = np.asarray([np.bincount(SPACE.op_vec(k), minlength=5) for k in keys], dtype=np.float64)
+    return overhead + counts @ op_cost + macs / 5e7
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[list[str], list[tuple[str, str, float]]]:
+    keys = SPACE.sample(1500, seed=1)
+    rng = np.random.default_rng(0)
+    rows = []
+    for d in range(6):
+        ms = synthetic_ms(keys, rng.uniform(0.0, 1.0, 5), overhead=rng.uniform(1, 3))
+        rows += [(key, f"ref{d}", float(value)) for key, value in zip(keys, ms)]
+    return keys, rows
+
+
+@pytest.fixture(scope="module")
+def base(reference) -> LatencyPredictor:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return LatencyPredictor.pretrain(SPACE, reference[1], config=TINY)
+
+
+def test_pretrained_predictor_tracks_its_reference_devices(base: LatencyPredictor, reference) -> None:  # type: ignore[no-untyped-def]
+    keys, rows = reference
+    truth = [ms for key, device, ms in rows if device == "ref0"]
+    predicted, std = base.predict(keys, device="ref0")
+    assert spearmanr(predicted, truth).statistic > 0.8
+    assert np.all(std >= 0) and np.all(np.isfinite(predicted))
+    with pytest.raises(ValueError, match="reference device"):
+        base.predict(keys[:3], device="not-a-reference")
+
+
+def test_adaptation_learns_a_new_device_from_few_samples(base: LatencyPredictor) -> None:
+    held_out = SPACE.sample(400, seed=7)
+    new_cost = np.array([0.0, 0.05, 0.9, 0.2, 1.5])  # unlike any reference device
+    samples = SPACE.sample(20, seed=3)
+    measured = dict(zip(samples, synthetic_ms(samples, new_cost, overhead=0.5)))
+    device = base.adapt(measured, name="new")
+    predicted, std = device.predict(held_out)
+    truth = synthetic_ms(held_out, new_cost, overhead=0.5)
+    assert spearmanr(predicted, truth).statistic > 0.9
+    assert np.all(std > 0)
+    assert device.target is not None and device.target.samples == pytest.approx(measured)
+
+
+def test_adaptation_rejects_too_few_or_invalid_samples(base: LatencyPredictor) -> None:
+    key = SPACE.sample(1, seed=0)[0]
+    with pytest.raises(ValueError, match="at least 2"):
+        base.adapt({key: 1.0})
+    other = SPACE.sample(2, seed=5)
+    with pytest.raises(ValueError, match="positive finite"):
+        base.adapt({other[0]: 1.0, other[1]: float("nan")})
+
+
+def test_checkpoint_round_trip_with_weights_only(base: LatencyPredictor) -> None:
+    samples = SPACE.sample(12, seed=2)
+    device = base.adapt(dict(zip(samples, np.linspace(1, 3, 12))), name="dev")
+    buffer = io.BytesIO()
+    device.save(buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)  # no pickled code
+    assert state["format"].startswith("latfarm.predictor/")
+    loaded = LatencyPredictor.load(buffer.getvalue())
+    keys = SPACE.sample(50, seed=9)
+    np.testing.assert_allclose(loaded.predict(keys)[0], device.predict(keys)[0], rtol=1e-5)
+    assert loaded.target is not None and loaded.target.name == "dev"
+    with pytest.raises(ValueError, match="not a latfarm predictor"):
+        bad = io.BytesIO()
+        torch.save({"format": "something else"}, bad)
+        LatencyPredictor.load(bad.getvalue())
+
+
+@pytest.mark.parametrize("name", [*sorted(SAMPLERS), "default"])
+def test_samplers_are_deterministic_distinct_and_valid(name: str, base: LatencyPredictor) -> None:
+    sampler = get_sampler(name)
+    candidates = SPACE.sample(600, seed=4)
+    first = sampler.select(SPACE, 20, seed=11, predictor=base, candidates=candidates)
+    again = sampler.select(SPACE, 20, seed=11, predictor=base, candidates=candidates)
+    other = sampler.select(SPACE, 20, seed=12, predictor=base, candidates=candidates)
+    assert first == again
+    assert first != other
+    assert len(set(first)) == 20 and set(first) <= set(candidates)
+    with pytest.raises(ValueError, match="k must be"):
+        sampler.select(SPACE, 601, seed=0, predictor=base, candidates=candidates)
+
+
+def test_default_sampler_is_known() -> None:
+    default = get_sampler("default")
+    assert isinstance(default, DefaultSampler) and default.resolve(20) in SAMPLERS  # no predictor: the fallback
+    with pytest.raises(ValueError, match="unknown sampler"):
+        get_sampler("nope")
+
+
+def test_pretraining_chooses_the_default_sampler_on_held_out_reference_devices(
+    reference, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    keys, rows = reference
+    few = set(keys[:400])
+    rows = [row for row in rows if row[1] != "ref5" and row[0] in few]  # ref5: a device never seen
+    fitted: list[set[str]] = []
+    original = LatencyPredictor._fit.__func__  # type: ignore[attr-defined]
+
+    def recording_fit(cls, space, table, **kwargs):  # type: ignore[no-untyped-def]
+        fitted.append(set(table.devices))
+        return original(cls, space, table, **kwargs)
+
+    monkeypatch.setattr(LatencyPredictor, "_fit", classmethod(recording_fit))
+    config = TrainConfig(members=1, hidden=32, depth=2, epochs=8, sampler_folds=3)
+    first = LatencyPredictor.pretrain(SPACE, rows, config=config, seed=3)
+    references = {f"ref{d}" for d in range(5)}
+    held_out = held_out_devices(sorted(references), 3, seed=3)
+    assert fitted[0] == references  # the base, then one fold per held-out reference device
+    assert fitted[1:] == [references - {device} for device in held_out]
+    assert set(first.preferred_samplers) == {5, 10, 20}
+    assert set(first.preferred_samplers.values()) <= set(SAMPLERS)
+    assert all(0 < rho <= 1 for per_k in first.sampler_scores.values() for rho in per_k.values())
+    again = LatencyPredictor.pretrain(SPACE, rows, config=config, seed=3)
+    assert again.preferred_samplers == first.preferred_samplers
+    assert again.sampler_scores == first.sampler_scores
+    # without folds (or with a single reference device) no choice is made
+    single = [row for row in rows if row[1] == "ref0"]
+    assert LatencyPredictor.pretrain(SPACE, single, config=config).preferred_samplers == {}
+    assert LatencyPredictor.pretrain(SPACE, rows, config=TrainConfig(members=1, epochs=2, sampler_folds=0)).sampler_scores == {}
+
+
+def test_default_sampler_follows_the_checkpointed_preference(base: LatencyPredictor) -> None:
+    candidates = SPACE.sample(600, seed=4)
+    for choice in ("random", "stratified"):
+        chosen = LatencyPredictor.load(base.to_bytes())  # a copy: the fixture is shared
+        chosen.preferred_samplers = {5: "stratified" if choice == "random" else "random", 20: choice}
+        loaded = LatencyPredictor.load(chosen.to_bytes())
+        assert loaded.preferred_samplers == chosen.preferred_samplers
+        assert loaded.sampler_scores == base.sampler_scores
+        picked = get_sampler("default").select(SPACE, 16, seed=2, predictor=loaded, candidates=candidates)
+        assert picked == get_sampler(choice).select(SPACE, 16, seed=2, predictor=loaded, candidates=candidates)
+        adapted = loaded.adapt(dict(zip(picked, np.linspace(1, 2, 16))))
+        assert adapted.preferred_samplers == chosen.preferred_samplers  # carried to adapted predictors
+
+
+def test_sampler_for_takes_the_nearest_validated_count() -> None:
+    preferred = {5: "a", 10: "b", 20: "c"}
+    assert [sampler_for(preferred, k) for k in (2, 5, 7, 8, 10, 14, 15, 20, 100)] == list("aaabbbccc")
+    assert sampler_for({}, 20) is None
+    assert held_out_devices(["x"], 5, 0) == [] and held_out_devices(list("abc"), 0, 0) == []
+    assert held_out_devices(list("abc"), 5, 0) == list("abc")
+    picked = held_out_devices(list("abcdefgh"), 3, 1)
+    assert len(picked) == 3 and picked == held_out_devices(list("abcdefgh"), 3, 1)
+
+
+def test_spearman_matches_scipy_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 6, 200).astype(float), rng.normal(size=200)
+    b[:50] = np.round(b[:50])
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
+
+
+def test_older_checkpoints_load_without_a_preference(base: LatencyPredictor) -> None:
+    state = base.state()
+    state["format"] = "latfarm.predictor/2"
+    del state["preferred_samplers"], state["sampler_scores"]
+    del state["config"]["sampler_folds"]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    loaded = LatencyPredictor.load(buffer.getvalue())
+    assert loaded.preferred_samplers == {} and loaded.sampler_scores == {}
+    assert DefaultSampler().resolve(20, loaded) == "stratified"
+
+
+def test_served_answers_are_the_models_for_seen_and_unseen_keys(base: LatencyPredictor) -> None:
+    from server.models import Predictor
+    from server.services.answer_cache import PredictorCache
+
+    cache = PredictorCache(answers_per_device=3)  # a tiny cap: the second call starts over
+    row = Predictor(id=1, checkpoint=base.to_bytes())
+    device = base.reference_devices[0]
+    keys = get_space("nb201").sample(4, seed=5)
+    cache.predict(row, device, keys[:2])
+    batch = [keys[1], keys[2], keys[0], keys[2], keys[3]]
+    ms, std = cache.predict(row, device, batch)
+    truth_ms, truth_std = base.predict(batch, device=device)  # float32: a batch's make-up moves the last digits
+    assert ms == pytest.approx(truth_ms.tolist(), rel=1e-4) and std == pytest.approx(truth_std.tolist(), rel=1e-4)
+    assert ms[1] == ms[3] and ms[0] == cache.predict(row, device, [keys[1]])[0][0]

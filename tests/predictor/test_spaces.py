@@ -1,0 +1,300 @@
+"""The search spaces: keys, sampling, encodings, networks and their ONNX export."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from predictor.datasets import find_datasets
+from predictor.spaces import SPACES, InvalidArchitecture, SearchSpace, UnknownSpace, get_space
+from tests.helpers import NB201_KEY, REPO
+
+DATASETS = find_datasets()
+
+FBNET_KEY = "|".join(["k3_e1", "k3_e1_g2", "k5_e6", "skip", "k5_e1_g2", "k3_e3"] * 3 + ["skip", "k3_e6", "k5_e3", "skip"])
+OFA_ARCH = {"ks": [3, 5, 7, 3] * 5, "e": [3, 4, 6, 4] * 5, "d": [2, 3, 4, 2, 3], "r": 128}
+OFA_KEY = json.dumps(OFA_ARCH, sort_keys=True, separators=(",", ":"))
+KEYS = {"nb201": NB201_KEY, "fbnet": FBNET_KEY, "ofa": OFA_KEY}
+N_CLASSES = {"nb201": 10, "fbnet": 1000, "ofa": 1000}
+
+
+def dataset(name: str) -> Path:
+    return DATASETS / name
+
+
+def read_csv(name: str) -> list[dict[str, str]]:
+    with open(dataset(name), newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(params=SPACES)
+def space(request: pytest.FixtureRequest) -> SearchSpace:
+    return get_space(request.param)
+
+
+# --- registry -------------------------------------------------------------------------------
+
+def test_registry_returns_singletons_and_rejects_unknown_names() -> None:
+    assert SPACES == ("nb201", "fbnet", "ofa")
+    assert all(get_space(name) is get_space(name) and get_space(name).name == name for name in SPACES)
+    with pytest.raises(UnknownSpace, match="nb201, fbnet, ofa"):
+        get_space("darts")
+    assert issubclass(UnknownSpace, ValueError)
+
+
+# --- keys against the reference datasets ---------------------------------------------------
+
+def test_nb201_keys_match_dataset() -> None:
+    space = get_space("nb201")
+    rows = read_csv("nb201_archs.csv")
+    for row in rows:
+        key = row["arch_str"]
+        assert space.canonical(key) == key
+        assert space.op_vec(key) == tuple(int(d) for d in row["op_vec"])
+        assert space.from_op_vec(space.op_vec(key)) == key
+        assert space.is_connected(key) == (row["connected"] == "True")
+    listed = list(space.enumerate())
+    assert len(listed) == len(set(listed)) == space.size() == 15625
+    assert set(listed) == {row["arch_str"] for row in rows}
+
+
+def test_fbnet_keys_match_dataset() -> None:
+    space = get_space("fbnet")
+    for row in read_csv("fbnet_archs.csv"):
+        key = row["ops"]
+        assert space.canonical(key) == key
+        assert space.op_vec(key) == tuple(int(d) for d in row["op_vec"])
+        assert space.from_op_vec(space.op_vec(key)) == key
+
+
+def test_ofa_keys_match_dataset() -> None:
+    space = get_space("ofa")
+    with open(dataset("ofa_archs.jsonl")) as handle:
+        for line in handle:
+            record = json.loads(line)
+            del record["ofa_idx"]
+            key = space.canonical(json.dumps(record))
+            assert key == json.dumps(record, sort_keys=True, separators=(",", ":"))
+            assert space.canonical(key) == key
+            assert space.input_shape_of(key) == (3, record["r"], record["r"])
+
+
+def test_ofa_canonical_normalises_layout_and_keeps_inactive_blocks() -> None:
+    space = get_space("ofa")
+    loose = json.dumps({"r": OFA_ARCH["r"], "d": OFA_ARCH["d"], "e": OFA_ARCH["e"], "ks": OFA_ARCH["ks"]}, indent=2)
+    assert space.canonical(loose) == OFA_KEY
+    other_inactive = dict(OFA_ARCH, ks=[3, 5, 7, 7] + OFA_ARCH["ks"][4:])  # block 3 of stage 0 is inactive (d=2)
+    assert space.canonical(json.dumps(other_inactive)) != OFA_KEY
+    assert np.array_equal(space.features([json.dumps(other_inactive)]), space.features([OFA_KEY]))
+
+
+# --- malformed keys ----------------------------------------------------------------------------
+
+MALFORMED = [
+    ("nb201", "", "3 nodes"),
+    ("nb201", NB201_KEY + "+|none~0|", "3 nodes"),
+    ("nb201", NB201_KEY.replace("nor_conv_3x3", "conv_5x5", 1), "unknown operation 'conv_5x5'"),
+    ("nb201", NB201_KEY.replace("avg_pool_3x3~1", "avg_pool_3x3~0"), "must be 'op~1'"),
+    ("nb201", NB201_KEY.replace("|+|nor_conv_3x3~0|avg_pool_3x3~1|", "|+|nor_conv_3x3~0|"), "2 input edge"),
+    ("nb201", NB201_KEY.strip("|"), "must be written"),
+    ("nb201", NB201_KEY.replace("~2", ""), "must be 'op~2'"),
+    ("fbnet", FBNET_KEY + "|skip", "22 operations"),
+    ("fbnet", FBNET_KEY.replace("k3_e6", "k7_e6"), "unknown operation 'k7_e6' in block 19"),
+    ("fbnet", FBNET_KEY.replace("|", ","), "22 operations"),
+    ("ofa", "not json", "not JSON"),
+    ("ofa", "[1, 2]", "JSON object"),
+    ("ofa", json.dumps({**OFA_ARCH, "ofa_idx": 3}), "unknown: ofa_idx"),
+    ("ofa", json.dumps({k: v for k, v in OFA_ARCH.items() if k != "d"}), "missing: d"),
+    ("ofa", json.dumps({**OFA_ARCH, "ks": [3] * 19}), "'ks' must be a list of 20"),
+    ("ofa", json.dumps({**OFA_ARCH, "e": [3] * 19 + [5]}), "e[19] must be one of [3, 4, 6]"),
+    ("ofa", json.dumps({**OFA_ARCH, "d": [2, 3, 4, 2, True]}), "d[4]"),
+    ("ofa", json.dumps({**OFA_ARCH, "r": 130}), "'r' must be one of 128..224"),
+    ("ofa", json.dumps({**OFA_ARCH, "r": 256}), "'r'"),
+    ("ofa", OFA_KEY[:-1] + ',"r":132}', "appears twice"),
+]
+
+
+@pytest.mark.parametrize(("name", "key", "message"), MALFORMED)
+def test_malformed_keys_are_rejected_with_a_reason(name: str, key: str, message: str) -> None:
+    space = get_space(name)
+    with pytest.raises(InvalidArchitecture, match=message.replace("[", r"\[").replace("]", r"\]")):
+        space.canonical(key)
+    assert not space.is_valid(key)
+
+
+def test_valid_keys(space: SearchSpace) -> None:
+    assert space.is_valid(KEYS[space.name])
+    assert space.canonical(KEYS[space.name]) == KEYS[space.name]
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+def test_sample_is_reproducible_distinct_and_canonical(space: SearchSpace) -> None:
+    keys = space.sample(200, seed=7)
+    assert keys == space.sample(200, seed=7)
+    assert keys != space.sample(200, seed=8)
+    assert len(set(keys)) == 200
+    assert all(space.canonical(key) == key for key in keys)
+    assert space.sample(0, seed=7) == []
+    with pytest.raises(ValueError):
+        space.sample(-1, seed=7)
+
+
+def test_nb201_sample_can_take_the_whole_space() -> None:
+    space = get_space("nb201")
+    assert set(space.sample(space.size(), seed=0)) == set(space.enumerate())
+    with pytest.raises(ValueError):
+        space.sample(space.size() + 1, seed=0)
+
+
+def test_space_sizes() -> None:
+    assert get_space("fbnet").size() == 9**22
+    assert get_space("ofa").size() == 3**20 * 3**20 * 3**5 * 25
+    with pytest.raises(NotImplementedError):
+        next(get_space("fbnet").enumerate())
+
+
+# --- encodings ---------------------------------------------------------------------------------
+
+def check_graph_invariants(space: SearchSpace, key: str, n_nodes: int) -> np.ndarray:
+    graph = space.graph(key)
+    assert graph.ops.shape == (n_nodes,) and graph.ops.dtype == np.int64
+    assert graph.adjacency.shape == (n_nodes, n_nodes) and graph.adjacency.dtype == np.float32
+    assert np.array_equal(graph.adjacency, np.triu(graph.adjacency, k=1))
+    assert space.op_names[graph.ops[0]] == "input" and space.op_names[graph.ops[-1]] == "output"
+    assert graph.adjacency[:, 1:].sum(axis=0).min() >= 1  # every node but the input has a predecessor
+    assert graph.adjacency[:-1].sum(axis=1).min() >= 1  # every node but the output has a successor
+    return graph.ops
+
+
+def test_nb201_graph() -> None:
+    space = get_space("nb201")
+    ops = check_graph_invariants(space, NB201_KEY, 8)
+    names = [space.op_names[i] for i in ops]
+    assert names == ["input", "nor_conv_3x3", "nor_conv_3x3", "avg_pool_3x3",
+                     "skip_connect", "nor_conv_3x3", "skip_connect", "output"]
+    expected = {(0, 1), (0, 2), (0, 4), (1, 3), (1, 5), (2, 6), (3, 6), (4, 7), (5, 7), (6, 7)}
+    assert {tuple(e) for e in np.argwhere(space.graph(NB201_KEY).adjacency)} == expected
+
+
+def test_chain_graphs() -> None:
+    fbnet, ofa = get_space("fbnet"), get_space("ofa")
+    ops = check_graph_invariants(fbnet, FBNET_KEY, 24)
+    assert "|".join(fbnet.op_names[i] for i in ops[1:-1]) == FBNET_KEY
+    ops = check_graph_invariants(ofa, OFA_KEY, 22)
+    assert [ofa.op_names[i] for i in ops[1:5]] == ["k3_e3", "k5_e4", "skip", "skip"]  # d[0] = 2
+    assert [ofa.op_names[i] for i in ops[17:21]] == ["k3_e3", "k5_e4", "k7_e6", "skip"]  # d[4] = 3
+    assert np.array_equal(fbnet.graph(FBNET_KEY).adjacency, np.eye(24, k=1))
+
+
+def test_features_shape_and_dtype(space: SearchSpace) -> None:
+    keys = space.sample(5, seed=1)
+    features = space.features(keys)
+    assert features.shape == (5, space.feature_dim) and features.dtype == np.float32
+    assert np.isfinite(features).all()
+    assert space.features([]).shape == (0, space.feature_dim)
+    assert len({row.tobytes() for row in features}) == 5
+
+
+def test_nb201_features() -> None:
+    space = get_space("nb201")
+    features = space.features([NB201_KEY, "|none~0|+|none~0|skip_connect~1|+|none~0|none~1|none~2|"])
+    assert features.shape == (2, 40)
+    assert np.array_equal(features[0, :30].reshape(6, 5).argmax(axis=1), space.op_vec(NB201_KEY))
+    assert features[0, -1] == 1 and features[1, -1] == 0  # connected
+    assert features[1, 35:39].sum() == 0  # no live edges
+
+
+def test_ofa_features() -> None:
+    features = get_space("ofa").features([OFA_KEY])[0]
+    blocks = features[:120].reshape(20, 6)
+    assert blocks.sum(axis=1).tolist() == [2, 2, 0, 0, 2, 2, 2, 0, 2, 2, 2, 2, 2, 2, 0, 0, 2, 2, 2, 0]
+    assert features[120:135].reshape(5, 3).argmax(axis=1).tolist() == [0, 1, 2, 0, 1]
+    assert features[135] == 0  # r = 128
+
+
+# --- networks and ONNX export --------------------------------------------------------------------
+
+def test_build_and_forward(space: SearchSpace) -> None:
+    import torch
+
+    key = KEYS[space.name]
+    model = space.build(key)
+    assert not model.training
+    with torch.no_grad():
+        output = model(space.example_input(key, batch_size=2))
+    assert output.shape == (2, N_CLASSES[space.name])
+
+
+def onnx_outputs_match_torch(space: SearchSpace, key: str, data: bytes) -> None:
+    import onnx
+    import onnxruntime
+    import torch
+
+    model = onnx.load_from_string(data)
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["output"]
+    assert model.opset_import[0].version >= 17
+    x = space.example_input(key)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = space.build(key)(x).numpy()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {"input": x.numpy()})
+    # Untrained NB201 cells can sum skip paths into large activations: compare relative to scale.
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_export_runs_in_onnxruntime_and_is_deterministic(name: str) -> None:
+    from predictor.export import export_onnx
+
+    space, key = get_space(name), KEYS[name]
+    data = export_onnx(space, key)
+    assert export_onnx(space, key) == data
+    onnx_outputs_match_torch(space, key, data)
+
+
+@pytest.mark.parametrize("key", [
+    "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+    "|nor_conv_1x1~0|+|none~0|none~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|",
+])
+def test_nb201_export_with_none_edges(key: str) -> None:
+    from predictor.export import export_onnx
+
+    onnx_outputs_match_torch(get_space("nb201"), key, export_onnx(get_space("nb201"), key))
+
+
+def test_export_is_identical_across_processes() -> None:
+    from predictor.export import export_onnx
+
+    script = (
+        "import hashlib; from predictor.export import export_onnx; from predictor.spaces import get_space; "
+        f"print(hashlib.sha256(export_onnx(get_space('nb201'), {NB201_KEY!r})).hexdigest())"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": str(REPO)}
+    child = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == hashlib.sha256(export_onnx(get_space("nb201"), NB201_KEY)).hexdigest()
+
+
+def test_export_leaves_torch_global_state_alone() -> None:
+    import torch
+
+    from predictor.export import export_onnx
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(42)
+    before = torch.rand(1)
+    torch.manual_seed(42)
+    export_onnx(get_space("nb201"), NB201_KEY)
+    assert torch.equal(torch.rand(1), before)
+    assert torch.get_num_threads() == threads

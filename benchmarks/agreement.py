@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,9 @@ from agent.protocol import ARTIFACT_FORMATS, Runtime  # noqa: E402
 from agent.timing import choose_cpus  # noqa: E402
 from predictor.export import export_onnx, export_tflite  # noqa: E402
 from predictor.spaces import get_space  # noqa: E402
+from server.cli.local import running_agent, running_server  # noqa: E402
 from server.client import FarmClient  # noqa: E402
 from server.db import upgrade  # noqa: E402
-from server.cli.local import running_agent, running_server  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 ADMIN_TOKEN = "agreement-bench-admin"
@@ -139,6 +140,17 @@ def _ms(pattern: str, text: str) -> float:
     return float(match.group(1))
 
 
+def agent_timing(farm: FarmClient, device: str, sha256: str, preset: str) -> tuple[float, float]:
+    """(median, min) in ms of the agent's measurement of an uploaded artifact."""
+    job = farm.request("POST", "/jobs", json={"device": device, "artifact": sha256, "preset": preset, "force": True})
+    [done] = farm.wait_for_jobs([job["id"]])
+    if done["status"] != "done":
+        raise RuntimeError(f"agent job failed: {done}")
+    page = farm.request("GET", "/measurements", params={"device": device})
+    [measured] = [m for m in page["items"] if m["job_id"] == job["id"]]
+    return float(done["latency_ms"]), float(measured["stats"]["min_ms"])
+
+
 def _lower(x: tuple[float, float], y: tuple[float, float]) -> tuple[float, float]:
     """(median, min) of two runs: the lower of each."""
     return min(x[0], y[0]), min(x[1], y[1])
@@ -158,19 +170,8 @@ def agent_vs_tool(args: argparse.Namespace, keys: list[str], workdir: Path, sett
             model = exported(cache, key, fmt)
             sha = farm.request("POST", "/artifacts", content=model.read_bytes())["sha256"]
 
-            def by_agent() -> tuple[float, float]:
-                job = farm.request("POST", "/jobs", json={"device": device, "artifact": sha, "preset": args.preset,
-                                                          "force": True})
-                [done] = farm.wait_for_jobs([job["id"]])
-                if done["status"] != "done":
-                    raise RuntimeError(f"agent job failed: {done}")
-                page = farm.request("GET", "/measurements", params={"device": device})
-                [measured] = [m for m in page["items"] if m["job_id"] == job["id"]]
-                return float(done["latency_ms"]), float(measured["stats"]["min_ms"])
-
-            def by_tool() -> tuple[float, float]:
-                return vendor_tool(runtime, model, 1, cpus)
-
+            by_agent = partial(agent_timing, farm, device, sha, args.preset)
+            by_tool = partial(vendor_tool, runtime, model, 1, cpus)
             # ABBA, then BAAB: the lower of each side's two medians is the one a burst of load disturbed less
             if index % 2 == 0:
                 a1, t1, t2, a2 = by_agent(), by_tool(), by_tool(), by_agent()

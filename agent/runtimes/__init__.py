@@ -35,6 +35,7 @@ def load_backend(runtime: Runtime, settings: LoadSettings) -> Backend:
     installed or cannot run here as asked."""
     module = runtime_module(runtime)
     try:
-        return module.Backend(settings)  # type: ignore[no-any-return]
+        backend: Backend = module.Backend(settings)
+        return backend
     except ImportError as exc:
         raise RuntimeUnavailable(f"{runtime.value} cannot be imported ({exc}); install {module.INSTALL}") from exc

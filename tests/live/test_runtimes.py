@@ -196,7 +196,8 @@ def server_without_litert_torch(tmp_path: Path) -> Iterator[str]:
 def test_litert_job_without_the_export_extra_names_what_to_install(server_without_litert_torch: str) -> None:
     with httpx.Client(base_url=f"{server_without_litert_torch}/api/v1", timeout=60,
                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as api:
-        assert api.post("/devices", json={"name": "pi5-litert-4t", "runtime": "litert", "threads": 4}).status_code == 201
+        device = api.post("/devices", json={"name": "pi5-litert-4t", "runtime": "litert", "threads": 4})
+        assert device.status_code == 201, device.text
         job = api.post("/jobs", json={"device": "pi5-litert-4t", "space": "nb201", "architecture": NB201_KEY})
     assert job.status_code == 422, job.text
     assert "litert-torch" in job.text and "latfarm[server-litert]" in job.text

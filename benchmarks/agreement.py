@@ -37,12 +37,15 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import httpx  # noqa: E402
+
 from agent.protocol import ARTIFACT_FORMATS, Runtime  # noqa: E402
 from agent.timing import choose_cpus  # noqa: E402
+from latfarm import FarmClient, Job  # noqa: E402
+from latfarm.models import Preset  # noqa: E402
 from predictor.export import export_onnx, export_tflite  # noqa: E402
 from predictor.spaces import get_space  # noqa: E402
 from server.cli.local import running_agent, running_server  # noqa: E402
-from server.client import FarmClient  # noqa: E402
 from server.db import upgrade  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
@@ -70,24 +73,24 @@ print(json.dumps({"median_ms": float(np.median(times)), "min_ms": min(times)}))
 """
 
 
-def measure_on(url: str, device: str, keys: list[str], preset: str, workdir: Path) -> list[dict]:
+def measure_on(url: str, device: str, keys: list[str], preset: Preset, workdir: Path) -> list[Job]:
     agent_dir = workdir / device
     agent_dir.mkdir()
     with running_agent(url, ADMIN_TOKEN, device, 1, agent_dir), FarmClient(url, ADMIN_TOKEN) as farm:
         farm.wait_for_device(device)
-        return farm.wait_for_jobs(farm.submit(device, SPACE, keys, preset))
+        return farm.measure(device, SPACE, keys, preset)
 
 
 def two_agents(args: argparse.Namespace, keys: list[str], workdir: Path, settings: Settings) -> None:
     with running_server(settings) as url:
         a = measure_on(url, "agree-a", keys, args.preset, workdir)
         b = measure_on(url, "agree-b", keys, args.preset, workdir)
-    pairs = [(x["latency_ms"], y["latency_ms"]) for x, y in zip(a, b) if x["status"] == y["status"] == "done"]
+    pairs = [(x.latency_ms, y.latency_ms) for x, y in zip(a, b) if x.status == y.status == "done"]
     la, lb = np.asarray(pairs).T
     ratio = float(np.median(la / lb))
     rho = float(spearmanr(la, lb).statistic)
-    flagged_a = sum(bool(job["flags"]) for job in a)
-    flagged_b = sum(bool(job["flags"]) for job in b)
+    flagged_a = sum(bool(job.flags) for job in a)
+    flagged_b = sum(bool(job.flags) for job in b)
     print(f"agreement: archs={len(pairs)} preset={args.preset} median_ratio={ratio:.4f} rho={rho:.4f} "
           f"flagged_a={flagged_a} flagged_b={flagged_b}")
 
@@ -140,15 +143,16 @@ def _ms(pattern: str, text: str) -> float:
     return float(match.group(1))
 
 
-def agent_timing(farm: FarmClient, device: str, sha256: str, preset: str) -> tuple[float, float]:
-    """(median, min) in ms of the agent's measurement of an uploaded artifact."""
-    job = farm.request("POST", "/jobs", json={"device": device, "artifact": sha256, "preset": preset, "force": True})
-    [done] = farm.wait_for_jobs([job["id"]])
-    if done["status"] != "done":
+def agent_timing(farm: FarmClient, api: httpx.Client, device: str, sha256: str,
+                 preset: Preset) -> tuple[float, float]:
+    """(median, min) in ms of the agent's measurement of an uploaded artifact (the minimum from the
+    measurement's stats, which the client does not read)."""
+    [done] = farm.wait_for_jobs([farm.submit_artifact(device, sha256, preset, force=True)])
+    if done.status != "done" or done.latency_ms is None:
         raise RuntimeError(f"agent job failed: {done}")
-    page = farm.request("GET", "/measurements", params={"device": device})
-    [measured] = [m for m in page["items"] if m["job_id"] == job["id"]]
-    return float(done["latency_ms"]), float(measured["stats"]["min_ms"])
+    page = api.get("/measurements", params={"device": device}).raise_for_status().json()
+    [measured] = [m for m in page["items"] if m["job_id"] == done.id]
+    return done.latency_ms, float(measured["stats"]["min_ms"])
 
 
 def _lower(x: tuple[float, float], y: tuple[float, float]) -> tuple[float, float]:
@@ -164,13 +168,14 @@ def agent_vs_tool(args: argparse.Namespace, keys: list[str], workdir: Path, sett
     cpus = choose_cpus(1) or [0]  # the CPU the agent pins its measurement child to
     pairs: list[tuple[float, float, float, float]] = []
     with running_server(settings) as url, FarmClient(url, ADMIN_TOKEN) as farm, \
+            httpx.Client(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as api, \
             running_agent(url, ADMIN_TOKEN, device, 1, workdir, ["--runtime", runtime.value, "--poll-wait", "1"]):
         farm.wait_for_device(device)
         for index, key in enumerate(keys):
             model = exported(cache, key, fmt)
-            sha = farm.request("POST", "/artifacts", content=model.read_bytes())["sha256"]
+            sha = farm.upload_artifact(model.read_bytes()).sha256
 
-            by_agent = partial(agent_timing, farm, device, sha, args.preset)
+            by_agent = partial(agent_timing, farm, api, device, sha, args.preset)
             by_tool = partial(vendor_tool, runtime, model, 1, cpus)
             # ABBA, then BAAB: the lower of each side's two medians is the one a burst of load disturbed less
             if index % 2 == 0:

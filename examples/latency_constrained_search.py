@@ -17,8 +17,8 @@ parameter count is the usual training-free baseline of the zero-cost-proxy liter
 `--proxy synflow` is SynFlow (Tanaka et al., 2020), log10 of the data-free saliency sum; it builds
 each network with PyTorch and therefore needs torch and latfarm's `predictor` package.
 
-Needs only the farm's HTTP client (httpx, rich) and a client token with the `read`, `predict`
-and `submit` scopes:
+Needs only the farm's client (`pip install 'latfarm[client]'`: httpx, pydantic; rich for the
+tables) and a client token with the `read`, `predict` and `submit` scopes:
 
     python examples/latency_constrained_search.py --server http://farm:8000 --token T \\
         --device rpi4-ort-1t-b1 --budget-ms 5 --generations 20 --population 32
@@ -37,7 +37,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.client import FarmClient, FarmError
+from latfarm import FarmClient, FarmError, Job
+from latfarm.models import Preset
 
 SPACE = "nb201"
 #: NB201 operations (ids are positions) and the cell's edges (source, target) in arch-string order
@@ -175,14 +176,12 @@ class Oracle:
         started = time.perf_counter()
         # the first answer names the predictor; later calls pin it, so that one search sees one
         # predictor even if the server re-adapts the device's meanwhile
-        answer = self.farm.request("POST", "/predict", json={
-            "device": self.device, "space": SPACE, "architectures": [arch_key(ops) for ops in new],
-            "predictor_id": self.predictor.get("id")})
+        answer = self.farm.predict(self.device, SPACE, [arch_key(ops) for ops in new], self.predictor.get("id"))
         self.seconds += time.perf_counter() - started
         self.requests += 1
         self.scored += len(new)
-        self.predictor = {key: answer[f"predictor_{key}"] for key in ("id", "version", "kind")}
-        for ops, key, ms, unc in zip(new, answer["architectures"], answer["latency_ms"], answer["uncertainty_ms"]):
+        self.predictor = {"id": answer.predictor_id, "version": answer.predictor_version, "kind": answer.predictor_kind}
+        for ops, key, ms, unc in zip(new, answer.architectures, answer.latency_ms, answer.uncertainty_ms):
             assert key == arch_key(ops), (key, arch_key(ops))
             self.cache[ops] = (float(ms), float(unc))
 
@@ -255,13 +254,11 @@ def spread(front: Sequence[Candidate], n: int) -> list[Candidate]:
     return [front[round(i * (len(front) - 1) / (n - 1))] for i in range(n)]
 
 
-def measure(farm: FarmClient, device: str, keys: Sequence[str], preset: str, deadline_s: float,
-            log: Callable[[str], None]) -> list[dict[str, Any]]:
-    ids = [farm.request("POST", "/jobs", json={"device": device, "space": SPACE, "architecture": key,
-                                               "preset": preset, "queue_deadline_s": deadline_s})["id"]
-           for key in keys]
-    log(f"submitted {len(ids)} measurement jobs to {device} ({preset} preset); waiting for the agent")
-    return farm.wait_for_jobs(ids)
+def measure(farm: FarmClient, device: str, keys: Sequence[str], preset: Preset, deadline_s: float,
+            log: Callable[[str], None]) -> list[Job]:
+    jobs = farm.submit(device, SPACE, keys, preset, queue_deadline_s=deadline_s)
+    log(f"submitted {len(jobs)} measurement jobs to {device} ({preset} preset); waiting for the agent")
+    return farm.wait_for_jobs(jobs)
 
 
 def ranks_of(values: Sequence[float]) -> list[float]:
@@ -333,35 +330,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     proxy, proxy_label = PROXIES[args.proxy]
     with FarmClient(args.server, args.token) as farm:
-        if args.verify:
-            device = farm.device(args.device)
-            if device is None or not device["agents"]:
-                raise FarmError(f"no agent serves device {args.device!r}, so the Pareto set cannot be measured; "
-                                "start one (latfarm-agent) or pass --no-verify")
+        if args.verify and not farm.device(args.device).agents:
+            raise FarmError(f"no agent serves device {args.device!r}, so the Pareto set cannot be measured; "
+                            "start one (latfarm-agent) or pass --no-verify")
         oracle = Oracle(farm, args.device)
         started = time.perf_counter()
         seen = search(oracle, proxy, args, log)
         search_s = time.perf_counter() - started
         feasible = [c for c in seen.values() if c.ms + args.confidence * c.unc <= args.budget_ms]
         front = pareto_front(feasible)
-        predictor = next((p for p in farm.request("GET", "/predictors", params={"space": SPACE})["items"]
-                          if p["id"] == oracle.predictor.get("id")), None)
+        predictor = farm.predictor(oracle.predictor["id"]) if oracle.predictor else None
 
-        jobs: dict[str, dict[str, Any]] = {}
+        jobs: dict[str, Job] = {}
         if args.verify and front:
             chosen = spread(front, args.verify_max)
-            for job in measure(farm, args.device, [c.key for c in chosen], args.preset, args.queue_deadline_s, log):
-                jobs[job["architecture"]] = job
+            measured_jobs = measure(farm, args.device, [c.key for c in chosen], args.preset, args.queue_deadline_s, log)
+            jobs = {c.key: job for c, job in zip(chosen, measured_jobs)}
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for c in front:
         job = jobs.get(c.key)
-        measured = job["latency_ms"] if job and job["status"] == "done" else None
+        measured = job.latency_ms if job and job.status == "done" else None
         rows.append({
             "arch": c.key, "proxy": c.proxy, "predicted_ms": c.ms, "uncertainty_ms": c.unc,
-            "verified": job is not None, "job_id": job["id"] if job else None,
-            "job_status": job["status"] if job else None, "reused_measurement": job["reused"] if job else None,
-            "flags": job["flags"] if job else None, "measured_ms": measured,
+            "verified": job is not None, "job_id": job.id if job else None,
+            "job_status": job.status if job else None, "reused_measurement": job.reused if job else None,
+            "flags": job.flags if job else None, "measured_ms": measured,
             "meets_budget_measured": None if measured is None else measured <= args.budget_ms,
         })
     verified = [r for r in rows if r["measured_ms"] is not None]
@@ -372,16 +366,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         "proxy": args.proxy, "proxy_label": proxy_label, "seed": args.seed, "verify": args.verify,
         "generations": args.generations, "population": args.population, "children": args.children,
         "predictor": {**oracle.predictor,
-                      "device_measurements": (predictor or {}).get("metrics", {}).get("samples")},
+                      "device_measurements": predictor.metrics.get("samples") if predictor else None},
         "predictor_calls": {"http_requests": oracle.requests, "architectures_scored": oracle.scored,
                             "seconds": round(oracle.seconds, 3)},
         "search": {"seconds": round(search_s, 3), "architectures_visited": len(seen), "feasible": len(feasible),
                    "best": None if best is None else {"arch": best.key, "proxy": best.proxy, "predicted_ms": best.ms}},
         "measurements": {
             "jobs_submitted": len(jobs),
-            "done": sum(j["status"] == "done" for j in jobs.values()),
-            "failed": sum(j["status"] != "done" for j in jobs.values()),
-            "reused": sum(bool(j["reused"]) for j in jobs.values()),
+            "done": sum(j.status == "done" for j in jobs.values()),
+            "failed": sum(j.status != "done" for j in jobs.values()),
+            "reused": sum(j.reused for j in jobs.values()),
         },
         "pareto_size": len(front),
         "pareto": rows,

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import torch
 from anyio import to_thread
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from server import __version__
 from server.api import (
@@ -93,7 +94,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reaper.stop()
             services.wakeup.stop()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI's and ReDoc's scripts from this server, not from a CDN: they
+    # work on a lab network without internet
+    app = FastAPIOffline(
         title="latfarm",
         version=__version__,
         summary="Latency measurement farm and few-shot latency predictor for hardware-aware NAS",

@@ -26,8 +26,13 @@ def download_artifact(session: Db, services: ServicesDep, sha256: str = Sha256) 
     return FileResponse(path, media_type="application/octet-stream", filename=f"{sha256}.{artifact.format}")
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, dependencies=[SUBMIT],
-             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
+# the route reads the raw body itself, so the OpenAPI document learns of it here; without a schema
+# client generators drop the upload
+ONNX_BODY = {"requestBody": {"required": True, "description": "the ONNX model's bytes", "content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, dependencies=[SUBMIT], openapi_extra=ONNX_BODY)
 async def upload_artifact(request: Request, session: Db, services: ServicesDep) -> ArtifactOut:
     """Upload an ONNX model or a LiteRT (.tflite) flatbuffer (raw bytes); it is checked (onnx.checker,
     or loaded by the LiteRT interpreter) before it is stored."""

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from agent.protocol import Runtime
 from server.cli.bench import bench_app
-from server.cli.output import EXIT_CODE_SUMMARY, FarmGroup, JsonFlag, emit, examples, progress_bar
+from server.cli.output import EXIT_CODE_SUMMARY, FarmGroup, JsonFlag, emit, examples, progress_bar, track
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -165,13 +165,13 @@ def onboard(
 
     Waits until the predictor is ready; exits 8 when the onboarding failed.
     """
-    from server.client import FarmClient
+    from latfarm import FarmClient
 
     with FarmClient(server, token or None) as client, progress_bar() as progress:
-        result = client.onboard(device, space, samples, sampler, progress, budget=budget,
-                                target_uncertainty=target_uncertainty)
-    emit(result, as_json, f"onboarding {result['id']}: {device} is served by predictor {result['predictor_id']} "
-         f"({result['jobs_done']} of {result['jobs_total']} measurements)")
+        result = client.onboard(device, space, samples, sampler, budget=budget, target_uncertainty=target_uncertainty,
+                                on_progress=track(progress, f"onboard {device}"))
+    emit(result, as_json, f"onboarding {result.id}: {device} is served by predictor {result.predictor_id} "
+         f"({result.jobs_done} of {result.jobs_total} measurements)")
 
 
 @app.command(epilog=examples(

@@ -12,10 +12,10 @@ from scipy.stats import spearmanr
 
 from agent.capabilities import default_device_name
 from agent.protocol import Runtime
+from latfarm import FarmClient
 from predictor.spaces import get_space
 from server.cli.local import running_agent, running_server
-from server.cli.output import progress_bar
-from server.client import FarmClient
+from server.cli.output import progress_bar, track
 from server.services.runtime import import_reference_datasets, pretrain_base
 from server.settings import Settings
 
@@ -72,19 +72,20 @@ def run_demo(out: Path, samples: int, check: int, seed: int, console: Console,
         console.print(f"agent registered device [bold]{device}[/] at {url}")
         onboard_started = time.perf_counter()
         with progress_bar() as progress:
-            onboarding = client.onboard(device, SPACE, samples, "default", progress, seed=seed)
+            onboarding = client.onboard(device, SPACE, samples, seed=seed,
+                                        on_progress=track(progress, f"onboard {device}"))
         console.print(f"onboarded with {samples} measurements in {time.perf_counter() - onboard_started:.0f} s: "
-                      f"predictor {onboarding['predictor_id']}")
-        sampled = {job["architecture"] for job in client.request("GET", "/jobs", params={"device": device, "limit": 1000})["items"]}
+                      f"predictor {onboarding.predictor_id}")
+        sampled = {job.architecture for job in client.jobs(device=device) if job.architecture is not None}
         keys = held_out_keys(sampled, check, seed)
         with progress_bar() as progress:
-            jobs = client.wait_for_jobs(client.submit(device, SPACE, keys), progress, "measure held-out set")
-        done = [job for job in jobs if job["status"] == "done"]
+            jobs = client.measure(device, SPACE, keys, on_progress=track(progress, "measure held-out set"))
+        done = {key: job.latency_ms for key, job in zip(keys, jobs) if job.status == "done"}
         # the onboarded predictor: the held-out measurements re-adapt the device's predictor as they arrive
-        prediction = client.predict(device, SPACE, [job["architecture"] for job in done], onboarding["predictor_id"])
+        prediction = client.predict(device, SPACE, list(done), onboarding.predictor_id)
 
-    measured = np.asarray([job["latency_ms"] for job in done])
-    predicted = np.asarray(prediction["latency_ms"])
+    measured = np.asarray(list(done.values()))
+    predicted = np.asarray(prediction.latency_ms)
     rho = float(spearmanr(measured, predicted).statistic)
     mape = float(np.mean(np.abs(predicted - measured) / measured) * 100)
     plot = out / "demo_scatter.png"

@@ -50,7 +50,8 @@ def free_port() -> int:
 def running_server(settings: Settings) -> Iterator[str]:
     """The API served by uvicorn in a background thread; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
+                                           limit_concurrency=settings.max_concurrency))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

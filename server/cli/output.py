@@ -28,6 +28,7 @@ error a user can act on (see `classify`) as one `error: ...` line, without a tra
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Annotated, Any, NoReturn
 
@@ -87,6 +88,16 @@ def progress_bar() -> Progress:
                     TimeRemainingColumn(), console=err, transient=False)
 
 
+def track(progress: Progress, label: str) -> Callable[[int, int], None]:
+    """A FarmClient `on_progress` callback drawing the bar `label` on `progress`."""
+    task = progress.add_task(label, total=None)
+
+    def update(finished: int, total: int) -> None:
+        progress.update(task, completed=finished, total=total)
+
+    return update
+
+
 def examples(*lines: str) -> str:
     """A command's help epilog: an "Examples" section of command lines (`# ...` lines are comments)."""
     body = "\n".join(f"[dim]{escape(line)}[/]" if line.startswith("#") else escape(line) for line in lines)
@@ -116,7 +127,7 @@ def classify(exc: Exception) -> tuple[ExitCode, str] | None:
     from pydantic import ValidationError
     from sqlalchemy.exc import OperationalError
 
-    from server.client import FarmError
+    from latfarm import FarmError
     from server.errors import ApiError
 
     if isinstance(exc, ApiError):  # the commands that work on the database directly

@@ -18,11 +18,11 @@ import typer
 from typer.testing import CliRunner, Result
 
 from agent.cli import build_parser
+from latfarm import FarmClient
 from predictor import get_space
 from server.cli.commands import app
 from server.cli.local import free_port, running_agent, running_server
 from server.cli.output import EXIT_CODE_SUMMARY, ExitCode
-from server.client import FarmClient
 from server.db import upgrade
 from server.settings import Settings, get_settings
 from tests.helpers import ADMIN_TOKEN, REPO

@@ -7,6 +7,7 @@ headless Chromium, which saves a screenshot of it under tests/screenshots/ (git-
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import time
@@ -215,9 +216,13 @@ def chromium() -> Iterator[Any]:
         pytest.skip("headless Chromium needs the Debian packages chromium and chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
+    # no host but 127.0.0.1 resolves: the pages must work on a network without internet (a lab's)
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900",
-                     "--hide-scrollbars", "--force-device-scale-factor=1"):
+                     "--hide-scrollbars", "--force-device-scale-factor=1",
+                     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
         options.add_argument(argument)
+    # every request the page makes, for `requested_hosts`
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
     try:
         yield driver
@@ -239,6 +244,14 @@ def screenshot(driver: Any, name: str) -> Path:
 
 def count(driver: Any, css: str) -> int:
     return int(driver.execute_script("return document.querySelectorAll(arguments[0]).length", css))
+
+
+def requested_hosts(driver: Any) -> set[str]:
+    """The hosts of the HTTP requests the browser sent since the last call (Chrome's performance
+    log; data: and blob: URLs are the page's own)."""
+    messages = [json.loads(entry["message"])["message"] for entry in driver.get_log("performance")]
+    urls = [httpx.URL(m["params"]["request"]["url"]) for m in messages if m["method"] == "Network.requestWillBeSent"]
+    return {url.host for url in urls if url.scheme in ("http", "https")}
 
 
 @pytest.mark.slow
@@ -284,3 +297,32 @@ def test_browser_renders_every_page(farm: Farm, chromium: Any) -> None:
             assert count(driver, "svg.chart circle.point") == points + len(farm.adapted["metrics"]["curve"])
             assert count(driver, "svg.chart polyline.line") == 1
     assert sorted(p.stem for p in SCREENSHOTS.glob("*.png")) == sorted(["login", *pages(farm)])
+
+
+def test_api_docs_render_offline(server_url: str, chromium: Any) -> None:
+    """/docs (Swagger UI) and /redoc load their scripts from the server: with no host name but
+    127.0.0.1 resolving, both render every operation."""
+    document = httpx.get(f"{server_url}/openapi.json").json()
+    operations = {op["operationId"] for path in document["paths"].values() for op in path.values()}
+    driver = chromium
+    driver.get_log("performance")
+    driver.get_log("browser")
+
+    driver.get(f"{server_url}/docs")
+    wait_for("Swagger UI's operations", lambda: count(driver, ".opblock") == len(operations), 30, 0.2)
+    paths = {element.text for element in driver.find_elements("css selector", ".opblock-summary-path")}
+    assert {"/api/v1/predict", "/api/v1/jobs/{job_id}", "/api/v1/artifacts"} <= paths
+    assert requested_hosts(driver) == {"127.0.0.1"}
+    assert not [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    SCREENSHOTS.mkdir(exist_ok=True)
+    screenshot(driver, "api-docs")
+
+    driver.get(f"{server_url}/redoc")
+    wait_for("ReDoc's operations",
+             lambda: count(driver, "[data-section-id^='operation/']") == len(operations), 30, 0.2)
+    assert "Upload Artifact" in driver.find_element("tag name", "body").text
+    # ReDoc's bundle always asks its CDN for the logo of its "API docs by Redocly" link, and hides
+    # the image when that fails; nothing else leaves
+    assert requested_hosts(driver) == {"127.0.0.1", "cdn.redoc.ly"}
+    severe = [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    assert all("cdn.redoc.ly/redoc/logo-mini.svg" in message for message in severe), severe

@@ -183,6 +183,9 @@ def agent_vs_tool(args: argparse.Namespace, keys: list[str], workdir: Path, sett
             else:
                 t1, a1, a2, t2 = by_tool(), by_agent(), by_agent(), by_tool()
             agent, tool = _lower(a1, a2), _lower(t1, t2)
+            if min(tool) <= 0:  # benchmark_litert_model reports milliseconds to two decimals
+                print(f"{index + 1}/{len(keys)} skipped: the tool's figure {tool[0]} ms is below its resolution")
+                continue
             pairs.append((*agent, *tool))
             print(f"{index + 1}/{len(keys)} agent={agent[0]:.3f} ms tool={tool[0]:.3f} ms "
                   f"ratio={agent[0] / tool[0]:.3f}", flush=True)

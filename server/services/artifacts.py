@@ -7,6 +7,7 @@ import hashlib
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +21,41 @@ from predictor.spaces import get_space
 from server.db import insert_missing
 from server.errors import Invalid
 from server.models import Architecture, Artifact
+
+
+def check_onnx_upload(data: bytes) -> None:
+    """422 unless `data` is a self-contained ONNX model that onnx.checker accepts.
+
+    Tensors stored as external data are refused before the checker runs: it would look their
+    files up relative to the server's working directory, telling an uploader which files exist
+    there (and an agent could not fetch them anyway)."""
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # onnx raises several unrelated types for malformed bytes
+        raise Invalid(f"not a valid ONNX model: {exc}", "body") from exc
+    if any(tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data
+           for tensor in _tensors(model.graph)):
+        raise Invalid("an uploaded ONNX model must hold all its tensors; external data is refused", "body")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise Invalid(f"not a valid ONNX model: {exc}", "body") from exc
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of a graph: initializers, sparse ones, node attributes, subgraphs'."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+            for subgraph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                yield from _tensors(subgraph)
 
 
 class ArtifactStore:
@@ -49,7 +85,7 @@ _TFLITE_IDENTIFIER = b"TFL3"
 
 def checked_format(data: bytes) -> ArtifactFormat:
     """The format of an uploaded model: LiteRT when the bytes carry its identifier and the LiteRT
-    interpreter loads them and allocates their tensors, else ONNX when onnx.checker passes them.
+    interpreter loads them and allocates their tensors, else ONNX as `check_onnx_upload` accepts it.
     Raises Invalid (422) otherwise."""
     if data[4:8] == _TFLITE_IDENTIFIER:
         from ai_edge_litert.interpreter import Interpreter
@@ -59,10 +95,7 @@ def checked_format(data: bytes) -> ArtifactFormat:
         except Exception as exc:  # the interpreter raises ValueError or RuntimeError for a bad model
             raise Invalid(f"not a valid LiteRT model: {exc}", "body") from exc
         return ArtifactFormat.tflite
-    try:
-        onnx.checker.check_model(onnx.load_from_string(data))
-    except Exception as exc:  # onnx raises several unrelated types for malformed bytes
-        raise Invalid(f"not a valid ONNX model: {exc}", "body") from exc
+    check_onnx_upload(data)
     return ArtifactFormat.onnx
 
 

@@ -323,6 +323,8 @@ class Onboarding(Base):
     #: predictor's mean relative uncertainty over the space is at most `target_uncertainty`
     budget: Mapped[int | None]
     target_uncertainty: Mapped[float | None]
+    #: the collection whose members were sampled (space `onnx`); None: the whole space
+    collection_id: Mapped[int | None] = mapped_column(ForeignKey("collections.id"))
     #: one entry per adaptation: samples used, mean relative uncertainty, predictor id
     rounds: Mapped[list[Any]] = mapped_column(default=list)
     status: Mapped[OnboardingStatus] = mapped_column(_enum(OnboardingStatus), default=OnboardingStatus.measuring)
@@ -333,7 +335,29 @@ class Onboarding(Base):
 
     device: Mapped[Device] = relationship(lazy="joined")
     space: Mapped[SearchSpaceRow] = relationship(lazy="joined")
+    collection: Mapped[Collection | None] = relationship()
 
+
+class Collection(Base):
+    """A named set of uploaded ONNX models (space `onnx`): a user's candidates."""
+
+    __tablename__ = "collections"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    members: Mapped[list[CollectionMember]] = relationship(order_by="CollectionMember.position",
+                                                           cascade="all, delete-orphan")
+
+
+class CollectionMember(Base):
+    __tablename__ = "collection_members"
+
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), primary_key=True)
+    artifact_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"), primary_key=True)
+    #: the order the models were named in
+    position: Mapped[int]
 
 
 _PENDING_READAPT = text("status = 'queued' AND kind = 'adapt' AND onboarding_id IS NULL")

@@ -195,7 +195,7 @@ class JobIn(Strict):
                                         description="fail the job if it runs longer (default: server setting)")
 
     @model_validator(mode="after")
-    def _one_target(self) -> "JobIn":
+    def _one_target(self) -> JobIn:
         if (self.architecture is None) == (self.artifact is None):
             raise ValueError("give exactly one of `architecture` (with `space`) or `artifact`")
         if self.architecture is not None and self.space is None:
@@ -262,13 +262,39 @@ class ClientTokenOut(BaseModel):
     token: str | None = Field(default=None, description="shown once, when the token is created")
 
 
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+CollectionName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
 class PredictIn(Strict):
     device: DeviceName
-    space: str
-    architectures: list[ArchKey] | Literal["all"] = Field(
-        description='canonical keys, or "all" for every architecture of an enumerable space'
+    space: str = Field(default="nb201", description='the space of the architectures; "onnx" for uploaded models')
+    architectures: list[ArchKey] | Literal["all"] | None = Field(
+        default=None, description='canonical keys (sha256s of uploaded models in space "onnx"), or "all" for '
+                                  'every architecture of an enumerable space'
     )
+    collection: CollectionName | None = Field(default=None, description="every member of a collection (space onnx)")
     predictor_id: RowId | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PredictIn:
+        if (self.architectures is None) == (self.collection is None):
+            raise ValueError("name either `architectures` or a `collection`")
+        if self.collection is not None:
+            self.space = "onnx"
+        return self
+
+
+class CollectionIn(Strict):
+    name: CollectionName
+    artifacts: list[Sha256] = Field(min_length=1, max_length=10_000,
+                                    description="sha256s of uploaded ONNX models (POST /api/v1/artifacts)")
+
+
+class CollectionOut(BaseModel):
+    name: str
+    artifacts: list[str]
+    created_at: Timestamp
 
 
 class PredictOut(BaseModel):
@@ -308,10 +334,18 @@ class PretrainIn(Strict):
         default=None, description="reference devices to train on; default: every imported device of the space"
     )
     seed: Seed = 0
+    archs_per_space: int | None = Field(
+        default=None, ge=10, le=20_000,
+        description="space `onnx` only: architectures of each built-in space's table exported to ONNX and "
+                    "trained on (default 300)",
+    )
 
 
 class OnboardIn(Strict):
     space: str = "nb201"
+    collection: CollectionName | None = Field(
+        default=None, description="sample the members of this collection (space onnx) instead of the whole space"
+    )
     samples: int = Field(default=20, ge=2, le=1000)
     sampler: str = "default"
     preset: Preset = Preset.standard

@@ -49,7 +49,9 @@ def server_url(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
             yield url
             return
         log = tmp_path_factory.mktemp("worker") / "worker.log"
-        with worker_process({"LATFARM_DATABASE_URL": settings.database_url}, log):
+        # the worker reads uploaded models from the server's artifact store
+        with worker_process({"LATFARM_DATABASE_URL": settings.database_url,
+                             "LATFARM_ARTIFACT_DIR": str(settings.artifact_dir)}, log):
             yield url
 
 

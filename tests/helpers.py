@@ -3,12 +3,15 @@ and metrics checks, tiny models. (Fixtures are in conftest.py; no test module im
 
 from __future__ import annotations
 
+import io
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import httpx
+import onnx
 from onnx import TensorProto, helper
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -79,3 +82,35 @@ def tiny_onnx() -> bytes:
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def small_cnn(width: int, depth: int, resolution: int, seed: int) -> bytes:
+    """A plain CNN of its own (not from any space), random weights, as ONNX bytes."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = [nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Conv2d(width, width, 3, padding=1, groups=1), nn.BatchNorm2d(width), nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)]
+    model = nn.Sequential(*layers).eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (torch.zeros(1, 3, resolution, resolution),), buffer, dynamo=False,
+                          opset_version=17, input_names=["input"], output_names=["output"])
+    return buffer.getvalue()
+
+
+def unparsable_model() -> bytes:
+    """A valid ONNX model whose middle node is an op of an unknown domain: no shape for its output."""
+    graph = helper.make_graph(
+        [helper.make_node("Mystery", ["input"], ["hidden"], name="mystery_node", domain="com.example"),
+         helper.make_node("Relu", ["hidden"], ["output"], name="relu")],
+        "unparsable", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Path, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from server.api.deps import Db, ServicesDep
@@ -10,7 +11,7 @@ from server.auth import SUBMIT, Requires
 from server.errors import NotFound
 from server.models import Artifact, Scope
 from server.schemas import ArtifactOut
-from server.services.artifacts import checked_format
+from server.services import collections
 
 router = APIRouter(prefix="/api/v1/artifacts", tags=["artifacts"])
 Sha256 = Path(pattern=r"^[0-9a-f]{64}$")
@@ -34,14 +35,8 @@ ONNX_BODY = {"requestBody": {"required": True, "description": "the ONNX model's 
 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[SUBMIT], openapi_extra=ONNX_BODY)
 async def upload_artifact(request: Request, session: Db, services: ServicesDep) -> ArtifactOut:
-    """Upload an ONNX model or a LiteRT (.tflite) flatbuffer (raw bytes); it is checked (onnx.checker,
-    or loaded by the LiteRT interpreter) before it is stored."""
+    """Upload an ONNX model or a LiteRT (.tflite) flatbuffer (raw bytes), checked before it is stored
+    (onnx.checker, or the LiteRT interpreter); an ONNX model is then the architecture of space `onnx`
+    keyed by its sha256."""
     data = await request.body()
-    fmt = checked_format(data)
-    sha256 = services.store.put(data)
-    artifact = session.get(Artifact, sha256)
-    if artifact is None:
-        artifact = Artifact(sha256=sha256, format=fmt.value, size_bytes=len(data))
-        session.add(artifact)
-        session.flush()
-    return ArtifactOut.model_validate(artifact)
+    return ArtifactOut.model_validate(await run_in_threadpool(collections.upload, session, services.store, data))

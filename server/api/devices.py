@@ -12,6 +12,7 @@ from server.auth import ADMIN, READ, SUBMIT
 from server.errors import Conflict
 from server.models import Architecture, Device, Job, Measurement
 from server.schemas import DeviceIn, DeviceOut, DevicePatch, ExplainOut, OnboardIn, OnboardingOut, Page
+from server.services import collections
 from server.services import onboarding as onboarding_service
 from server.services import prediction
 from server.services.catalog import get_device, resolve_space, space_row
@@ -48,9 +49,10 @@ def onboard(name: str, body: OnboardIn, session: Db, services: ServicesDep,
             background: BackgroundTasks) -> OnboardingOut:
     """Measure sampler-chosen architectures on the device, then adapt a predictor to it."""
     device = get_device(session, name)
+    collection = collections.get(session, body.collection) if body.collection is not None else None
     started = onboarding_service.start(session, services.settings, services.predictors, device,
                                        resolve_space(body.space), body.samples, body.sampler, body.preset, body.seed,
-                                       body.budget, body.target_uncertainty)
+                                       body.budget, body.target_uncertainty, collection)
     # every sample may already have been measured: then adaptation can start now
     background.add_task(onboarding_service.finish_if_measured, services.sessions, started.id)
     return onboarding_out(session, started)

@@ -47,5 +47,5 @@ def pretrain(body: PretrainIn, session: Db) -> TaskOut:
     """Queue the pre-training of a base predictor on the imported reference devices of a space;
     follow it at `GET /api/v1/tasks/{id}` (its `predictor_id` once done)."""
     space_id = space_row(session, resolve_space(body.space)).id
-    task = training_queue.enqueue_pretrain(session, space_id, body.devices, body.seed)
+    task = training_queue.enqueue_pretrain(session, space_id, body.devices, body.seed, body.archs_per_space)
     return TaskOut.model_validate(task)

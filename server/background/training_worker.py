@@ -18,6 +18,8 @@ from server.db import session_scope
 from server.models import TaskKind, TrainingTask
 from server.services import adaptation, onboarding, predictors, training_queue
 from server.services.answer_cache import PredictorCache
+from server.services.artifacts import ArtifactStore
+from server.services.graph_references import row_source
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ class LeaseLost(RuntimeError):
 class TrainingWorker:
     def __init__(self, sessions: sessionmaker[Session], cache: PredictorCache, settings: Settings) -> None:
         self.sessions, self.cache, self.settings = sessions, cache, settings
+        # adaptations in space onnx encode the uploaded models they fit on from the artifact store
+        get_space("onnx").add_source(ArtifactStore(settings.artifact_dir).read)  # type: ignore[attr-defined]
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.run_forever, name="training-worker", daemon=True)
@@ -87,7 +91,8 @@ class TrainingWorker:
         with session_scope(self.sessions) as session:
             task = session.get_one(TrainingTask, task_id)
             space, devices, seed = get_space(task.space.name), task.params.get("devices"), task.params.get("seed", 0)
-        row = predictors.pretrain(self.sessions, space, devices, seed, self._reporter(task_id))
+            source = row_source(self.settings, space.name, devices, task.params.get("archs_per_space"))
+        row = predictors.pretrain(self.sessions, space, devices, seed, self._reporter(task_id), source)
         with session_scope(self.sessions) as session:
             training_queue.finish(session.get_one(TrainingTask, task_id), predictor_id=row.id)
 

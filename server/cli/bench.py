@@ -106,3 +106,50 @@ def predictor(
               f"pre-trained {', '.join(result.tasks_pretrained) or 'nothing'}")
     emit({**vars(result), "summary": _summary(result.out_dir / "summary.csv")}, as_json,
          f"{counts}\n{(result.out_dir / 'predictor.md').read_text()}")
+
+
+@bench_app.command(
+    "cross-space",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": False},
+    epilog=examples(
+        "latfarm bench cross-space                       # both held-out spaces, both scenarios, k 5 10 20 50",
+        "latfarm bench cross-space --held-out fbnet --scenarios space_unseen --k 20 --seeds 1",
+        "latfarm bench cross-space --devices pixel3,raspi4 --archs-per-space 100",
+    ),
+)
+def cross_space(
+    ctx: typer.Context,
+    held_out: Annotated[str, typer.Option(help="comma-separated spaces held out in turn")] = "fbnet,nb201",
+    scenarios: Annotated[str, typer.Option(help="space_unseen and/or both_unseen")] = "space_unseen,both_unseen",
+    k: Annotated[Optional[list[str]], typer.Option("--k", help="samples of the held-out space per device")] = None,
+    seeds: Annotated[int, typer.Option(help="seeds per (device, k)")] = 3,
+    archs_per_space: Annotated[int, typer.Option(help="architectures of each space's table exported to ONNX")] = 250,
+    devices: Annotated[Optional[str], typer.Option(help="comma-separated target devices; default all")] = None,
+    out: Annotated[Path, typer.Option(help="output folder")] = DEFAULT_OUT,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads; default torch's")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Transfer to an unseen search space: the graph-level (onnx) predictor pre-trained on the other
+    spaces, adapted from k samples, against a FLOPs ridge and the in-space predictor.
+
+    Writes cross_space.csv (raw rows, resumable) and cross_space.md to --out and prints the latter.
+    """
+    from predictor.graph.bench import DEFAULT_KS, REPORT_FILE, run_cross_space
+
+    ks = _ints([*(k or []), *ctx.args], "--k") or list(DEFAULT_KS)
+    if seeds < 1 or min(ks) < 2:
+        raise typer.BadParameter("--seeds must be at least 1 and every --k at least 2")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    with progress_bar() as bar:
+        job = bar.add_task("loading", total=None)
+        try:
+            written = run_cross_space(out, held_out=_names(held_out) or [], scenarios=_names(scenarios) or [],
+                                      ks=ks, seeds=seeds, archs_per_space=archs_per_space, devices=_names(devices),
+                                      progress=lambda description: bar.update(job, description=description))
+        except ValueError as exc:
+            fail(ExitCode.INVALID, str(exc))
+    emit({"rows_written": written, "out_dir": str(out)}, as_json,
+         f"{written} rows written\n{(out / REPORT_FILE).read_text()}")

@@ -121,20 +121,31 @@ def pretrain(
     "latfarm predict titan_rtx_256 --arch \"$KEY\"",
     "latfarm predict titan_rtx_256 --all --json > titan_rtx_256.json",
     "latfarm predict pixel3 --space fbnet --arch \"$KEY1\" --arch \"$KEY2\" --json | jq .latency_ms",
+    "latfarm predict titan_rtx_1 --onnx resnet18.onnx --onnx mobilenet_v2.onnx   # any ONNX model",
+    "latfarm predict my-cpu --collection candidates --json",
 ))
 def predict(
     device: str,
     space: Annotated[str, typer.Option(help="search space")] = "nb201",
     arch: Annotated[Optional[list[str]], typer.Option(help="architecture key (repeat)")] = None,
     all_: Annotated[bool, typer.Option("--all", help="every architecture of the space")] = False,
+    onnx: Annotated[Optional[list[Path]], typer.Option(help="an ONNX model file to upload and predict (repeat); "
+                                                       "space onnx", exists=True, dir_okay=False)] = None,
+    collection: Annotated[Optional[str], typer.Option(help="every member of a collection; space onnx")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Predict latencies (ms, with uncertainty) on a device with its newest predictor."""
-    from server.services.runtime import predict_latencies
+    from server.services.runtime import predict_latencies, upload_models
 
-    if not all_ and not arch:
-        raise typer.BadParameter("give --arch KEY (repeatable) or --all")
-    result = predict_latencies(settings_from_env(), device, space, "all" if all_ else list(arch or []))
+    targets = sum(bool(given) for given in (all_, arch, onnx, collection))
+    if targets != 1:
+        raise typer.BadParameter("give one of --arch KEY (repeatable), --all, --onnx FILE (repeatable), --collection")
+    settings = settings_from_env()
+    if onnx or collection:
+        keys = upload_models(settings, [path.read_bytes() for path in onnx]) if onnx else None
+        result = predict_latencies(settings, device, "onnx", keys, collection)
+    else:
+        result = predict_latencies(settings, device, space, "all" if all_ else list(arch or []))
     rows = (f"{ms:10.3f} ms ± {std:7.3f}  {key}"
             for key, ms, std in zip(result.architectures, result.latency_ms, result.uncertainty_ms))
     emit(result, as_json, "\n".join(

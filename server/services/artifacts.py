@@ -68,6 +68,11 @@ class ArtifactStore:
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
 
+    def read(self, sha256: str) -> bytes | None:
+        """The stored bytes of `sha256`, or None: a model source of the `onnx` space."""
+        path = self.path(sha256)
+        return path.read_bytes() if path.exists() else None
+
     def put(self, data: bytes) -> str:
         sha256 = hashlib.sha256(data).hexdigest()
         target = self.path(sha256)

@@ -15,8 +15,18 @@ from predictor.samplers import DefaultSampler, candidate_keys
 from predictor.spaces import SearchSpace
 from server.db import session_scope
 from server.errors import Conflict, Invalid
-from server.models import Architecture, Device, Job, JobStatus, Onboarding, OnboardingStatus, Predictor, utcnow
-from server.services import jobs, predictors, training_queue
+from server.models import (
+    Architecture,
+    Collection,
+    Device,
+    Job,
+    JobStatus,
+    Onboarding,
+    OnboardingStatus,
+    Predictor,
+    utcnow,
+)
+from server.services import collections, jobs, predictors, training_queue
 from server.services.answer_cache import PredictorCache
 from server.services.catalog import ensure_architecture, space_row
 from server.settings import Settings
@@ -28,8 +38,15 @@ ACTIVE_STEP = 5
 
 def start(session: Session, settings: Settings, cache: PredictorCache, device: Device, space: SearchSpace,
           samples: int, sampler_name: str, preset: Preset, seed: int, budget: int | None = None,
-          target_uncertainty: float | None = None) -> Onboarding:
-    """Queue a job per sampler-chosen architecture; valid earlier measurements are reused."""
+          target_uncertainty: float | None = None, collection: Collection | None = None) -> Onboarding:
+    """Queue a job per sampler-chosen architecture (of `collection`, if named); valid earlier
+    measurements are reused."""
+    if collection is not None and space.name != collections.ONNX:
+        raise Invalid(f"a collection holds ONNX models: onboard it in space {collections.ONNX!r}", "space")
+    candidates = collections.encoded(collections.members(collection), "collection") if collection else None
+    if candidates is not None and samples > len(candidates):
+        raise Invalid(f"collection {collection.name!r} has {len(candidates)} models, fewer than {samples} samples",
+                      "samples")
     base = predictors.latest_base(session, space)
     if base is None:
         raise Conflict(f"no base predictor for {space.name!r}: pre-train one first (POST /api/v1/predictors/pretrain)",
@@ -41,12 +58,13 @@ def start(session: Session, settings: Settings, cache: PredictorCache, device: D
     except ValueError as exc:
         raise Invalid(str(exc), "sampler") from exc
     model = cache.get(base)
-    keys = sampler.select(space, samples, seed=seed, predictor=model)
+    keys = sampler.select(space, samples, seed=seed, predictor=model, candidates=candidates)
     # "default" is the sampler the base's pre-training validated best: record which one that was
     name = sampler.resolve(samples, model) if isinstance(sampler, DefaultSampler) else sampler.name
     onboarding = Onboarding(device_id=device.id, space_id=space_row(session, space).id, sampler=name,
                             samples=samples, preset=preset.value, budget=budget,
-                            target_uncertainty=target_uncertainty)
+                            target_uncertainty=target_uncertainty,
+                            collection_id=collection.id if collection is not None else None)
     session.add(onboarding)
     session.flush()
     _submit(session, settings, onboarding, space, keys)
@@ -108,7 +126,8 @@ def after_adaptation(session: Session, settings: Settings, onboarding: Onboardin
     requested = set(session.scalars(
         select(Architecture.key).join(Job, Job.architecture_id == Architecture.id).where(Job.onboarding_id == onboarding.id)
     ))
-    pool = [key for key in candidate_keys(model.space, seed, None) if key not in requested]
+    members = collections.members(onboarding.collection) if onboarding.collection is not None else None
+    pool = [key for key in candidate_keys(model.space, seed, members) if key not in requested]
     ms, std = model.predict(pool)
     relative = std / ms
     uncertainty = float(relative.mean())

@@ -42,9 +42,12 @@ class PredictQuery:
     keys: list[str]
 
     @classmethod
-    def of(cls, request: PredictIn) -> "PredictQuery":
+    def of(cls, request: PredictIn, members: list[str] | None = None) -> PredictQuery:
+        """`members`: the keys of the request's collection, if it names one."""
         space = resolve_space(request.space)
-        if request.architectures == "all":
+        if members is not None:
+            keys = [canonical_key(space, key, f"collection.{i}") for i, key in enumerate(members)]
+        elif request.architectures == "all":
             try:
                 keys = list(space.enumerate())
             except NotImplementedError as exc:

@@ -45,9 +45,15 @@ def _next_version(session: Session, space_id: int, device_id: int | None) -> int
     return (latest or 0) + 1
 
 
-def reference_rows(session: Session, space: SearchSpace, devices: list[str] | None) -> list[Row]:
-    """The imported reference measurements to pre-train on; every named device must have some."""
-    rows = list(iter_reference_rows(session, space, devices))
+#: the rows a space's base predictor pre-trains on, when they are not its own imported measurements
+RowSource = Callable[[Session], list[Row]]
+
+
+def reference_rows(session: Session, space: SearchSpace, devices: list[str] | None,
+                   source: RowSource | None = None) -> list[Row]:
+    """The imported reference measurements to pre-train on (or `source`'s rows); every named
+    device must have some."""
+    rows = source(session) if source is not None else list(iter_reference_rows(session, space, devices))
     if not rows:
         raise Conflict(f"no reference measurements for space {space.name!r}: run `latfarm datasets import` first",
                        "space")
@@ -57,11 +63,11 @@ def reference_rows(session: Session, space: SearchSpace, devices: list[str] | No
 
 
 def pretrain(sessions: sessionmaker[Session], space: SearchSpace, devices: list[str] | None = None, seed: int = 0,
-             progress: Callable[[int, int], None] | None = None) -> Predictor:
-    """A base predictor from the imported reference measurements of `space`; no transaction is
-    held open while it trains."""
+             progress: Callable[[int, int], None] | None = None, source: RowSource | None = None) -> Predictor:
+    """A base predictor from the imported reference measurements of `space` (or `source`'s rows);
+    no transaction is held open while it trains."""
     with session_scope(sessions) as session:
-        rows = reference_rows(session, space, devices)
+        rows = reference_rows(session, space, devices, source)
         found = sorted({device for _, device, _ in rows})
         snapshot = _snapshot(session, space, found)
     started = time.perf_counter()

@@ -8,13 +8,16 @@ from typing import Literal
 import torch
 from rich.progress import Progress
 
+from predictor.spaces import get_space
 from server.db import make_engine, make_session_factory, session_scope, upgrade
 from server.models import Predictor
 from server.schemas import ExplainOut, PredictIn, PredictOut
-from server.services import prediction, predictors
+from server.services import collections, prediction, predictors
 from server.services.answer_cache import PredictorCache
+from server.services.artifacts import ArtifactStore
 from server.services.catalog import get_device, resolve_space
 from server.services.datasets import ImportReport, import_datasets
+from server.services.graph_references import row_source
 from server.settings import Settings
 
 
@@ -40,14 +43,15 @@ def import_reference_datasets(settings: Settings, root: Path, progress: Progress
 
 
 def pretrain_base(settings: Settings, space: str, devices: list[str] | None, seed: int,
-                  progress: Progress | None = None) -> Predictor:
+                  progress: Progress | None = None, archs_per_space: int | None = None) -> Predictor:
     task = progress.add_task(f"pre-train {space}", total=None) if progress is not None else None
 
     def report(step: int, total: int) -> None:
         if progress is not None and task is not None:
             progress.update(task, completed=step, total=total)
 
-    return predictors.pretrain(_sessions(settings), resolve_space(space), devices, seed, report)
+    return predictors.pretrain(_sessions(settings), resolve_space(space), devices, seed, report,
+                               row_source(settings, space, devices, archs_per_space))
 
 
 def explain_device(settings: Settings, device: str, space: str) -> ExplainOut:
@@ -56,6 +60,17 @@ def explain_device(settings: Settings, device: str, space: str) -> ExplainOut:
                                       resolve_space(space))
 
 
-def predict_latencies(settings: Settings, device: str, space: str, architectures: list[str] | Literal["all"]) -> PredictOut:
-    query = prediction.PredictQuery.of(PredictIn(device=device, space=space, architectures=architectures))
-    return prediction.predict_batch(_sessions(settings), PredictorCache(), query)
+def predict_latencies(settings: Settings, device: str, space: str, architectures: list[str] | Literal["all"] | None,
+                      collection: str | None = None) -> PredictOut:
+    sessions = _sessions(settings)
+    get_space("onnx").add_source(ArtifactStore(settings.artifact_dir).read)  # type: ignore[attr-defined]
+    request = PredictIn(device=device, space=space, architectures=architectures, collection=collection)
+    members = collections.members_named(sessions, collection) if collection is not None else None
+    return prediction.predict_batch(sessions, PredictorCache(), prediction.PredictQuery.of(request, members))
+
+
+def upload_models(settings: Settings, models: list[bytes]) -> list[str]:
+    """Store ONNX models in the farm's artifact store as `onnx` architectures; their sha256s."""
+    store = ArtifactStore(settings.artifact_dir)
+    with session_scope(_sessions(settings)) as session:
+        return [collections.upload(session, store, data).sha256 for data in models]

@@ -16,8 +16,10 @@ from server.models import TaskKind, TaskStatus, TrainingTask, utcnow
 MAX_ATTEMPTS = 3
 
 
-def enqueue_pretrain(session: Session, space_id: int, devices: list[str] | None, seed: int) -> TrainingTask:
-    task = TrainingTask(kind=TaskKind.pretrain, space_id=space_id, params={"devices": devices, "seed": seed})
+def enqueue_pretrain(session: Session, space_id: int, devices: list[str] | None, seed: int,
+                     archs_per_space: int | None = None) -> TrainingTask:
+    params = {"devices": devices, "seed": seed, "archs_per_space": archs_per_space}
+    task = TrainingTask(kind=TaskKind.pretrain, space_id=space_id, params=params)
     session.add(task)
     session.flush()
     return task

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from predictor.datasets import find_datasets
-from predictor.spaces import SPACES, InvalidArchitecture, SearchSpace, UnknownSpace, get_space
+from predictor.spaces import BUILT_IN_SPACES, SPACES, InvalidArchitecture, SearchSpace, UnknownSpace, get_space
 from tests.helpers import NB201_KEY, REPO
 
 DATASETS = find_datasets()
@@ -35,7 +35,7 @@ def read_csv(name: str) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture(params=SPACES)
+@pytest.fixture(params=BUILT_IN_SPACES)
 def space(request: pytest.FixtureRequest) -> SearchSpace:
     return get_space(request.param)
 
@@ -43,7 +43,7 @@ def space(request: pytest.FixtureRequest) -> SearchSpace:
 # --- registry -------------------------------------------------------------------------------
 
 def test_registry_returns_singletons_and_rejects_unknown_names() -> None:
-    assert SPACES == ("nb201", "fbnet", "ofa")
+    assert SPACES == ("nb201", "fbnet", "ofa", "onnx") and BUILT_IN_SPACES == SPACES[:3]
     assert all(get_space(name) is get_space(name) and get_space(name).name == name for name in SPACES)
     with pytest.raises(UnknownSpace, match="nb201, fbnet, ofa"):
         get_space("darts")
@@ -254,7 +254,7 @@ def onnx_outputs_match_torch(space: SearchSpace, key: str, data: bytes) -> None:
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * scale)
 
 
-@pytest.mark.parametrize("name", SPACES)
+@pytest.mark.parametrize("name", BUILT_IN_SPACES)
 def test_export_runs_in_onnxruntime_and_is_deterministic(name: str) -> None:
     from predictor.export import export_onnx
 

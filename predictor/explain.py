@@ -47,8 +47,11 @@ def explain(model: LatencyPredictor, keys: Sequence[str] | None = None, seed: in
         raise ValueError("only an adapted predictor has a device to explain")
     keys = list(keys) if keys is not None else model.space.sample(min(EXPLAIN_SAMPLE, model.space.size()), seed)
     target_log = np.log(model.predict(keys)[0])
-    reference_log = model.reference_log_ms(keys).mean(axis=0) * model.log_std + model.log_mean  # (n, n_ref)
-    weights = model.target.coef[0, : len(model.reference_devices)]
+    per_network = model.target.per_network
+    normalised = [model.space.network_key(k) if per_network else model.space.canonical(k) for k in keys]
+    block = model.design(normalised, per_network)[0][:, : len(model.reference_devices)]
+    reference_log = block * model.ensemble.log_std + model.ensemble.log_mean  # (n, n_ref)
+    weights = model.target.coef[1 : 1 + len(model.reference_devices)]
     resembles = sorted(
         (Resemblance(device, float(spearmanr(target_log, reference_log[:, i]).statistic), float(weights[i]))
          for i, device in enumerate(model.reference_devices)),

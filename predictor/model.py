@@ -1,99 +1,56 @@
-"""The latency predictor: a multi-device network pre-trained on reference devices, adapted by ridge.
+"""The latency predictor: reference devices' measured latencies, a network pre-trained on them
+to fill what they never measured, and a Bayesian few-shot adaptation to a new device.
 
-Pre-training fits an ensemble of MLPs mapping an architecture's encoding to its standardised
-log-latency on every reference device at once. A new device's log-latency is then a linear
-function of two blocks, fitted on its few measured samples: the reference devices' predicted
-latencies (how known hardware sees the architecture), led by an unpenalised prior that weights
-the reference devices by their correlation with the samples, and a few whole-architecture
-descriptors (log MACs, log parameters, op shares: what no reference device captures, e.g. a
-device bound by kernel launches rather than arithmetic). Each block has its own ridge penalty,
-chosen by leave-one-out error on the samples; bootstrapped fits give the uncertainty, and their
-median the prediction (bagging: on 28 held-out reference devices of tasks F0-F2, F4, N0, N1
-and N3 it ranked better than the single fit on all samples did, mean rho +0.001 at k=20 and
-+0.007 at k=10, ahead on 21 and 20 of the 28).
+What the adaptation regresses on, per architecture, is the reference devices' standardised
+log-latency (measured where the reference table has the architecture, the pre-trained
+ensemble's prediction elsewhere; `Prediction.measured_share` says which) and a few
+whole-architecture descriptors (log MACs, log parameters, op shares: what no reference device
+captures). The fit itself is `predictor.adaptation`; the networks `predictor.network` and
+`predictor.pretraining`; the file format `predictor.checkpoint`.
+
+One network, one latency: a device onboarded through the farm runs the network its export
+builds, so keys that build the same network (`SearchSpace.network_key`) get one prediction
+and their samples count once. Devices that timed every key as written (the reference tables)
+are adapted with `per_network=False`.
 
 Pre-training also settles which sampler should pick a new device's samples, by validation on
-the reference devices alone: leave one reference device out, pre-train on the others, adapt to
-k samples of the held-out device chosen by each candidate sampler, score Spearman's rho on its
-remaining architectures (see `predictor.validation`). The winner per sample count is stored as
-`preferred_samplers`, and `get_sampler("default")` follows it. No target device takes part in
-pre-training or in that choice. Longer training (100 epochs, 5 held-out devices of task F0)
-and a larger ensemble (6 members, one held-out device of F4) were tried the same way and did
-not help there (rho -0.003 and -0.001 at k=20), so `TrainConfig` keeps its defaults.
+the reference devices alone (`predictor.validation`); the winner per sample count is stored as
+`preferred_samplers`, and `get_sampler("default")` follows it.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from os import PathLike
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
-import torch
-from torch import nn
 
-from predictor.cost import ANALYTIC_SPACES, N_COST_DESCRIPTORS, summary_features
-from predictor.reference import LatencyTable, Row
+from predictor import checkpoint
+from predictor.adaptation import DeviceFit, ReferencePrior, fit_device, reference_prior
+from predictor.cost import summary_features
+from predictor.network import Ensemble, safe_std
+from predictor.pretraining import ProgressCallback, TrainConfig, train_ensemble
+from predictor.reference import LatencyTable, MeasuredReference, Row
 from predictor.spaces import SearchSpace, get_space
 
-CHECKPOINT_FORMAT = "latfarm.predictor/3"
-#: older formats `load` still reads (they carry no validated sampler preference)
-READABLE_FORMATS = ("latfarm.predictor/2", CHECKPOINT_FORMAT)
-ProgressCallback = Callable[[int, int], None]
+__all__ = ["LatencyPredictor", "Prediction", "TrainConfig"]
 
-
-class MultiDeviceNet(nn.Module):
-    """Encoding -> standardised log-latency on each reference device."""
-
-    def __init__(self, in_dim: int, n_devices: int, hidden: int, depth: int) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = in_dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.GELU()]
-            width = hidden
-        self.trunk = nn.Sequential(*layers)
-        self.heads = nn.Linear(hidden, n_devices)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.heads(self.trunk(x))
+#: architectures the prior is learned over when the predictor holds no reference table
+PRIOR_SAMPLE = 4000
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    members: int = 3
-    hidden: int = 128
-    depth: int = 3
-    epochs: int = 25
-    batch_size: int = 512
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    #: reference devices held out in turn to choose the default sampler (0: no choice made)
-    sampler_folds: int = 5
-
-
-#: leave-one-out candidates for the penalty of each block of the adaptation; an infinite
-#: penalty leaves the block out
-PRIOR_PENALTIES = (0.0, float("inf"))
-REFERENCE_PENALTIES = (*(float(a) for a in np.logspace(-2, 3, 6)), float("inf"))
-DESCRIPTOR_PENALTIES = (*(float(a) for a in np.logspace(-1, 4, 6)), float("inf"))
-COST_PENALTIES = (0.0, 1.0, 10.0, float("inf"))
-#: how sharply the prior favours the reference devices best correlated with the samples
-SIMILARITY_SHARPNESS = 20.0
-
-
-@dataclass(frozen=True)
-class DeviceFit:
-    """A target device as bootstrapped ridge fits on [reference predictions, descriptors]."""
-
-    name: str
-    coef: np.ndarray  # (n_boot, n_reference + n_descriptors)
-    intercept: np.ndarray  # (n_boot,)
-    penalties: tuple[float, ...]  # per block: prior, references, descriptors, costs (if any)
-    samples: dict[str, float]
+class Prediction:
+    ms: np.ndarray
+    #: one standard deviation, in ms
+    std: np.ndarray
+    #: per key, the share of the reference latencies the answer rests on that were measured
+    #: (1: all read from the reference table; 0: all predicted by the pre-trained network)
+    measured_share: np.ndarray
 
 
 class LatencyPredictor:
@@ -101,34 +58,34 @@ class LatencyPredictor:
         self,
         space: SearchSpace,
         reference_devices: list[str],
-        members: list[MultiDeviceNet],
-        feature_mean: np.ndarray,
-        feature_std: np.ndarray,
-        log_mean: np.ndarray,
-        log_std: np.ndarray,
+        ensemble: Ensemble,
         descriptor_mean: np.ndarray,
         descriptor_std: np.ndarray,
         config: TrainConfig,
+        measured: LatencyTable | None = None,
         target: DeviceFit | None = None,
         preferred_samplers: Mapping[int, str] | None = None,
         sampler_scores: Mapping[str, Mapping[int, float]] | None = None,
+        prior: ReferencePrior | None = None,
     ) -> None:
         self.space = space
         self.reference_devices = reference_devices
-        self.members = members
-        self.feature_mean = feature_mean
-        self.feature_std = feature_std
-        self.log_mean = log_mean
-        self.log_std = log_std
+        self.ensemble = ensemble
         self.descriptor_mean = descriptor_mean
         self.descriptor_std = descriptor_std
         self.config = config
+        #: the reference devices' measured log-latencies (None: an older checkpoint without them)
+        self.measured = measured
         self.target = target
         #: validated sample count -> the sampler that adapted best at it on held-out reference devices
         self.preferred_samplers = {int(k): str(v) for k, v in (preferred_samplers or {}).items()}
         #: sampler -> validated sample count -> mean Spearman rho on held-out reference devices
         self.sampler_scores = {str(n): {int(k): float(v) for k, v in per_k.items()}
                                for n, per_k in (sampler_scores or {}).items()}
+        self._prior = prior
+        #: per `per_network`, the last design computed (keys, design, measured), shared with the
+        #: predictors adapted from this one: a bench or a search asks for one design again and again
+        self._last_design: dict[bool, tuple[tuple[str, ...], np.ndarray, np.ndarray]] = {}
 
     # ---- pre-training -----------------------------------------------------------------------
 
@@ -151,8 +108,6 @@ class LatencyPredictor:
         if not isinstance(table, LatencyTable):
             table = LatencyTable.from_rows(space, table)
         n_folds = len(held_out_devices(table.devices, config.sampler_folds, seed))
-        # the folds are pre-trained like the base (a one-member ensemble ranked the samplers
-        # differently in validation), so pre-training costs (1 + folds) times as much
         fit_config = replace(config, sampler_folds=0)
         fits = [0]
 
@@ -163,7 +118,7 @@ class LatencyPredictor:
             if progress is not None:
                 def fit_progress(done: int, total: int) -> None:
                     progress(offset * total + done, (n_folds + 1) * total)
-            return cls._fit(space, fit_table, seed=fit_seed, config=fit_config, progress=fit_progress)
+            return cls.fit(space, fit_table, seed=fit_seed, config=fit_config, progress=fit_progress)
 
         base = fit(table, seed)
         scores = validate_samplers(space, table, fit, folds=config.sampler_folds, seed=seed)
@@ -173,54 +128,80 @@ class LatencyPredictor:
         return base
 
     @classmethod
-    def _fit(cls, space: SearchSpace, table: LatencyTable, *, seed: int, config: TrainConfig,
-             progress: ProgressCallback | None) -> "LatencyPredictor":
-        """The networks of a base predictor on `table` (no sampler validation)."""
+    def fit(cls, space: SearchSpace, table: LatencyTable, *, seed: int = 0, config: TrainConfig = TrainConfig(),
+            progress: ProgressCallback | None = None) -> "LatencyPredictor":
+        """A base predictor on `table`: its networks, its prior, the table itself (no sampler
+        validation)."""
         features = space.features(table.keys).astype(np.float32)
-        feature_mean = features.mean(axis=0)
-        # a feature constant in training (e.g. "connected" when only connected cells were
-        # measured) must stay finite for architectures where it differs
-        feature_std = _safe_std(features).astype(np.float32)
         descriptors = summary_features(space, table.keys, features)
-        descriptor_mean, descriptor_std = descriptors.mean(axis=0), _safe_std(descriptors)
-        log_mean = np.nanmean(table.log_ms, axis=0)
-        log_std = np.nanstd(table.log_ms, axis=0) + 1e-6
-        x = torch.from_numpy((features - feature_mean) / feature_std)
-        y = torch.from_numpy(((table.log_ms - log_mean) / log_std).astype(np.float32))
-        steps_per_member = config.epochs * max(1, -(-len(x) // config.batch_size))
-        members = []
-        for member in range(config.members):
-            members.append(
-                _train_member(x, y, config, seed * 1000 + member, progress, member * steps_per_member,
-                              config.members * steps_per_member)
-            )
-        return cls(space, table.devices, members, feature_mean, feature_std, log_mean, log_std, descriptor_mean,
-                   descriptor_std, config)
+        ensemble = train_ensemble(features, table.log_ms, config, seed, progress)
+        predictor = cls(space, table.devices, ensemble, descriptors.mean(axis=0), safe_std(descriptors), config,
+                        measured=table)
+        predictor._prior = predictor._learn_prior(table.keys)
+        return predictor
 
-    # ---- inference --------------------------------------------------------------------------
+    # ---- the design of the adaptation --------------------------------------------------------
 
-    def reference_log_ms(self, keys: Sequence[str], features: np.ndarray | None = None) -> np.ndarray:
-        """Predicted standardised log-latency on every reference device: (members, len(keys), n_ref)."""
+    @cached_property
+    def reference(self) -> MeasuredReference | None:
+        return MeasuredReference(self.space, self.measured) if self.measured is not None else None
+
+    @property
+    def prior(self) -> ReferencePrior:
+        if self._prior is None:  # an older checkpoint: learn it from the networks' predictions
+            self._prior = self._learn_prior(self.space.sample(min(PRIOR_SAMPLE, self.space.size()), seed=0))
+        return self._prior
+
+    def _learn_prior(self, keys: Sequence[str]) -> ReferencePrior:
+        return reference_prior(self._reference_block(list(keys), per_network=False)[0].astype(np.float64))
+
+    def _keys(self, keys: Sequence[str], per_network: bool) -> list[str]:
+        if per_network:
+            return [self.space.network_key(key) for key in keys]
+        return [self.space.canonical(key) for key in keys]
+
+    def _reference_block(self, keys: list[str], per_network: bool,
+                         features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Standardised log-latency on each reference device of already normalised `keys`:
+        measured where the table has it, else the ensemble mean; and the mask of measured cells."""
         if features is None:
-            features = self.space.features([self.space.canonical(k) for k in keys])
-        x = torch.from_numpy(((features - self.feature_mean) / self.feature_std).astype(np.float32))
-        with torch.inference_mode():
-            return np.stack([member(x).numpy() for member in self.members])
+            features = self.space.features(keys)
+        block = self.ensemble.standardised_log_ms(features).mean(axis=0).astype(np.float64)
+        measured = np.zeros(block.shape, dtype=bool)
+        if self.reference is not None:
+            log_ms = self.reference.log_ms(keys, per_network)
+            measured = np.isfinite(log_ms)
+            block = np.where(measured, (log_ms - self.ensemble.log_mean) / self.ensemble.log_std, block)
+        return block, measured
+
+    def design(self, keys: list[str], per_network: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Regressors of the adaptation for normalised `keys`: [reference block, descriptors],
+        and the mask of measured reference cells."""
+        memo = tuple(keys)
+        last = self._last_design.get(per_network)
+        if last is not None and last[0] == memo:
+            return last[1], last[2]
+        features = self.space.features(keys)
+        descriptors = (summary_features(self.space, keys, features) - self.descriptor_mean) / self.descriptor_std
+        block, measured = self._reference_block(keys, per_network, features)
+        design = np.hstack([block, descriptors])
+        self._last_design[per_network] = (memo, design, measured)
+        return design, measured
+
+    # ---- what samplers read (`predictor.samplers.Embedding`) ---------------------------------
 
     def descriptors(self, keys: Sequence[str]) -> np.ndarray:
         """Everything the adaptation regresses on, per key: what samplers should spread over."""
-        return self._design(keys)
-
-    def _design(self, keys: Sequence[str]) -> np.ndarray:
-        """Regressors of the adaptation: [reference predictions (ensemble mean), descriptors]."""
-        keys = [self.space.canonical(k) for k in keys]
-        features = self.space.features(keys)
-        descriptors = (summary_features(self.space, keys, features) - self.descriptor_mean) / self.descriptor_std
-        return np.hstack([self.reference_log_ms(keys, features).mean(axis=0), descriptors])
+        return self.design(self._keys(keys, per_network=True), per_network=True)[0]
 
     def embed(self, keys: Sequence[str]) -> np.ndarray:
-        """The architectures as seen by the reference devices (ensemble mean), for samplers."""
-        return self.reference_log_ms(keys).mean(axis=0)
+        """The architectures as the reference devices see them."""
+        return self._reference_block(self._keys(keys, per_network=True), per_network=True)[0]
+
+    def network_key(self, key: str) -> str:
+        return self.space.network_key(key)
+
+    # ---- inference --------------------------------------------------------------------------
 
     def predict(self, keys: Sequence[str], device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Latency (ms) and its uncertainty (ms, one standard deviation) for each key.
@@ -228,93 +209,76 @@ class LatencyPredictor:
         An adapted predictor answers for its target device; a base predictor for any of its
         reference devices, named by `device`.
         """
+        prediction = self.prediction(keys, device)
+        return prediction.ms, prediction.std
+
+    def prediction(self, keys: Sequence[str], device: str | None = None) -> Prediction:
+        """`predict`, with what each answer rests on."""
         if len(keys) == 0:
-            return np.zeros(0), np.zeros(0)
+            return Prediction(np.zeros(0), np.zeros(0), np.zeros(0))
         if device is None or (self.target is not None and device == self.target.name):
             if self.target is None:
                 raise ValueError("a base predictor needs `device`: one of its reference devices")
-            fits = self._design(keys) @ self.target.coef.T + self.target.intercept  # (n, n_boot)
-            # bagged: the median over the bootstrap fits (the fit on all samples among them), which
-            # one wild bootstrap fit cannot drag; see `bagged_centre`
-            centre = bagged_centre(fits)
-        else:
-            if device not in self.reference_devices:
-                raise ValueError(f"{device!r} is not a reference device of this predictor")
-            col = self.reference_devices.index(device)
-            standardised = self.reference_log_ms(keys)[:, :, col]
-            fits = (standardised * self.log_std[col] + self.log_mean[col]).T  # (n, members)
-            centre = fits.mean(axis=1)
-        # in log space; the spread of the fits gives the uncertainty in ms (delta method)
-        ms = np.exp(centre)
-        return ms, ms * fits.std(axis=1)
+            per_network = self.target.per_network
+            normalised = self._keys(keys, per_network)
+            # one answer per distinct network (or key): equal keys get equal predictions
+            unique, inverse = np.unique(np.asarray(normalised, dtype=object), return_inverse=True)
+            design, measured = self.design(list(unique), per_network)
+            log_ms, log_std = self.target.log_ms(design)
+            ms = np.exp(log_ms)
+            return Prediction(ms[inverse], (ms * log_std)[inverse], measured.mean(axis=1)[inverse])
+        if device not in self.reference_devices:
+            raise ValueError(f"{device!r} is not a reference device of this predictor")
+        col = self.reference_devices.index(device)
+        normalised = self._keys(keys, per_network=False)
+        standardised = self.ensemble.standardised_log_ms(self.space.features(normalised))[:, :, col]
+        fits = standardised * self.ensemble.log_std[col] + self.ensemble.log_mean[col]  # (members, n)
+        log_ms, log_std = fits.mean(axis=0), fits.std(axis=0)
+        measured = np.zeros(len(normalised), dtype=bool)
+        if self.reference is not None:
+            table = self.reference.log_ms(normalised, per_network=False)[:, col]
+            measured = np.isfinite(table)
+            log_ms, log_std = np.where(measured, table, log_ms), np.where(measured, 0.0, log_std)
+        ms = np.exp(log_ms)
+        return Prediction(ms, ms * log_std, measured.astype(np.float64))
 
     # ---- few-shot adaptation ----------------------------------------------------------------
 
-    def adapt(self, samples: Mapping[str, float], name: str = "target", *, seed: int = 0,
-              n_boot: int = 64) -> "LatencyPredictor":
-        """A predictor for a new device from a few measured {arch key: ms} samples."""
-        if len(samples) < 2:
-            raise ValueError("adaptation needs at least 2 measured architectures")
-        keys = [self.space.canonical(k) for k in samples]
-        y = np.log(np.asarray([samples[k] for k in samples], dtype=np.float64))
-        if not np.all(np.isfinite(y)):
-            raise ValueError("sample latencies must be positive finite numbers")
-        n_ref = len(self.reference_devices)
-        x = self._design(keys)
-        weights = _similarity_weights(x[:, :n_ref], y)
-        # the prior (the reference devices most like this one) enters unpenalised; the ridge
-        # blocks then only model what the prior gets wrong
-        augmented = np.hstack([x[:, :n_ref] @ weights[:, None], x])
-        n_cost = N_COST_DESCRIPTORS if self.space.name in ANALYTIC_SPACES else 0
-        blocks = [(1, PRIOR_PENALTIES), (n_ref, REFERENCE_PENALTIES),
-                  (x.shape[1] - n_ref - n_cost, DESCRIPTOR_PENALTIES), (n_cost, COST_PENALTIES)]
-        penalty, block_penalties = _loo_penalty(augmented, y, [b for b in blocks if b[0]])
-        rng = np.random.default_rng(seed)
-        fits = [_ridge(augmented, y, penalty)]
-        for _ in range(n_boot - 1):
-            pick = rng.integers(0, len(y), len(y))
-            fits.append(_ridge(augmented[pick], y[pick], penalty))
-        coef = np.stack([c[1:] for c, _ in fits])
-        coef[:, :n_ref] += np.outer([c[0] for c, _ in fits], weights)
-        intercept = np.asarray([b for _, b in fits])
-        fit = DeviceFit(name, coef, intercept, block_penalties, dict(zip(keys, map(float, np.exp(y)))))
-        return LatencyPredictor(
-            self.space, self.reference_devices, self.members, self.feature_mean, self.feature_std,
-            self.log_mean, self.log_std, self.descriptor_mean, self.descriptor_std, self.config, fit,
-            self.preferred_samplers, self.sampler_scores,
+    def adapt(self, samples: Mapping[str, float], name: str = "target", *,
+              per_network: bool = True) -> "LatencyPredictor":
+        """A predictor for a new device from a few measured {arch key: ms} samples.
+
+        `per_network`: the device ran the networks the keys build (as the farm's exports do), so
+        samples of keys building one network are one measurement of it (their log-mean); pass
+        False for a device that timed each key as written, dead code included.
+        """
+        grouped: dict[str, list[float]] = {}
+        for key, ms in samples.items():
+            if not (np.isfinite(ms) and ms > 0):
+                raise ValueError("sample latencies must be positive finite numbers")
+            grouped.setdefault(self._keys([key], per_network)[0], []).append(float(np.log(ms)))
+        if len(grouped) < 2:
+            raise ValueError("adaptation needs at least 2 measured architectures (distinct networks)")
+        keys = list(grouped)
+        y = np.asarray([np.mean(grouped[key]) for key in keys])
+        design, _ = self.design(keys, per_network)
+        fit = fit_device(name, design, y, len(self.reference_devices), self.prior,
+                         dict(zip(keys, map(float, np.exp(y)))), per_network=per_network)
+        adapted = LatencyPredictor(
+            self.space, self.reference_devices, self.ensemble, self.descriptor_mean, self.descriptor_std,
+            self.config, self.measured, fit, self.preferred_samplers, self.sampler_scores, self._prior,
         )
+        adapted._last_design = self._last_design
+        adapted.__dict__["reference"] = self.reference  # the cached per-network table
+        return adapted
 
     # ---- persistence ------------------------------------------------------------------------
 
-    def state(self) -> dict[str, Any]:
-        target = None
-        if self.target is not None:
-            target = {
-                "name": self.target.name,
-                "coef": torch.from_numpy(self.target.coef),
-                "intercept": torch.from_numpy(self.target.intercept),
-                "penalties": list(self.target.penalties),
-                "samples": self.target.samples,
-            }
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "space": self.space.name,
-            "reference_devices": self.reference_devices,
-            "config": self.config.__dict__,
-            "feature_mean": torch.from_numpy(self.feature_mean),
-            "feature_std": torch.from_numpy(self.feature_std),
-            "log_mean": torch.from_numpy(np.asarray(self.log_mean, dtype=np.float32)),
-            "log_std": torch.from_numpy(np.asarray(self.log_std, dtype=np.float32)),
-            "descriptor_mean": torch.from_numpy(self.descriptor_mean),
-            "descriptor_std": torch.from_numpy(self.descriptor_std),
-            "members": [member.state_dict() for member in self.members],
-            "target": target,
-            "preferred_samplers": dict(self.preferred_samplers),
-            "sampler_scores": {name: dict(per_k) for name, per_k in self.sampler_scores.items()},
-        }
-
     def save(self, file: str | PathLike[str] | BinaryIO) -> None:
-        torch.save(self.state(), file)
+        checkpoint.save(checkpoint.Parts(
+            self.space.name, self.reference_devices, self.ensemble, self.descriptor_mean, self.descriptor_std,
+            self.config, self.measured, self.target, self.preferred_samplers, self.sampler_scores, self._prior,
+        ), file)
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
@@ -323,116 +287,8 @@ class LatencyPredictor:
 
     @classmethod
     def load(cls, file: str | PathLike[str] | BinaryIO | bytes) -> "LatencyPredictor":
-        """Load a checkpoint; only tensors and plain data are unpickled (`weights_only=True`)."""
-        if isinstance(file, bytes):
-            file = io.BytesIO(file)
-        state = torch.load(file, weights_only=True)
-        if state.get("format") not in READABLE_FORMATS:
-            raise ValueError(f"not a latfarm predictor checkpoint (format {state.get('format')!r})")
-        space = get_space(state["space"])
-        config = TrainConfig(**state["config"])
-        members = []
-        for member_state in state["members"]:
-            in_dim = member_state["trunk.0.weight"].shape[1]
-            member = MultiDeviceNet(in_dim, len(state["reference_devices"]), config.hidden, config.depth)
-            member.load_state_dict(member_state)
-            members.append(member.eval())
-        target = state["target"]
-        fit = None
-        if target is not None:
-            fit = DeviceFit(target["name"], target["coef"].numpy(), target["intercept"].numpy(),
-                            tuple(target["penalties"]), dict(target["samples"]))
-        return cls(space, list(state["reference_devices"]), members, state["feature_mean"].numpy(),
-                   state["feature_std"].numpy(), state["log_mean"].numpy(), state["log_std"].numpy(),
-                   state["descriptor_mean"].numpy(), state["descriptor_std"].numpy(), config, fit,
-                   state.get("preferred_samplers"), state.get("sampler_scores"))
-
-
-def bagged_centre(fits: np.ndarray) -> np.ndarray:
-    """The prediction from (n, n_boot) bootstrapped log-latency fits: their median per row."""
-    return np.median(fits, axis=1)
-
-
-def _safe_std(values: np.ndarray) -> np.ndarray:
-    """Column standard deviations, 1 where a column (nearly) never varies: a feature constant in
-    training (e.g. "connected" when only connected cells were measured) must stay finite for
-    architectures where it differs."""
-    std = values.std(axis=0)
-    return np.where(std < 1e-3, 1.0, std)
-
-
-def _train_member(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    config: TrainConfig,
-    seed: int,
-    progress: ProgressCallback | None,
-    step_offset: int,
-    total_steps: int,
-) -> MultiDeviceNet:
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = MultiDeviceNet(x.shape[1], y.shape[1], config.hidden, config.depth)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    batches = max(1, -(-len(x) // config.batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=config.epochs * batches)
-    observed = ~torch.isnan(y)
-    targets = torch.nan_to_num(y)
-    step = 0
-    for _ in range(config.epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for batch in order.split(config.batch_size):
-            mask = observed[batch]
-            loss = (((net(x[batch]) - targets[batch]) ** 2) * mask).sum() / mask.sum().clamp(min=1)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            step += 1
-            if progress is not None:
-                progress(step_offset + step, total_steps)
-    return net.eval()
-
-
-def _ridge(x: np.ndarray, y: np.ndarray, penalty: np.ndarray) -> tuple[np.ndarray, float]:
-    """Ridge with a penalty per column (inf drops the column); returns (coef, intercept)."""
-    x_mean, y_mean = x.mean(axis=0), y.mean()
-    keep = np.isfinite(penalty)
-    xc = x[:, keep] - x_mean[keep]
-    coef = np.zeros(x.shape[1])
-    coef[keep] = np.linalg.lstsq(xc.T @ xc + np.diag(penalty[keep]), xc.T @ (y - y_mean), rcond=None)[0]
-    return coef, float(y_mean - x_mean @ coef)
-
-
-def _similarity_weights(reference: np.ndarray, y: np.ndarray, sharpness: float = SIMILARITY_SHARPNESS) -> np.ndarray:
-    """Softmax over the reference devices of their correlation with the samples' log-latency."""
-    rc = reference - reference.mean(axis=0)
-    yc = y - y.mean()
-    correlation = (rc.T @ yc) / np.clip(np.linalg.norm(rc, axis=0) * np.linalg.norm(yc), 1e-12, None)
-    logits = sharpness * correlation
-    weights = np.exp(logits - logits.max())
-    return weights / weights.sum()
-
-
-def _loo_penalty(x: np.ndarray, y: np.ndarray,
-                 blocks: Sequence[tuple[int, Sequence[float]]]) -> tuple[np.ndarray, tuple[float, ...]]:
-    """The per-block ridge penalties, over the blocks' candidate grids, with the smallest
-    leave-one-out squared error (closed form through the hat matrix). `blocks` lists each block's
-    column count and candidates; an infinite penalty leaves a block out. Returns the per-column
-    penalties and the chosen value of each block."""
-    n = len(y)
-    yc = y - y.mean()
-    sizes = [size for size, _ in blocks]
-    best, best_choice, best_error = np.zeros(x.shape[1]), (), np.inf
-    for choice in itertools.product(*(grid for _, grid in blocks)):
-        penalty = np.repeat(np.asarray(choice, dtype=np.float64), sizes)
-        keep = np.isfinite(penalty)
-        if not keep.any():
-            continue
-        xc = x[:, keep] - x[:, keep].mean(axis=0)
-        hat = xc @ np.linalg.pinv(xc.T @ xc + np.diag(penalty[keep])) @ xc.T + 1.0 / n
-        residual = (yc - (hat - 1.0 / n) @ yc) / np.clip(1 - np.diag(hat), 1e-6, None)
-        error = float(np.mean(residual**2))
-        if error < best_error:
-            best, best_choice, best_error = penalty, tuple(float(c) for c in choice), error
-    return best, best_choice
+        """Load a checkpoint of this or an older format (`predictor.checkpoint`)."""
+        parts = checkpoint.load(file)
+        return cls(get_space(parts.space), parts.reference_devices, parts.ensemble, parts.descriptor_mean,
+                   parts.descriptor_std, parts.config, parts.measured, parts.target, parts.preferred_samplers,
+                   parts.sampler_scores, parts.prior)

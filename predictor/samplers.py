@@ -1,18 +1,34 @@
-"""Samplers: which few architectures to measure on a new device."""
+"""Samplers: which few architectures to measure on a new device.
+
+Every sampler draws distinct networks: of candidate keys that build the same network
+(`SearchSpace.network_key`) only the first is a candidate, so no two samples measure one network.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 
-from predictor.model import LatencyPredictor
 from predictor.spaces import SearchSpace
-from predictor.validation import sampler_for
 
 #: candidates considered for spaces too large to enumerate
 CANDIDATE_POOL = 5000
+
+
+class Embedding(Protocol):
+    """What samplers read of a predictor (a `LatencyPredictor` is one)."""
+
+    #: validated sample count -> the sampler name that adapted best at it
+    preferred_samplers: Mapping[int, str]
+
+    def descriptors(self, keys: Sequence[str]) -> np.ndarray:
+        """Per key, what the adaptation regresses on."""
+
+    def embed(self, keys: Sequence[str]) -> np.ndarray:
+        """Per key, how the reference devices see it."""
 
 
 class Sampler(ABC):
@@ -24,19 +40,25 @@ class Sampler(ABC):
         space: SearchSpace,
         k: int,
         seed: int = 0,
-        predictor: LatencyPredictor | None = None,
+        predictor: Embedding | None = None,
         candidates: Sequence[str] | None = None,
     ) -> list[str]:
         """`k` distinct canonical keys to measure, reproducible from `seed`."""
 
 
 def candidate_keys(space: SearchSpace, seed: int, candidates: Sequence[str] | None) -> list[str]:
+    """The candidates (default: the whole space, or a sample of it), one key per network."""
     if candidates is not None:
-        return [space.canonical(key) for key in candidates]
-    try:
-        return list(space.enumerate())
-    except NotImplementedError:
-        return space.sample(CANDIDATE_POOL, seed)
+        keys = [space.canonical(key) for key in candidates]
+    else:
+        try:
+            keys = list(space.enumerate())
+        except NotImplementedError:
+            keys = space.sample(CANDIDATE_POOL, seed)
+    first: dict[str, str] = {}
+    for key in keys:
+        first.setdefault(space.network_key(key), key)
+    return list(first.values())
 
 
 class RandomSampler(Sampler):
@@ -96,7 +118,8 @@ class StratifiedSampler(Sampler):
         _check_k(k, len(pool))
         embedding = predictor.descriptors(pool) if predictor is not None else space.features(pool)
         centred = (embedding - embedding.mean(axis=0)) / (embedding.std(axis=0) + 1e-6)
-        direction = np.linalg.svd(centred, full_matrices=False)[2][0]
+        # the first principal axis, from the small covariance rather than an SVD of every candidate
+        direction = np.linalg.eigh(centred.T @ centred)[1][:, -1]
         order = np.argsort(centred @ direction, kind="stable")
         rng = np.random.default_rng(seed)
         return [pool[int(rng.choice(stratum))] for stratum in np.array_split(order, k)]
@@ -133,7 +156,7 @@ class DefaultSampler(Sampler):
 
     name = "default"
 
-    def resolve(self, k: int, predictor: LatencyPredictor | None = None) -> str:
+    def resolve(self, k: int, predictor: Embedding | None = None) -> str:
         """The name of the sampler `select` delegates to for `k` samples."""
         preferred = getattr(predictor, "preferred_samplers", None) or {}
         return sampler_for(preferred, k) or FALLBACK_SAMPLER
@@ -147,6 +170,14 @@ SAMPLERS: dict[str, type[Sampler]] = {"random": RandomSampler, "kmeans": KMeansS
                                       "stratified": StratifiedSampler}
 #: what "default" uses when the predictor holds no validated preference
 FALLBACK_SAMPLER = "stratified"
+
+
+def sampler_for(preferred: Mapping[int, str], k: int) -> str | None:
+    """The preferred sampler at the validated sample count nearest to `k` (in log scale)."""
+    if not preferred:
+        return None
+    nearest = min(preferred, key=lambda validated: (abs(np.log(validated) - np.log(max(k, 1))), validated))
+    return preferred[nearest]
 
 
 def get_sampler(name: str) -> Sampler:

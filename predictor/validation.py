@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from predictor.metrics import spearman
 from predictor.reference import LatencyTable
+from predictor.samplers import get_sampler
 
 if TYPE_CHECKING:
-    from predictor.model import LatencyPredictor, TrainConfig
+    from predictor.model import LatencyPredictor
     from predictor.spaces import SearchSpace
 
 #: the samplers validated, in tie-break order; k-means medoids never led a validation fold's
@@ -69,9 +71,6 @@ def validate_samplers(
 ) -> dict[str, dict[int, float]]:
     """Mean leave-one-reference-device-out Spearman rho per candidate sampler and sample count;
     empty when there are too few reference devices (or folds) to hold one out."""
-    from predictor.model import bagged_centre
-    from predictor.samplers import get_sampler
-
     samplers = [get_sampler(name) for name in candidates]
     scores: dict[str, dict[int, list[float]]] = {name: {k: [] for k in ks} for name in candidates}
     for device in held_out_devices(table.devices, folds, seed):
@@ -90,10 +89,10 @@ def validate_samplers(
                     rest = np.ones(len(keys), dtype=bool)
                     rest[[fold.row[key] for key in picked]] = False
                     # what `predict` answers on the held-out rest, in log-latency (ranks are all
-                    # that count)
+                    # that count); the held-out device timed every key as written
                     device_fit = fold.predictor.adapt({key: truth[key] for key in picked}, name=device,
-                                                      seed=sample_seed).target
-                    predicted = bagged_centre(fold.design[rest] @ device_fit.coef.T + device_fit.intercept)
+                                                      per_network=False).target
+                    predicted = device_fit.log_ms(fold.design[rest])[0]
                     scores[name][k].append(spearman(predicted, measured_log[rest]))
     if not any(scores[candidates[0]][k] for k in ks):
         return {}
@@ -107,7 +106,7 @@ class _Designed:
     def __init__(self, predictor: "LatencyPredictor", keys: list[str]) -> None:
         self.predictor = predictor
         self.row = {key: i for i, key in enumerate(keys)}
-        self.design = predictor.descriptors(keys)
+        self.design = predictor.design(keys, per_network=False)[0]
         self.n_reference = len(predictor.reference_devices)
         self.preferred_samplers: dict[int, str] = {}
 
@@ -124,33 +123,3 @@ def preferred_samplers(scores: dict[str, dict[int, float]]) -> dict[int, str]:
         return {}
     ks = sorted(next(iter(scores.values())))
     return {k: max(scores, key=lambda name: (scores[name][k], -list(scores).index(name))) for k in ks}
-
-
-def sampler_for(preferred: dict[int, str], k: int) -> str | None:
-    """The preferred sampler at the validated sample count nearest to `k` (in log scale)."""
-    if not preferred:
-        return None
-    nearest = min(preferred, key=lambda validated: (abs(np.log(validated) - np.log(max(k, 1))), validated))
-    return preferred[nearest]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho (average ranks for ties); NaN when either side is constant or not finite."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()) or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    ra, rb = _ranks(a), _ranks(b)
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    sorted_values = values[order]
-    starts = np.r_[True, sorted_values[1:] != sorted_values[:-1]]
-    group = np.cumsum(starts) - 1
-    first = np.flatnonzero(starts)
-    counts = np.diff(np.r_[first, len(values)])
-    average = first + (counts - 1) / 2.0
-    ranks = np.empty(len(values))
-    ranks[order] = average[group]
-    return ranks

@@ -27,7 +27,7 @@ PLOT_FILE = "predictor.png"
 HEADLINE = "ours"
 REFERENCE = "nasflat"
 #: the methods `ours` must beat; ours_random is an ablation of ours, not a baseline
-BASELINES = ("flops", "one_proxy", "scratch", "lut")
+BASELINES = ("flops", "one_proxy", "table_ridge", "scratch", "lut")
 
 
 def write_report(out_dir: str | Path, tasks: dict[str, Task]) -> dict[str, dict[str, object]]:

@@ -48,7 +48,8 @@ Progress = Callable[[int, int, str], None]
 RowKey = tuple[str, str, str, int, int]
 
 #: files whose edits change the numbers; a resumed run refuses rows from other versions of them
-_SOURCES = ("model.py", "samplers.py", "validation.py", "reference.py", "spaces/*.py", "bench/data.py", "cost.py", "datasets.py",
+_SOURCES = ("model.py", "network.py", "pretraining.py", "adaptation.py", "checkpoint.py", "metrics.py",
+            "samplers.py", "validation.py", "reference.py", "spaces/*.py", "bench/data.py", "cost.py", "datasets.py",
             "bench/methods.py", "bench/run.py")
 
 
@@ -130,7 +131,7 @@ def run_bench(
             base = LatencyPredictor.pretrain(space, task_split.train_rows, seed=pretrain_seed, config=config)
             validation = [(name, "", "", k, "", f"validation_rho_{sampler}", f"{rho:.6f}")
                           for sampler, per_k in base.sampler_scores.items() for k, rho in per_k.items()]
-            _append(out / DIAGNOSTICS_FILE, DIAGNOSTICS_COLUMNS,
+            append_rows(out / DIAGNOSTICS_FILE, DIAGNOSTICS_COLUMNS,
                     [(name, "", "", "", "", "pretrain_s", f"{time.perf_counter() - start:.3f}"),
                      (name, "", "", "", "", "torch_threads", str(torch.get_num_threads())), *validation])
             pretrained.append(name)
@@ -181,8 +182,8 @@ def _run_task(task: Task, task_split: Split, context: TaskContext, methods: list
                         diagnostics.append((*cell, "predict_space_s", f"{seconds:.6f}"))
                         diagnostics.append((*cell, "predict_space_nonfinite", str(nonfinite)))
                         timed_space = True
-                _append(out / DIAGNOSTICS_FILE, DIAGNOSTICS_COLUMNS, diagnostics)
-                _append(out / RAW_FILE, RAW_COLUMNS, rows)
+                append_rows(out / DIAGNOSTICS_FILE, DIAGNOSTICS_COLUMNS, diagnostics)
+                append_rows(out / RAW_FILE, RAW_COLUMNS, rows)
                 counter.advance(len(rows))
 
 
@@ -240,7 +241,7 @@ def _read_raw_keys(path: Path) -> Iterable[RowKey]:
         return [(r["task"], r["device"], r["method"], int(r["k"]), int(r["seed"])) for r in reader]
 
 
-def _append(path: Path, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+def append_rows(path: Path, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     if not rows:
         return
     new = not path.is_file() or path.stat().st_size == 0

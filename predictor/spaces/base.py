@@ -44,6 +44,17 @@ class SearchSpace(ABC):
     def canonical(self, key: str) -> str:
         """The canonical key of `key`; raises InvalidArchitecture if it is not in the space."""
 
+    def network_key(self, key: str) -> str:
+        """The key of the network `key` builds: keys that build the same network (dead code
+        dropped, nodes relabelled) share it, and it is one of them. Spaces where every key builds
+        its own network return the canonical key."""
+        return self.canonical(key)
+
+    def live_key(self, key: str) -> str:
+        """`key` with its dead code removed but nothing relabelled: a key differs from its live
+        key exactly when it holds code its network never runs."""
+        return self.canonical(key)
+
     @abstractmethod
     def size(self) -> int:
         """How many architectures the space holds."""

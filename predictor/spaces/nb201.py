@@ -56,10 +56,36 @@ def live_edges(ops: tuple[int, ...]) -> tuple[bool, ...]:
     return tuple(on and s in from_input and t in to_output for (s, t), on in zip(EDGES, present))
 
 
+#: the edge order after swapping the two intermediate nodes (possible when no edge joins them)
+_SWAPPED_EDGES = (EDGES.index((0, 2)), EDGES.index((0, 1)), EDGES.index((1, 2)), EDGES.index((0, 3)),
+                  EDGES.index((2, 3)), EDGES.index((1, 3)))
+
+
+def live_ops(ops: tuple[int, ...]) -> tuple[int, ...]:
+    """`ops` with every dead edge (see `live_edges`) set to `none`."""
+    return tuple(op if on else NONE for op, on in zip(ops, live_edges(ops)))
+
+
+@lru_cache(maxsize=len(OPS) ** len(EDGES))
+def network_ops(ops: tuple[int, ...]) -> tuple[int, ...]:
+    """The op vector of the network `ops` builds: its `live_ops`, and of those and their copy
+    with nodes 1 and 2 swapped (the same graph relabelled, when no live edge joins them) the
+    smaller op vector."""
+    live = live_ops(ops)
+    if live[EDGES.index((1, 2))] != NONE:
+        return live
+    return min(live, tuple(live[i] for i in _SWAPPED_EDGES))
+
+
 def _parse(key: str) -> tuple[int, ...]:
     """The op id of each edge of an arch string like `|nor_conv_3x3~0|+|none~0|skip_connect~1|+|...|`."""
     if not isinstance(key, str):
         raise InvalidArchitecture(f"an NB201 key is a string, not {type(key).__name__}")
+    return _parse_string(key)
+
+
+@lru_cache(maxsize=2 * len(OPS) ** len(EDGES))  # parsing dominated whole-space prediction
+def _parse_string(key: str) -> tuple[int, ...]:
     nodes = key.split("+")
     if len(nodes) != OUTPUT_NODE:
         raise InvalidArchitecture(f"expected {OUTPUT_NODE} nodes separated by '+', got {len(nodes)} in {key!r}")
@@ -87,6 +113,19 @@ def _parse(key: str) -> tuple[int, ...]:
     return tuple(ops)
 
 
+@lru_cache(maxsize=2 * len(OPS) ** len(EDGES))
+def _network_key(key: str) -> str:
+    return _key_of(network_ops(_parse(key)))
+
+
+def _key_of(op_vec: Sequence[int]) -> str:
+    nodes = (
+        "|" + "|".join(f"{OPS[op]}~{source}" for op, (source, t) in zip(op_vec, EDGES) if t == target) + "|"
+        for target in range(1, OUTPUT_NODE + 1)
+    )
+    return "+".join(nodes)
+
+
 class NB201Space(SearchSpace):
     """NAS-Bench-201 cells in the CIFAR-10 macro-architecture (15,625 architectures)."""
 
@@ -99,6 +138,14 @@ class NB201Space(SearchSpace):
     def canonical(self, key: str) -> str:
         return self.from_op_vec(_parse(key))
 
+    def network_key(self, key: str) -> str:
+        """The cell with dead edges removed, up to relabelling its intermediate nodes: 8,765
+        networks among the 15,625 keys (every disconnected cell builds the same one)."""
+        return _network_key(key)
+
+    def live_key(self, key: str) -> str:
+        return self.from_op_vec(live_ops(_parse(key)))
+
     def op_vec(self, key: str) -> tuple[int, ...]:
         """The op id (position in OPS) of each edge, in EDGES order."""
         return _parse(key)
@@ -106,11 +153,7 @@ class NB201Space(SearchSpace):
     def from_op_vec(self, op_vec: Sequence[int]) -> str:
         if len(op_vec) != len(EDGES) or not all(op in range(len(OPS)) for op in op_vec):
             raise InvalidArchitecture(f"an op vector is {len(EDGES)} ids in 0..{len(OPS) - 1}, got {list(op_vec)}")
-        nodes = (
-            "|" + "|".join(f"{OPS[op]}~{source}" for op, (source, t) in zip(op_vec, EDGES) if t == target) + "|"
-            for target in range(1, OUTPUT_NODE + 1)
-        )
-        return "+".join(nodes)
+        return _key_of(op_vec)
 
     def size(self) -> int:
         return len(OPS) ** len(EDGES)

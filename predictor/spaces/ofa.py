@@ -113,6 +113,19 @@ class OFASpace(SearchSpace):
         """The compact, key-sorted JSON of `key`; inactive blocks keep their values."""
         return parse(key).key()
 
+    def network_key(self, key: str) -> str:
+        """The key with every inactive block set to the smallest kernel and expansion: keys that
+        differ only in inactive blocks build the same network."""
+        arch = parse(key)
+        active = [arch.is_active(b) for b in range(N_BLOCKS)]
+        return arch._replace(
+            ks=tuple(k if on else KERNEL_SIZES[0] for k, on in zip(arch.ks, active)),
+            e=tuple(e if on else EXPAND_RATIOS[0] for e, on in zip(arch.e, active)),
+        ).key()
+
+    def live_key(self, key: str) -> str:
+        return self.network_key(key)
+
     def parse(self, key: str) -> OFAArch:
         return parse(key)
 

@@ -61,6 +61,8 @@ def _summary(path: Path) -> list[dict[str, int | float | str | None]]:
         "latfarm bench predictor --quick",
         "latfarm bench predictor --tasks N0,F3 --k 5 10 20 --seeds 3 --threads 1",
         "latfarm bench predictor --quick --json | jq '.summary[] | {task, ours_k20, nasflat}'",
+        "# every NB201 and FBNet device held out in turn, k 5 10 20 50 (resumable)",
+        "latfarm bench predictor --lodo --threads 1",
     ),
 )
 def predictor(
@@ -73,6 +75,8 @@ def predictor(
     quick: Annotated[bool, typer.Option("--quick", help="smoke run: N0, k 5 and 20, one seed, cheap pre-training")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="discard the rows already in --out instead of resuming")] = False,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy machine); default torch's")] = None,
+    lodo: Annotated[bool, typer.Option("--lodo", help="leave-one-device-out bench over the NB201 and FBNet reference devices instead (default --k 5 10 20 50; --tasks names spaces)")] = False,
+    devices: Annotated[Optional[str], typer.Option(help="with --lodo: comma-separated target devices; default all")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Few-shot latency prediction on the MLSys 2024 tasks: ours vs baselines vs published NASFLAT.
@@ -82,7 +86,7 @@ def predictor(
     """
     from predictor.bench import BenchMismatch, run_bench
 
-    ks = _ints([*(k or []), *ctx.args], "--k") or [5, 10, 20]
+    ks = _ints([*(k or []), *ctx.args], "--k") or ([5, 10, 20, 50] if lodo else [5, 10, 20])
     if seeds < 1:
         raise typer.BadParameter("--seeds must be at least 1")
     if threads is not None:
@@ -90,6 +94,9 @@ def predictor(
 
         torch.set_num_threads(max(1, threads))
     out_dir = out or (QUICK_OUT if quick else DEFAULT_OUT)
+    if lodo:
+        _lodo(_names(tasks), _names(devices), ks, seeds, out_dir, fresh, as_json)
+        return
     with progress_bar() as bar:
         job = bar.add_task("loading", total=None)
 
@@ -153,3 +160,24 @@ def cross_space(
             fail(ExitCode.INVALID, str(exc))
     emit({"rows_written": written, "out_dir": str(out)}, as_json,
          f"{written} rows written\n{(out / REPORT_FILE).read_text()}")
+
+
+def _lodo(spaces: Optional[list[str]], devices: Optional[list[str]], ks: list[int], seeds: int, out_dir: Path,
+          fresh: bool, as_json: bool) -> None:
+    from predictor.bench.lodo import RAW_FILE, SPACES, run_lodo
+    from predictor.bench.lodo_report import MARKDOWN_FILE
+
+    if fresh:
+        (out_dir / RAW_FILE).unlink(missing_ok=True)
+    with progress_bar() as bar:
+        job = bar.add_task("loading", total=None)
+
+        def report(done: int, total: int, description: str) -> None:
+            bar.update(job, completed=done, total=total or None, description=description)
+
+        try:
+            result = run_lodo(spaces or SPACES, devices, ks, seeds, out_dir=out_dir, progress=report)
+        except ValueError as exc:  # an unknown space, a k below 2
+            fail(ExitCode.INVALID, str(exc))
+    emit({"out_dir": str(result.out_dir), "rows_written": result.rows_written, "devices": result.devices}, as_json,
+         f"{result.rows_written} rows written\n{(result.out_dir / MARKDOWN_FILE).read_text()}")

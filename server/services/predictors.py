@@ -3,7 +3,6 @@ serves a device."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -105,12 +104,13 @@ def adapt(session: Session, cache: PredictorCache, base: Predictor, device: Devi
     started = time.perf_counter()
     base_model = cache.get(base)
     latencies = {sample.key: sample.ms for sample in samples}
-    model = base_model.adapt(latencies, name=device.name, seed=seed)
+    model = base_model.adapt(latencies, name=device.name)
     assert model.target is not None
     metrics: dict[str, Any] = {
         "adapt_seconds": round(time.perf_counter() - started, 3), "samples": len(latencies),
-        # per block; null: the block was left out (JSON has no infinity)
-        "ridge_penalties": [p if math.isfinite(p) else None for p in model.target.penalties],
+        # prior variances of the reference and descriptor blocks (0: left out) and the noise
+        # variance, chosen by marginal likelihood
+        "prior_scales": list(model.target.scales),
         **scoring.validate(base_model, model, latencies, validation, seed),
     }
     times = [sample.measured_at for sample in samples]

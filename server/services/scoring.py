@@ -39,13 +39,13 @@ def validate(base: LatencyPredictor, adapted: LatencyPredictor, samples: Mapping
         for fold in range(FOLDS):
             seen = {key: samples[key] for key, f in zip(keys, fold_of) if f != fold}
             held = [i for i, f in enumerate(fold_of) if f == fold]
-            predicted[held] = base.adapt(seen, seed=seed).predict([keys[i] for i in held])[0]
+            predicted[held] = base.adapt(seen).predict([keys[i] for i in held])[0]
         return {"validation": _summary(f"{FOLDS}-fold", keys, samples, predicted, seed)}
     return {}
 
 
 def _first(base: LatencyPredictor, samples: Mapping[str, float], k: int, seed: int) -> LatencyPredictor:
-    return base.adapt(dict(list(samples.items())[:k]), seed=seed)
+    return base.adapt(dict(list(samples.items())[:k]))
 
 
 def _curve_points(n: int) -> list[int]:

@@ -151,13 +151,13 @@ def test_harness_keeps_test_devices_out_of_pretraining_and_sampling(
 
     monkeypatch.setattr(LatencyPredictor, "pretrain", classmethod(recording_pretrain))
     fitted_devices: list[set[str]] = []  # every network fitted: the base and the validation folds
-    original_fit = LatencyPredictor._fit.__func__  # type: ignore[attr-defined]
+    original_fit = LatencyPredictor.fit.__func__  # type: ignore[attr-defined]
 
     def recording_fit(cls, space, table, **kwargs):  # type: ignore[no-untyped-def]
         fitted_devices.append(set(table.devices))
         return original_fit(cls, space, table, **kwargs)
 
-    monkeypatch.setattr(LatencyPredictor, "_fit", classmethod(recording_fit))
+    monkeypatch.setattr(LatencyPredictor, "fit", classmethod(recording_fit))
     seen: list[dict] = []
 
     class SpySampler:
@@ -195,7 +195,7 @@ def test_harness_keeps_test_devices_out_of_pretraining_and_sampling(
 
 def test_resume_skips_existing_rows_and_pretraining(datasets: Path, tmp_path: Path) -> None:
     first = run_bench(["F0"], (5, 10), 2, None, tmp_path, config=TINY, datasets=datasets)
-    methods = 6  # lut applies to FBNet
+    methods = 7  # lut applies to FBNet
     assert first.rows_written == len(TEST) * 2 * 2 * methods and first.tasks_pretrained == ["F0"]
     second = run_bench(["F0"], (5, 10), 2, None, tmp_path, config=TINY, datasets=datasets)
     assert second.rows_written == 0 and second.tasks_pretrained == []
@@ -258,6 +258,6 @@ def test_quick_cli_writes_raw_csv_summary_and_plot(datasets: Path, tmp_path: Pat
 def test_quick_on_the_real_tables(tmp_path: Path) -> None:
     run_bench(quick=True, out_dir=tmp_path, datasets=REAL_DATASETS)
     rows = _raw_rows(tmp_path)
-    assert len(rows) == 6 * 2 * 5  # N0: 6 test devices, k in (5, 20), 5 methods
+    assert len(rows) == 6 * 2 * 6  # N0: 6 test devices, k in (5, 20), 6 methods
     ours = [float(r["spearman"]) for r in rows if r["method"] == "ours" and r["k"] == "20"]
     assert np.mean(ours) > 0.8

@@ -298,3 +298,51 @@ def test_export_leaves_torch_global_state_alone() -> None:
     export_onnx(get_space("nb201"), NB201_KEY)
     assert torch.equal(torch.rand(1), before)
     assert torch.get_num_threads() == threads
+
+
+# --- one network, one key ------------------------------------------------------------------------
+
+
+def test_nb201_network_key_drops_dead_edges_and_relabels_nodes() -> None:
+    space = get_space("nb201")
+    keys = list(space.enumerate())
+    networks = {space.network_key(key) for key in keys}
+    assert len(networks) == 8765  # 341 disconnected cells all build one network
+    assert all(space.network_key(n) == n and n in set(keys) for n in list(networks)[:500])
+    # a dead edge: node 1 feeds nothing that reaches the output (1->2 and 1->3 are none)
+    dead = "|nor_conv_3x3~0|+|skip_connect~0|none~1|+|nor_conv_1x1~0|none~1|avg_pool_3x3~2|"
+    live = "|none~0|+|skip_connect~0|none~1|+|nor_conv_1x1~0|none~1|avg_pool_3x3~2|"
+    assert space.live_key(dead) == live != dead
+    assert space.network_key(dead) == space.network_key(live)
+    # nodes 1 and 2 swapped (no edge joins them): the same graph, relabelled
+    cell = "|nor_conv_3x3~0|+|avg_pool_3x3~0|none~1|+|skip_connect~0|nor_conv_1x1~1|skip_connect~2|"
+    swapped = "|avg_pool_3x3~0|+|nor_conv_3x3~0|none~1|+|skip_connect~0|skip_connect~1|nor_conv_1x1~2|"
+    assert space.network_key(cell) == space.network_key(swapped)
+    assert space.live_key(cell) == cell  # relabelling is not dead code
+    # joined by an edge, the nodes are not interchangeable
+    joined = cell.replace("none~1", "skip_connect~1")
+    assert space.network_key(joined) != space.network_key(joined.replace("nor_conv_3x3~0|+|avg_pool_3x3~0",
+                                                                       "avg_pool_3x3~0|+|nor_conv_3x3~0"))
+
+
+def test_nb201_keys_of_one_network_export_the_same_model() -> None:
+    from predictor.export import export_onnx
+
+    space = get_space("nb201")
+    dead = "|nor_conv_3x3~0|+|skip_connect~0|none~1|+|nor_conv_1x1~0|none~1|avg_pool_3x3~2|"
+    assert export_onnx(space, dead) == export_onnx(space, space.live_key(dead))
+
+
+def test_ofa_network_key_ignores_inactive_blocks_and_fbnet_keys_are_their_networks() -> None:
+    ofa = get_space("ofa")
+    other_inactive = dict(OFA_ARCH)
+    other_inactive["ks"] = list(OFA_ARCH["ks"])
+    arch = ofa.parse(OFA_KEY)
+    inactive = [b for b in range(len(arch.ks)) if not arch.is_active(b)]
+    assert inactive, "the example architecture has inactive blocks"
+    other_inactive["ks"][inactive[0]] = 7 if arch.ks[inactive[0]] != 7 else 3
+    other = ofa.canonical(json.dumps(other_inactive))
+    assert other != OFA_KEY and ofa.network_key(other) == ofa.network_key(OFA_KEY)
+    assert ofa.network_key(ofa.network_key(OFA_KEY)) == ofa.network_key(OFA_KEY)
+    fbnet = get_space("fbnet")
+    assert all(fbnet.network_key(key) == key for key in fbnet.sample(50, seed=0))

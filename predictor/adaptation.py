@@ -1,0 +1,160 @@
+"""Few-shot adaptation: a new device's log-latency as a Bayesian linear model of the reference
+devices' latencies and a few architecture descriptors.
+
+The design row of an architecture is [reference devices' standardised log-latency (measured
+where the reference table has it, else predicted by the pre-trained network), descriptors]. A
+new device's log-latency is
+
+    y = a + b * (reference @ m) + reference @ w + descriptors @ v + noise
+
+with a and b free (flat priors), w ~ N(0, tau_r^2 * prior_cov), v ~ N(0, tau_d^2 * I) and
+noise ~ N(0, sigma^2). m weights the reference devices by how well they correlate with the
+samples (a softmax, `SIMILARITY_SHARPNESS`); prior_cov is learned from the reference devices
+themselves (`reference_prior`): each reference device regressed on the others gives one
+weight vector, the kind of weights a new device is likely to have. tau_r, tau_d and sigma are
+chosen by the marginal likelihood of the samples (empirical Bayes), so few samples keep the fit
+near the prior and more samples move it only as far as they support; the posterior gives the
+uncertainty, noise included, for every architecture. sigma^2 is never below the share of
+variance the other reference devices leave unexplained in a reference device, times the
+samples' variance: a new device is not assumed better explained than the references are.
+
+Chosen on the leave-one-device-out bench (10 NB201 devices, k = 5/10/20, 3 seeds; see
+docs/bench/lodo.md): the similarity mean (sharpness 50) over the learned mean of the
+reference regressions raised mean rho from 0.828/0.923/0.925 to 0.904/0.937/0.953 (sharpness
+20: 0.891/0.934/0.951); a plain ridge on the same reference latencies scored 0.860/0.926/0.930.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+#: candidate prior scales (variances) of the reference and descriptor blocks, and noise variances
+#: of log-latency; 0 leaves a block out
+REFERENCE_SCALES = (0.0, *np.logspace(-3, 1, 9).tolist())
+DESCRIPTOR_SCALES = (0.0, *np.logspace(-4, -1, 4).tolist())
+NOISE_VARIANCES = tuple(np.logspace(-5, -1, 9).tolist())
+#: prior variance of the free coefficients (intercept, scale of the prior-mean device); wide
+#: against log-latency offsets of a few units
+FREE_VARIANCE = 1e2
+#: how sharply the prior mean favours the reference devices best correlated with the samples
+SIMILARITY_SHARPNESS = 50.0
+#: ridge penalty of the reference-on-reference regressions that learn the prior (on the
+#: correlation scale: standardised latencies)
+PRIOR_RIDGE = 1e-2
+#: added to the learned prior covariance's diagonal, as a share of its mean variance, so no
+#: direction of the reference block is ruled out
+PRIOR_FLOOR = 0.1
+
+
+@dataclass(frozen=True)
+class ReferencePrior:
+    """The spread of a device's weights over the reference devices (standardised latencies)."""
+
+    cov: np.ndarray  # (n_ref, n_ref)
+    #: mean share of a reference device's variance the others leave unexplained
+    unexplained: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeviceFit:
+    """A target device as a Gaussian posterior over the coefficients of [1, design row]."""
+
+    name: str
+    coef: np.ndarray  # (1 + n_design,) intercept first
+    cov: np.ndarray  # (1 + n_design, 1 + n_design)
+    noise: float  # variance of log-latency the model does not explain
+    #: (reference scale, descriptor scale, noise variance) chosen by marginal likelihood
+    scales: tuple[float, ...]
+    samples: dict[str, float]
+    #: whether the device runs the built network (farm exports), so keys building one network
+    #: share a prediction; False for devices that timed every key as written
+    per_network: bool = True
+
+    def log_ms(self, design: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and standard deviation of log-latency for each design row."""
+        z = np.hstack([np.ones((len(design), 1)), design])
+        mean = z @ self.coef
+        var = np.einsum("ij,jk,ik->i", z, self.cov, z) + self.noise
+        return mean, np.sqrt(np.clip(var, 0.0, None))
+
+
+def reference_prior(reference: np.ndarray, ridge: float = PRIOR_RIDGE) -> ReferencePrior:
+    """Each reference device's standardised log-latency regressed (ridge) on the others', over
+    the architectures of `reference` (n, n_ref, no NaN): the covariance of the weight vectors
+    (each with a 0 for the device itself) and the share of variance they leave unexplained."""
+    n, n_ref = reference.shape
+    x = reference - reference.mean(axis=0)
+    gram = x.T @ x / n
+    weights = np.zeros((n_ref, n_ref))
+    for j in range(n_ref):
+        others = np.flatnonzero(np.arange(n_ref) != j)
+        weights[j, others] = np.linalg.solve(gram[np.ix_(others, others)] + ridge * np.eye(len(others)),
+                                             gram[others, j])
+    cov = np.cov(weights, rowvar=False) if n_ref > 2 else np.eye(n_ref)
+    cov = cov + PRIOR_FLOOR * np.trace(cov) / n_ref * np.eye(n_ref)
+    residual = x - x @ weights.T
+    unexplained = float(np.mean(residual.var(axis=0) / np.clip(x.var(axis=0), 1e-12, None)))
+    return ReferencePrior(cov, unexplained)
+
+
+def similarity_weights(reference: np.ndarray, y: np.ndarray, sharpness: float = SIMILARITY_SHARPNESS) -> np.ndarray:
+    """Softmax over the reference devices of their correlation with the samples' log-latency."""
+    rc = reference - reference.mean(axis=0)
+    yc = y - y.mean()
+    correlation = (rc.T @ yc) / np.clip(np.linalg.norm(rc, axis=0) * np.linalg.norm(yc), 1e-12, None)
+    logits = sharpness * correlation
+    weights = np.exp(logits - logits.max())
+    return weights / weights.sum()
+
+
+def fit_device(name: str, design: np.ndarray, y: np.ndarray, n_reference: int, prior: ReferencePrior,
+               samples: dict[str, float], *, per_network: bool = True) -> DeviceFit:
+    """The posterior for a device from its samples' design rows and measured log-latencies."""
+    n, n_design = design.shape
+    reference = design[:, :n_reference]
+    descriptors = design[:, n_reference:]
+    mean_weights = similarity_weights(reference, y)
+    prior_direction = reference @ mean_weights
+    noise_floor = prior.unexplained * float(np.var(y, ddof=1))
+    # the marginal covariance of y under each block, before its scale
+    free = FREE_VARIANCE * (1.0 + np.outer(prior_direction, prior_direction))
+    k_reference = reference @ prior.cov @ reference.T
+    k_descriptors = descriptors @ descriptors.T
+    yc = y - y.mean()
+    noises = sorted({max(v, noise_floor) for v in NOISE_VARIANCES})
+    best, best_evidence = (REFERENCE_SCALES[-1], 0.0, noises[0]), -np.inf
+    for tau_r, tau_d, sigma in itertools.product(REFERENCE_SCALES, DESCRIPTOR_SCALES, noises):
+        if descriptors.shape[1] == 0 and tau_d > 0:
+            continue
+        cov = free + tau_r * k_reference + tau_d * k_descriptors + sigma * np.eye(n)
+        try:
+            chol = np.linalg.cholesky(cov)
+        except np.linalg.LinAlgError:
+            continue
+        alpha = np.linalg.solve(chol, yc)
+        evidence = -0.5 * alpha @ alpha - np.log(np.diag(chol)).sum()
+        if evidence > best_evidence:
+            best, best_evidence = (tau_r, tau_d, sigma), evidence
+    tau_r, tau_d, sigma = best
+    # weight space over [1, prior direction, reference, descriptors]
+    z = np.hstack([np.ones((n, 1)), prior_direction[:, None], design])
+    precision = np.zeros((z.shape[1], z.shape[1]))
+    precision[0, 0] = precision[1, 1] = 1.0 / FREE_VARIANCE
+    ref = slice(2, 2 + n_reference)
+    desc = slice(2 + n_reference, z.shape[1])
+    precision[ref, ref] = np.linalg.inv(prior.cov) / tau_r if tau_r > 0 else np.eye(n_reference) * 1e12
+    precision[desc, desc] = np.eye(n_design - n_reference) * (1.0 / tau_d if tau_d > 0 else 1e12)
+    ym = y.mean()
+    posterior_cov = np.linalg.inv(z.T @ z / sigma + precision)
+    posterior_mean = posterior_cov @ z.T @ (y - ym) / sigma
+    posterior_mean[0] += ym
+    # fold the prior-direction coefficient into the reference weights: [1, design] coefficients
+    fold = np.zeros((1 + n_design, z.shape[1]))
+    fold[0, 0] = 1.0
+    fold[1:, 2:] = np.eye(n_design)
+    fold[1:1 + n_reference, 1] = mean_weights
+    return DeviceFit(name, fold @ posterior_mean, fold @ posterior_cov @ fold.T, float(sigma),
+                     (float(tau_r), float(tau_d), float(sigma)), samples, per_network)

@@ -1,0 +1,142 @@
+"""The leave-one-device-out bench: every NB201 and FBNet reference device in turn is the target.
+
+For each target device, a base predictor is pre-trained on the other devices of its space;
+the base's default sampler draws k samples from every architecture the target measured (the
+whole space, as a user's device would be sampled), and each method predicts the rest. This is
+the bench the predictor's settings are chosen on: only reference devices take part, never a
+12-task test device. Rows go to `lodo.csv`, one per (space, device, method, k, seed); rows
+already there are not recomputed, so an interrupted run resumes.
+
+With the tables covering every architecture, the adaptation reads every reference latency of
+the held-out architectures from the table (`measured_share` is recorded: 1.0 means the network
+was not consulted), so the fold bases are pre-trained with a small configuration: a longer
+training changes no score of this bench.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from predictor import metrics
+from predictor.datasets import find_datasets
+from predictor.model import LatencyPredictor, TrainConfig
+from predictor.reference import LatencyTable
+from predictor.samplers import get_sampler
+
+from .data import load_space_table, memoised_space
+from .methods import Method, TaskContext, get_methods
+from .run import append_rows
+
+RAW_FILE = "lodo.csv"
+COLUMNS = ("space", "device", "method", "k", "seed", "spearman", "kendall", "mape", "within10", "coverage90",
+           "calibration_rho", "measured_share")
+SPACES = ("nb201", "fbnet")
+KS = (5, 10, 20, 50)
+SEEDS = 3
+METHODS = ("ours", "one_proxy", "table_ridge", "flops")
+CONFIG = TrainConfig(members=1, epochs=2, sampler_folds=0)
+#: progress(done, total, description), counted in (device, k, seed) cells
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class LodoResult:
+    out_dir: Path
+    rows_written: int
+    devices: list[str]
+
+
+def run_lodo(
+    spaces: Sequence[str] = SPACES,
+    devices: Sequence[str] | None = None,
+    ks: Sequence[int] = KS,
+    seeds: int = SEEDS,
+    methods: Sequence[str] = METHODS,
+    out_dir: str | Path = "docs/bench",
+    *,
+    datasets: Path | None = None,
+    config: TrainConfig = CONFIG,
+    progress: Progress | None = None,
+    report: bool = True,
+) -> LodoResult:
+    """Run (or resume) the LODO bench over `spaces` (every device, or only `devices`)."""
+    root = Path(datasets) if datasets is not None else find_datasets()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = _done(out / RAW_FILE)
+    method_list = get_methods(list(methods))
+    written, targets = 0, []
+    plan = []
+    for space_name in spaces:
+        table = load_space_table(root, space_name)
+        for device in sorted(table.latencies):
+            if devices is not None and device not in devices:
+                continue
+            todo = [(k, s) for k in ks for s in range(seeds)
+                    if any((space_name, device, m.name, k, s) not in done for m in method_list if m.supports(space_name))]
+            if todo:
+                plan.append((space_name, device, todo))
+    total = sum(len(todo) for *_, todo in plan)
+    count = 0
+    for space_name, device, todo in plan:
+        table = load_space_table(root, space_name)
+        space = memoised_space(table.space, table.keys)
+        others = tuple(d for d in sorted(table.latencies) if d != device)
+        if progress is not None:
+            progress(count, total, f"{space_name}: pre-training without {device}")
+        with np.errstate(divide="ignore"):
+            reference_table = LatencyTable(table.keys, list(others), np.log(table.matrix(others)).astype(np.float32))
+        base = LatencyPredictor.fit(space, reference_table, config=config)
+        context = TaskContext(space, others, base, {key: i for i, key in enumerate(table.keys)}, table.matrix(others))
+        truth = table.device_truth(device)
+        keys = list(truth)
+        sampler = get_sampler("default")
+        for k, seed in todo:
+            picked = sampler.select(space, k, seed=seed, predictor=base, candidates=keys)
+            chosen = set(picked)
+            held_out = [key for key in keys if key not in chosen]
+            measured = np.asarray([truth[key] for key in held_out])
+            samples = {key: truth[key] for key in picked}
+            rows = []
+            for method in method_list:
+                if not method.supports(space_name) or (space_name, device, method.name, k, seed) in done:
+                    continue
+                rows.append((space_name, device, method.name, k, seed,
+                             *_scores(method, context, device, samples, held_out, measured, seed)))
+            append_rows(out / RAW_FILE, COLUMNS, rows)
+            written += len(rows)
+            count += 1
+            if progress is not None:
+                progress(count, total, f"{space_name}: {device}")
+        targets.append(device)
+    if report:
+        from .lodo_report import write_lodo_report
+
+        write_lodo_report(out)
+    return LodoResult(out, written, targets)
+
+
+def _scores(method: Method, context: TaskContext, device: str, samples: dict[str, float], keys: list[str],
+            truth: np.ndarray, seed: int) -> tuple[str, ...]:
+    prediction = method.predict(context, device, samples, keys, seed)
+    ms = prediction.ms
+    values = [metrics.spearman(ms, truth), metrics.kendall(ms, truth)]
+    values += [float("nan")] * 2 if method.ranks_only else [metrics.mape(ms, truth), metrics.within(ms, truth)]
+    if prediction.std is not None:
+        values += [metrics.coverage(ms, prediction.std, truth), metrics.calibration_rho(ms, prediction.std, truth)]
+    else:
+        values += [float("nan")] * 2
+    values.append(prediction.extras.get("measured_share_min", float("nan")))
+    return tuple("" if np.isnan(v) else f"{v:.6f}" for v in values)
+
+
+def _done(path: Path) -> set[tuple[str, str, str, int, int]]:
+    if not path.is_file():
+        return set()
+    with open(path, newline="") as handle:
+        return {(r["space"], r["device"], r["method"], int(r["k"]), int(r["seed"])) for r in csv.DictReader(handle)}

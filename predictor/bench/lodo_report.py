@@ -1,0 +1,127 @@
+"""The LODO bench's summary: lodo.md (mean per space, method and k) and lodo.png (rho against k)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .lodo import RAW_FILE
+from .methods import METHODS
+
+MARKDOWN_FILE = "lodo.md"
+PLOT_FILE = "lodo.png"
+METRICS = ("spearman", "kendall", "mape", "within10", "coverage90", "calibration_rho")
+
+
+def summarise(rows: list[dict[str, str]]) -> dict[tuple[str, str, int], dict[str, float]]:
+    """(space, method, k) -> mean of each metric over devices and seeds, the spread over seeds
+    of the device-mean rho, and the counts of devices and seeds."""
+    grouped: dict[tuple[str, str, int], list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        grouped[(row["space"], row["method"], int(row["k"]))].append(row)
+    out = {}
+    for key, cell in grouped.items():
+        summary = {m: _mean([r[m] for r in cell]) for m in METRICS}
+        if METHODS[key[1]].ranks_only:  # older rows scored its relative errors too
+            summary["mape"] = summary["within10"] = math.nan
+        by_seed: dict[str, list[float]] = defaultdict(list)
+        for r in cell:
+            by_seed[r["seed"]].append(float(r["spearman"]) if r["spearman"] else math.nan)
+        seed_means = [np.nanmean(v) for v in by_seed.values()]
+        summary["spread"] = float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else math.nan
+        summary["devices"] = len({r["device"] for r in cell})
+        summary["seeds"] = len(by_seed)
+        out[key] = summary
+    return out
+
+
+def _mean(values: list[str]) -> float:
+    numbers = [float(v) for v in values if v != ""]
+    return float(np.mean(numbers)) if numbers else math.nan
+
+
+def write_lodo_report(out_dir: str | Path, datasets: Path | None = None) -> dict[tuple[str, str, int], dict[str, float]]:
+    out = Path(out_dir)
+    with open(out / RAW_FILE, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    summary = summarise(rows)
+    (out / MARKDOWN_FILE).write_text(_markdown(summary) + _dead_code(datasets))
+    _plot(out / PLOT_FILE, summary)
+    return summary
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _markdown(summary: dict[tuple[str, str, int], dict[str, float]]) -> str:
+    lines = ["# Leave-one-device-out bench", "",
+             "Every reference device of a space in turn is the target; the base is pre-trained on the others; "
+             "k samples drawn by the base's default sampler from all the target's architectures, the rest scored. "
+             "Means over devices and seeds; spread: std over seeds of the device-mean rho. "
+             "Written by `latfarm bench predictor --lodo` from lodo.csv.", ""]
+    for space in sorted({s for s, _, _ in summary}):
+        lines += [f"## {space}", "",
+                  "| method | k | devices | seeds | rho | spread | tau | MAPE % | ±10 % | 90 % coverage | rho(std, err) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (s, method, k), row in sorted(summary.items(), key=lambda item: (item[0][1] != "ours", item[0][1], item[0][2])):
+            if s != space:
+                continue
+            lines.append(f"| {method} | {k} | {row['devices']} | {row['seeds']} | {_fmt(row['spearman'])} | "
+                         f"{_fmt(row['spread'])} | {_fmt(row['kendall'])} | {_fmt(row['mape'], 1)} | "
+                         f"{_fmt(row['within10'])} | {_fmt(row['coverage90'])} | {_fmt(row['calibration_rho'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _dead_code(datasets: Path | None) -> str:
+    """Per NB201 reference device: how much longer keys holding dead code took than the same
+    network without it (the tables timed every cell as written)."""
+    from predictor.datasets import find_datasets
+    from predictor.reference import DEAD_CODE_THRESHOLD, LatencyTable, MeasuredReference
+
+    from .data import load_space_table
+
+    table = load_space_table(datasets or find_datasets(), "nb201")
+    devices = sorted(table.latencies)
+    with np.errstate(divide="ignore"):
+        log_ms = np.log(table.matrix(devices)).astype(np.float32)
+    cost = MeasuredReference(table.space, LatencyTable(table.keys, devices, log_ms)).dead_code_cost
+    lines = ["## Does dead code cost? (NB201 reference tables)", "",
+             "Mean log-latency excess of keys holding dead code (edges no input-output path uses) over the same "
+             f"network timed without it; above {DEAD_CODE_THRESHOLD:.0%} a device is taken to charge for it, and its "
+             "per-network latency is read from dead-code-free keys only.", "",
+             "| device | excess | charges |", "|---|---|---|"]
+    lines += [f"| {d} | {100 * c:+.1f} % | {'yes' if c > DEAD_CODE_THRESHOLD else 'no'} |" for d, c in zip(devices, cost)]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(path: Path, summary: dict[tuple[str, str, int], dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spaces = sorted({s for s, _, _ in summary})
+    fig, axes = plt.subplots(1, len(spaces), figsize=(4.2 * len(spaces), 3.2), squeeze=False)
+    for ax, space in zip(axes[0], spaces):
+        for method in sorted({m for s, m, _ in summary if s == space}):
+            ks = sorted(k for s, m, k in summary if s == space and m == method)
+            means = [summary[(space, method, k)]["spearman"] for k in ks]
+            spreads = np.nan_to_num([summary[(space, method, k)]["spread"] for k in ks])
+            ax.errorbar(ks, means, yerr=spreads, marker="o", ms=3, capsize=2, label=method)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({k for s, _, k in summary if s == space}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_title(f"{space}: leave one device out", fontsize=9)
+        ax.set_xlabel("k (measured samples)", fontsize=8)
+        ax.set_ylabel("mean Spearman rho", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,10 +1,8 @@
-"""What this host is: CPU, cores, memory, OS, runtimes (ONNX Runtime, and PyTorch where it is
-installed); and how its devices are named and described."""
+"""What this host is: CPU, cores, memory, OS, the runtimes of `agent.runtimes` installed here;
+and how its devices are named and described."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
 import platform
 import re
@@ -14,10 +12,12 @@ from pathlib import Path
 
 from agent import __version__
 from agent.protocol import PROTOCOL_VERSION, Capabilities, Runtime
+from agent.runtimes import installed_runtimes
+from agent.runtimes.onnxruntime import CPU_PROVIDER, available_providers
 
-CPU_PROVIDER = "CPUExecutionProvider"
-#: the runtime's part of a default device name
-_RUNTIME_TAGS: dict[Runtime, str] = {Runtime.onnxruntime: "ort", Runtime.pytorch: "torch"}
+#: the runtime's part of a default device name (the runtime's name where it has none here)
+_RUNTIME_TAGS: dict[Runtime, str] = {Runtime.onnxruntime: "ort", Runtime.pytorch: "torch", Runtime.openvino: "ov",
+                                     Runtime.tensorrt: "trt"}
 
 
 def _read_text(path: str) -> str | None:
@@ -82,32 +82,8 @@ def memory_bytes() -> int:
         return 0
 
 
-def onnxruntime_info() -> tuple[str, list[str]]:
-    """(version, available providers); ("", []) when onnxruntime cannot be imported."""
-    try:
-        import onnxruntime as ort
-    except Exception:  # noqa: BLE001 - a broken install must not stop the agent from reporting it
-        return "", []
-    return str(ort.__version__), list(ort.get_available_providers())
-
-
-def pytorch_version() -> str | None:
-    """torch's version where it is importable, else None; found without importing torch (which
-    takes seconds and hundreds of MB: only a measurement child imports it)."""
-    if importlib.util.find_spec("torch") is None:
-        return None
-    try:
-        return importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:  # importable, but not installed as a distribution
-        return "unknown"
-
-
 def detect_capabilities() -> Capabilities:
-    ort_version, providers = onnxruntime_info()
-    runtimes = {Runtime.onnxruntime.value: ort_version} if ort_version else {}
-    torch_version = pytorch_version()
-    if torch_version is not None:
-        runtimes[Runtime.pytorch.value] = torch_version
+    runtimes = installed_runtimes()
     return Capabilities(
         hostname=socket.gethostname() or "unknown",
         cpu_model=cpu_model(),
@@ -118,7 +94,7 @@ def detect_capabilities() -> Capabilities:
         agent_version=__version__,
         protocol_version=PROTOCOL_VERSION,
         runtimes=runtimes,
-        onnxruntime_providers=providers,
+        onnxruntime_providers=available_providers() if Runtime.onnxruntime.value in runtimes else [],
     )
 
 
@@ -131,10 +107,10 @@ def _slug(text: str) -> str:
 def default_device_name(
     threads: int, hostname: str | None = None, runtime: Runtime = Runtime.onnxruntime, provider: str | None = None
 ) -> str:
-    """`<hostname>-<runtime>-<threads>t-b1`, e.g. `bench01-ort-4t-b1` or `bench01-torch-1t-b1`;
+    """`<hostname>-<runtime>-<threads>t-b1`, e.g. `bench01-ort-4t-b1` or `rpi5-litert-4t-b1`;
     an ONNX Runtime provider other than the CPU one is named too: `bench01-ort-cuda-1t-b1`."""
     host = _slug((hostname or socket.gethostname() or "host").split(".")[0])
-    tag = _RUNTIME_TAGS[runtime]
+    tag = _RUNTIME_TAGS.get(runtime, runtime.value)
     if provider and provider != CPU_PROVIDER:
         tag += "-" + _slug(provider.removesuffix("ExecutionProvider").lower())
     return f"{host}-{tag}-{threads}t-b1"

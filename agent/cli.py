@@ -71,8 +71,8 @@ An unreachable server is not an exit: the agent retries with backoff until it is
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latfarm-agent",
-        description="Lease latency-measurement jobs from a latfarm server and time them with ONNX Runtime "
-        "or PyTorch (when installed), each in a child process of its own.",
+        description="Lease latency-measurement jobs from a latfarm server and time them with ONNX Runtime, "
+        "OpenVINO, LiteRT, TensorRT or PyTorch (those installed), each in a child process of its own.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="devices",
         action="append",
         metavar="NAME",
-        help="device name to serve; repeatable (default <hostname>-<ort|torch>-<threads>t-b1) "
+        help="device name to serve; repeatable (default <hostname>-<ort|torch|ov|litert|trt>-<threads>t-b1) "
         f"[{ENV_VARS['devices']}, comma list]",
     )
     parser.add_argument("--threads", type=int,
@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--runtime",
         choices=[r.value for r in Runtime],
-        help=f"runtime the devices measure with (default {Runtime.onnxruntime.value}; "
-        f"{Runtime.pytorch.value} needs torch installed) [{ENV_VARS['runtime']}]",
+        help=f"runtime the devices measure with (default {Runtime.onnxruntime.value}; the others need their "
+        f"extra: latfarm[agent-openvino], [agent-litert], [agent-tensorrt], or torch) [{ENV_VARS['runtime']}]",
     )
     parser.add_argument(
         "--provider",

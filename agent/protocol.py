@@ -117,14 +117,33 @@ class RegisterResponse(BaseModel):
 
 
 class Runtime(str, Enum):
+    """A runtime the agent times models with; each has a module of that name in agent/runtimes/."""
+
     onnxruntime = "onnxruntime"
     pytorch = "pytorch"
+    openvino = "openvino"
+    litert = "litert"
+    tensorrt = "tensorrt"
 
 
 class ArtifactFormat(str, Enum):
     onnx = "onnx"
     #: a `torch.export` program saved with `torch.export.save` (runtime pytorch)
     torch_export = "torch_export"
+    #: a LiteRT (TensorFlow Lite) flatbuffer
+    tflite = "tflite"
+
+
+#: the artifact format each runtime runs: the server exports (or accepts) an architecture in it and
+#: the agent refuses a lease whose artifact is in another. OpenVINO and TensorRT build their own
+#: representation (a compiled model, an engine) from the ONNX artifact on the device.
+ARTIFACT_FORMATS: dict[Runtime, ArtifactFormat] = {
+    Runtime.onnxruntime: ArtifactFormat.onnx,
+    Runtime.pytorch: ArtifactFormat.torch_export,
+    Runtime.openvino: ArtifactFormat.onnx,
+    Runtime.litert: ArtifactFormat.tflite,
+    Runtime.tensorrt: ArtifactFormat.onnx,
+}
 
 
 class ArtifactRef(BaseModel):

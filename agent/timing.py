@@ -1,11 +1,16 @@
-"""Time one model in a child process, with ONNX Runtime or PyTorch.
+"""Time one model in a child process, with one of the runtimes of `agent.runtimes`.
 
 The parent (`measure`) starts `python -m agent.timing` in its own session, writes a
 `TimingRequest` as JSON to its stdin and reads one `ChildReport` as JSON from its stdout. A child
 that runs past `timeout_s`, or whose job is cancelled, is killed. Running the measurement in a
 fresh process keeps a crashing or hanging model from taking the agent down, lets the child be
 pinned to its own CPUs, and gives every measurement the same clean process state. Only the child
-imports the runtime; torch is optional and imported only for a PyTorch job.
+imports the runtime.
+
+The child dies with its parent, so that an agent killed outright (SIGKILL, OOM killer) leaves no
+measurement running beside the next agent's: on Linux the kernel kills it (PR_SET_PDEATHSIG);
+everywhere, a watchdog thread exits when the pipe whose write end only the parent holds reaches
+end of file.
 
 The child times the model load and the first inference apart, warms up until the run time is
 stable (`warm_up`), then times at least `min_runs` runs and `min_seconds` seconds, at most
@@ -20,6 +25,8 @@ cannot corrupt the report; the report goes to a duplicate of the original stdout
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import statistics
@@ -29,16 +36,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from agent.capabilities import CPU_PROVIDER
 from agent.protocol import LatencyStats, Runtime, TimingProtocol
-
-if TYPE_CHECKING:
-    import torch
+from agent.runtimes import LoadSettings, RuntimeUnavailable, load_backend
+from agent.runtimes.base import Execution
 
 DEFAULT_SEED = 0
 _POLL_S = 0.05
@@ -56,8 +61,10 @@ FAILURE_RUNTIME = "runtime_error"
 _UNSUPPORTED_MARKERS = ("not_implemented", "could not find an implementation for", "unsupported operator")
 #: lower-case fragments of error messages that mean an allocation failed
 _OUT_OF_MEMORY_MARKERS = ("bad_alloc", "failed to allocate", "out of memory", "can't allocate memory")
-
-Execution = dict[str, str | int | float | bool]
+#: environment variables that hand the child its parent's pid and the watchdog pipe's read end
+_PARENT_ENV = "LATFARM_TIMING_PARENT"
+_WATCHDOG_ENV = "LATFARM_TIMING_WATCHDOG_FD"
+_PR_SET_PDEATHSIG = 1
 
 
 class TimingRequest(BaseModel):
@@ -70,6 +77,7 @@ class TimingRequest(BaseModel):
     protocol: TimingProtocol
     cpus: list[int] | None = None
     seed: int = DEFAULT_SEED
+    engine_cache_dir: str | None = None
 
 
 class ChildReport(BaseModel):
@@ -81,6 +89,7 @@ class ChildReport(BaseModel):
     error: str | None = None
     samples_ms: list[float] = Field(default_factory=list)
     load_ms: float | None = None
+    engine_build_ms: float | None = None
     first_inference_ms: float | None = None
     warmup_runs: int | None = None
     affinity: list[int] | None = None
@@ -144,11 +153,13 @@ def choose_cpus(threads: int) -> list[int] | None:
     return allowed[-threads:] if threads < len(allowed) else allowed
 
 
-def _child_command() -> tuple[list[str], dict[str, str], str]:
+def _child_command(watchdog_fd: int) -> tuple[list[str], dict[str, str], str]:
     package_root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
+    env[_PARENT_ENV] = str(os.getpid())
+    env[_WATCHDOG_ENV] = str(watchdog_fd)
     # cwd = the package root, so `-m agent.timing` cannot pick up a stray `agent` elsewhere.
     return [sys.executable, "-m", "agent.timing"], env, package_root
 
@@ -186,9 +197,11 @@ def measure(
     cancel: threading.Event | None = None,
     seed: int = DEFAULT_SEED,
     timeout_s: float | None = None,
+    engine_cache_dir: str | os.PathLike[str] | None = None,
 ) -> TimingOutcome:
     """Time `model_path` with `runtime` in a child process; never raises for model or child
-    failures. `provider` is the ONNX Runtime execution provider (None: the CPU provider).
+    failures. `provider` is the ONNX Runtime execution provider (None: the CPU provider);
+    `engine_cache_dir` the folder GPU runtimes cache their engines in.
 
     `cpus`: True pins to `choose_cpus(threads)`, a list pins to those CPUs, None/False does not
     pin. The child is killed after `timeout_s` (default `protocol.timeout_s`, counting model load)
@@ -198,19 +211,28 @@ def measure(
     request = TimingRequest(
         model_path=str(Path(model_path).resolve()), runtime=runtime, provider=provider, threads=threads,
         protocol=protocol, cpus=pin, seed=seed,
+        engine_cache_dir=str(Path(engine_cache_dir).resolve()) if engine_cache_dir is not None else None,
     )
     limit = protocol.timeout_s if timeout_s is None else timeout_s
-    cmd, env, cwd = _child_command()
+    watchdog_read, watchdog_write = os.pipe()  # the write end stays here: its EOF means this process died
+    cmd, env, cwd = _child_command(watchdog_read)
     started = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=cwd,
-        start_new_session=True,  # a terminal Ctrl-C reaches the agent, which decides; not the child
-    )
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            pass_fds=(watchdog_read,),
+            start_new_session=True,  # a terminal Ctrl-C reaches the agent, which decides; not the child
+        )
+    except BaseException:
+        os.close(watchdog_write)
+        raise
+    finally:
+        os.close(watchdog_read)
     stdout = stderr = b""
     killed_for: str | None = None
     try:
@@ -232,6 +254,7 @@ def measure(
         # Any exception here (e.g. KeyboardInterrupt) must not leave an orphan child running.
         if proc.poll() is None:
             _kill(proc)
+        os.close(watchdog_write)
     wall = time.monotonic() - started
     common: dict[str, Any] = {"wall_s": wall, "pid": proc.pid, "returncode": proc.returncode, "affinity": pin}
 
@@ -277,10 +300,6 @@ def _parse_report(stdout: bytes) -> ChildReport | None:
 
 
 # ------------------------------------------------------------------------------ timing protocol
-
-
-class RuntimeUnavailable(Exception):
-    """The runtime cannot run here as asked (e.g. the execution provider is not installed)."""
 
 
 def classify_failure(exc: BaseException, default: str) -> str:
@@ -346,188 +365,6 @@ def timed_runs(run_ns: Callable[[], int], protocol: TimingProtocol) -> list[int]
 # --------------------------------------------------------------------------------------- child
 
 
-class _Backend(Protocol):
-    """One runtime in the child. The constructor imports the runtime and applies the thread
-    settings; `load` builds the model, `prepare` makes random inputs and returns one inference,
-    to be called inside `running()`."""
-
-    version: str
-    execution: Execution
-    providers: list[str]
-    inputs: dict[str, list[int]]
-
-    def load(self) -> None: ...
-
-    def prepare(self, seed: int) -> Callable[[], object]: ...
-
-    def running(self) -> contextlib.AbstractContextManager[object]: ...
-
-
-_NUMPY_TYPES: dict[str, Any] = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(int16)": np.int16,
-    "tensor(uint16)": np.uint16,
-    "tensor(int32)": np.int32,
-    "tensor(uint32)": np.uint32,
-    "tensor(int64)": np.int64,
-    "tensor(uint64)": np.uint64,
-    "tensor(bool)": np.bool_,
-}
-
-
-class _OnnxRuntime:
-    """An ONNX model in an ONNX Runtime session: the requested execution provider with the CPU
-    provider as fallback for the operators it lacks; sequential execution, all graph
-    optimisations, `threads` intra-op threads and one inter-op thread."""
-
-    def __init__(self, req: TimingRequest) -> None:
-        import onnxruntime as ort
-
-        self._ort = ort
-        self._req = req
-        self.version = str(ort.__version__)
-        self.execution: Execution = {
-            "intra_op_threads": req.threads,
-            "inter_op_threads": 1,
-            "execution_mode": "sequential",
-            "graph_optimization": "all",
-        }
-        self.providers: list[str] = []
-        self.inputs: dict[str, list[int]] = {}
-
-    def load(self) -> None:
-        ort = self._ort
-        requested = self._req.provider or CPU_PROVIDER
-        available = list(ort.get_available_providers())
-        if requested not in available:
-            raise RuntimeUnavailable(f"execution provider {requested} is not available here "
-                                     f"(available: {', '.join(available)})")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self._req.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        providers = list(dict.fromkeys([requested, CPU_PROVIDER]))
-        self._session = ort.InferenceSession(self._req.model_path, sess_options=opts, providers=providers)
-        self.providers = list(self._session.get_providers())
-
-    def prepare(self, seed: int) -> Callable[[], object]:
-        """Random inputs of the declared shapes (symbolic/unknown dims -> 1, i.e. batch 1)."""
-        rng = np.random.default_rng(seed)
-        feeds: dict[str, np.ndarray] = {}
-        for arg in self._session.get_inputs():
-            shape = [d if isinstance(d, int) and d > 0 else 1 for d in (arg.shape or [])]
-            dtype = _NUMPY_TYPES.get(arg.type)
-            if dtype is None:
-                raise TypeError(f"input {arg.name!r} has unsupported type {arg.type}")
-            if np.issubdtype(dtype, np.floating):
-                feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
-            else:
-                feeds[arg.name] = rng.integers(0, 2, size=shape).astype(dtype)
-        self.inputs = {name: list(array.shape) for name, array in feeds.items()}
-        run = self._session.run
-        return lambda: run(None, feeds)
-
-    def running(self) -> contextlib.AbstractContextManager[object]:
-        return contextlib.nullcontext()
-
-
-class _TensorSpec(NamedTuple):
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-class _PyTorch:
-    """A `torch.export` program (saved with `torch.export.save`) run as `program.module()` under
-    `torch.inference_mode()`, with `threads` intra-op threads and one inter-op thread."""
-
-    def __init__(self, req: TimingRequest) -> None:
-        import torch
-        import torch.utils._pytree as pytree
-
-        torch.set_num_threads(req.threads)  # before anything runs: the pools are fixed afterwards
-        torch.set_num_interop_threads(1)
-        self._torch = torch
-        self._pytree = pytree
-        self._req = req
-        self.version = str(torch.__version__)
-        self.execution: Execution = {
-            "intra_op_threads": torch.get_num_threads(),
-            "inter_op_threads": torch.get_num_interop_threads(),
-            "inference_mode": True,
-        }
-        self.providers: list[str] = []
-        self.inputs: dict[str, list[int]] = {}
-
-    def load(self) -> None:
-        self._program = self._torch.export.load(self._req.model_path)
-        self._module = self._program.module()
-
-    def prepare(self, seed: int) -> Callable[[], object]:
-        """Random inputs shaped like the program's example inputs, or, where it has none, like its
-        input placeholders (symbolic dims -> their lower bound, at least 1)."""
-        generator = self._torch.Generator().manual_seed(seed)
-        leaves, spec = self._input_leaves()
-        names = list(self._program.graph_signature.user_inputs)
-        if len(names) != len(leaves):
-            names = [f"input{i}" for i in range(len(leaves))]
-        values: list[object] = []
-        for name, leaf in zip(names, leaves):
-            if isinstance(leaf, _TensorSpec):
-                tensor = self._random(leaf, generator)
-                self.inputs[name] = list(tensor.shape)
-                leaf = tensor
-            values.append(leaf)
-        args, kwargs = self._pytree.tree_unflatten(values, spec)
-        module = self._module
-        return lambda: module(*args, **kwargs)
-
-    def _input_leaves(self) -> tuple[list[object], Any]:
-        """The flattened inputs, tensors as their _TensorSpec, and the spec to rebuild (args, kwargs)."""
-        torch = self._torch
-        program = self._program
-        example = getattr(program, "example_inputs", None)
-        if example is not None:
-            flat, spec = self._pytree.tree_flatten(example)
-            return [_TensorSpec(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x for x in flat], spec
-        user_inputs = set(program.graph_signature.user_inputs)
-        leaves: list[object] = []
-        for node in program.graph.nodes:
-            if node.op != "placeholder" or node.name not in user_inputs:
-                continue
-            val = node.meta.get("val")
-            if not isinstance(val, torch.Tensor):
-                raise TypeError(f"cannot make an input for {node.name!r}: no example and no tensor metadata")
-            leaves.append(_TensorSpec(tuple(self._concrete(d) for d in val.shape), val.dtype))
-        return leaves, program.call_spec.in_spec
-
-    def _concrete(self, dim: int | torch.SymInt) -> int:
-        if isinstance(dim, int):
-            return dim
-        bounds = self._program.range_constraints.get(dim.node.expr)
-        return max(1, int(bounds.lower)) if bounds is not None else 1
-
-    def _random(self, spec: _TensorSpec, generator: torch.Generator) -> torch.Tensor:
-        torch = self._torch
-        if spec.dtype.is_floating_point or spec.dtype.is_complex:
-            return torch.randn(spec.shape, dtype=spec.dtype, generator=generator)
-        return torch.randint(0, 2, spec.shape, generator=generator).to(spec.dtype)
-
-    def running(self) -> contextlib.AbstractContextManager[object]:
-        return self._torch.inference_mode()
-
-
-_BACKENDS: dict[Runtime, Callable[[TimingRequest], _Backend]] = {
-    Runtime.onnxruntime: _OnnxRuntime,
-    Runtime.pytorch: _PyTorch,
-}
-
-
 def _pin(cpus: list[int] | None) -> list[int] | None:
     """Pin this process to `cpus` (before the runtime starts threads: they inherit it); the CPUs
     it may run on afterwards, or None where the OS has no affinity API."""
@@ -543,13 +380,18 @@ def _time_model(req: TimingRequest) -> ChildReport:
     info: dict[str, Any] = {"affinity": _pin(req.cpus)}
     stage = FAILURE_RUNTIME_UNAVAILABLE  # the class of a failure in the current stage
     try:
-        backend = _BACKENDS[req.runtime](req)
+        backend = load_backend(req.runtime, LoadSettings(
+            model_path=req.model_path, threads=req.threads, provider=req.provider,
+            engine_cache_dir=req.engine_cache_dir))
         info.update(runtime_version=backend.version, execution=backend.execution)
 
         stage = FAILURE_LOAD
         t0 = time.perf_counter_ns()
         backend.load()
-        info.update(load_ms=(time.perf_counter_ns() - t0) / 1e6, providers=backend.providers)
+        load_ms = (time.perf_counter_ns() - t0) / 1e6
+        # an engine build is reported apart from the load, which is then what a cached engine costs
+        info.update(load_ms=load_ms - (backend.build_ms or 0.0), engine_build_ms=backend.build_ms,
+                    providers=backend.providers, execution=backend.execution)
 
         stage = FAILURE_RUNTIME
         run_ns = clocked(backend.prepare(req.seed))
@@ -565,7 +407,29 @@ def _time_model(req: TimingRequest) -> ChildReport:
     return ChildReport(ok=True, samples_ms=[ns / 1e6 for ns in samples_ns], **info)
 
 
+def _die_with_parent() -> None:
+    """Exit when the agent that started this process dies, however it dies."""
+    parent = int(os.environ.get(_PARENT_ENV, "0"))
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            print(f"prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}", file=sys.stderr)
+    if parent and os.getppid() != parent:  # it died before the death signal was asked for
+        os._exit(1)
+    watchdog_fd = os.environ.get(_WATCHDOG_ENV)
+    if watchdog_fd is not None:
+        threading.Thread(target=_exit_on_eof, args=(int(watchdog_fd),), name="parent-watchdog", daemon=True).start()
+
+
+def _exit_on_eof(fd: int) -> None:
+    # Only the parent holds the write end and never writes: read returns once the parent is gone.
+    while os.read(fd, 1):
+        pass
+    os._exit(1)
+
+
 def _child_main() -> int:
+    _die_with_parent()
     # Keep the real stdout for the report; anything else written to fd 1 goes to stderr.
     report_fd = os.dup(1)
     os.dup2(2, 1)

@@ -31,8 +31,8 @@ from agent.client import (
     ServerUnavailable,
 )
 from agent.protocol import (
+    ARTIFACT_FORMATS,
     PROTOCOL_VERSION,
-    ArtifactFormat,
     Capabilities,
     DeviceSpec,
     JobLease,
@@ -40,9 +40,9 @@ from agent.protocol import (
     RegisterRequest,
     RegisterResponse,
     ResultStatus,
-    Runtime,
 )
 from agent.quality import quality_flags
+from agent.runtimes import install_hint
 from agent.settings import AgentSettings
 from agent.state import AgentState, Credentials, StateInUse
 from agent.timing import FAILURE_CANCELLED, TimingOutcome, measure
@@ -51,11 +51,8 @@ log = logging.getLogger(__name__)
 
 FAILURE_ARTIFACT = "artifact_error"
 FAILURE_BAD_LEASE = "bad_lease"
-#: the artifact format each runtime runs
-ARTIFACT_FORMATS: dict[Runtime, ArtifactFormat] = {
-    Runtime.onnxruntime: ArtifactFormat.onnx,
-    Runtime.pytorch: ArtifactFormat.torch_export,
-}
+#: the folder under the artifact cache where GPU runtimes keep the engines they build
+ENGINE_CACHE = "engines"
 #: full-jitter backoff after failed calls: up to BASE * 2**failures seconds, at most MAX
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
@@ -156,8 +153,7 @@ class Worker:
         """Why this host cannot measure with the configured runtime and provider, or None."""
         runtime, provider = self.settings.runtime, self.settings.provider
         if runtime.value not in self.capabilities.runtimes:
-            hint = " (pip install torch)" if runtime is Runtime.pytorch else ""
-            return f"runtime {runtime.value} is not installed{hint}"
+            return f"runtime {runtime.value} is not installed (pip install {install_hint(runtime)})"
         if provider is not None and provider not in self.capabilities.onnxruntime_providers:
             available = ", ".join(self.capabilities.onnxruntime_providers) or "none"
             return f"execution provider {provider} is not available (available: {available})"
@@ -463,7 +459,8 @@ class Worker:
         if cancel.is_set():
             return TimingOutcome(ok=False, failure_class=FAILURE_CANCELLED, error="cancelled by the server")
         return measure(
-            path, lease.protocol, lease.threads, runtime=lease.runtime, provider=lease.provider, cancel=cancel
+            path, lease.protocol, lease.threads, runtime=lease.runtime, provider=lease.provider, cancel=cancel,
+            engine_cache_dir=self.settings.cache_dir / ENGINE_CACHE,
         )
 
     def build_result(self, lease: JobLease, outcome: TimingOutcome) -> JobResult:
@@ -497,6 +494,7 @@ class Worker:
             "providers": list(outcome.providers),
             "threads": lease.threads,
             **outcome.execution,
+            "engine_build_ms": outcome.engine_build_ms,
             "affinity": ",".join(str(c) for c in outcome.affinity) if outcome.affinity is not None else None,
             "cpu_model": caps.cpu_model,
             "cpu_cores": caps.cpu_cores,

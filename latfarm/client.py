@@ -106,10 +106,10 @@ class FarmClient:
                           priority=priority, queue_deadline_s=queue_deadline_s)
         return [self._call(Job, "POST", "/jobs", json={**body, "architecture": key}) for key in architectures]
 
-    def upload_artifact(self, onnx_model: bytes) -> Artifact:
-        """Store an ONNX model (checked by the server) under its sha256; measure it with
-        submit_artifact."""
-        return self._call(Artifact, "POST", "/artifacts", content=onnx_model,
+    def upload_artifact(self, model: bytes) -> Artifact:
+        """Store an ONNX or LiteRT (.tflite) model (checked by the server) under its sha256; measure
+        it with submit_artifact."""
+        return self._call(Artifact, "POST", "/artifacts", content=model,
                           headers={"Content-Type": "application/octet-stream"})
 
     def submit_artifact(self, device: str | None, sha256: str, preset: Preset = "standard", *,

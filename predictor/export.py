@@ -76,3 +76,39 @@ def _single_threaded() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+class ExportUnavailable(RuntimeError):
+    """The exporter for a format is not installed on this server."""
+
+
+#: what to install on the server for the LiteRT export
+LITERT_EXPORT_INSTALL = "pip install 'latfarm[server-litert]' (litert-torch)"
+
+
+def litert_export_problem() -> str | None:
+    """Why this server cannot export LiteRT artifacts, or None."""
+    import importlib.util
+
+    try:
+        missing = importlib.util.find_spec("litert_torch") is None
+    except ValueError:  # blocked with sys.modules["litert_torch"] = None
+        missing = True
+    if missing:
+        return f"exporting LiteRT (.tflite) artifacts needs litert-torch on the server: {LITERT_EXPORT_INSTALL}"
+    return None
+
+
+def export_tflite(space: SearchSpace, key: str) -> bytes:
+    """The LiteRT flatbuffer of `key` (batch size 1, the module's NCHW input), converted from the
+    PyTorch module by litert-torch. Raises ExportUnavailable when litert-torch is not installed."""
+    problem = litert_export_problem()
+    if problem is not None:
+        raise ExportUnavailable(problem)
+    import litert_torch
+
+    model, example = _seeded_model(space, space.canonical(key))
+    with warnings.catch_warnings(), _single_threaded():
+        warnings.simplefilter("ignore")
+        converted = litert_torch.convert(model, (example,))
+    return bytes(converted.model_content())

@@ -35,7 +35,8 @@ ONNX_BODY = {"requestBody": {"required": True, "description": "the ONNX model's 
 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[SUBMIT], openapi_extra=ONNX_BODY)
 async def upload_artifact(request: Request, session: Db, services: ServicesDep) -> ArtifactOut:
-    """Upload an ONNX model (raw bytes); it is checked with onnx.checker before it is stored, and is
-    then the architecture of space `onnx` keyed by its sha256."""
+    """Upload an ONNX model or a LiteRT (.tflite) flatbuffer (raw bytes), checked before it is stored
+    (onnx.checker, or the LiteRT interpreter); an ONNX model is then the architecture of space `onnx`
+    keyed by its sha256."""
     data = await request.body()
     return ArtifactOut.model_validate(await run_in_threadpool(collections.upload, session, services.store, data))

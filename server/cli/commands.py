@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from agent.protocol import Runtime
 from server.cli.bench import bench_app
 from server.cli.output import EXIT_CODE_SUMMARY, FarmGroup, JsonFlag, emit, examples, progress_bar, track
 
@@ -258,17 +259,20 @@ def worker() -> None:
 @app.command(epilog=examples(
     "latfarm demo",
     "latfarm demo --out /tmp/demo --samples 10 --check 50",
+    "latfarm demo --runtime openvino --check 50",
 ))
 def demo(
     out: Annotated[Path, typer.Option(help="folder for the database, artifacts and the plot")] = Path("latfarm-demo"),
     samples: Annotated[int, typer.Option(help="measurements used to adapt the predictor")] = 20,
     check: Annotated[int, typer.Option(help="held-out architectures measured to check it")] = 100,
     seed: int = 0,
+    runtime: Annotated[Runtime, typer.Option(help="the runtime the agent measures with (installed here)")]
+    = Runtime.onnxruntime,
 ) -> None:
     """The whole loop on this machine: import, pre-train, onboard this CPU, check against real runs."""
     from server.cli.demo import run_demo
 
-    run_demo(out, samples=samples, check=check, seed=seed, console=Console())
+    run_demo(out, samples=samples, check=check, seed=seed, console=Console(), runtime=runtime)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from rich.console import Console
 from scipy.stats import spearmanr
 
 from agent.capabilities import default_device_name
+from agent.protocol import Runtime
 from latfarm import FarmClient
 from predictor.spaces import get_space
 from server.cli.local import running_agent, running_server
@@ -44,7 +45,8 @@ def scatter_plot(path: Path, measured: np.ndarray, predicted: np.ndarray, title:
     plt.close(figure)
 
 
-def run_demo(out: Path, samples: int, check: int, seed: int, console: Console) -> None:
+def run_demo(out: Path, samples: int, check: int, seed: int, console: Console,
+             runtime: Runtime = Runtime.onnxruntime) -> None:
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(database_url=f"sqlite:///{(out / 'latfarm.db').resolve()}", artifact_dir=out / "artifacts",
@@ -61,9 +63,10 @@ def run_demo(out: Path, samples: int, check: int, seed: int, console: Console) -
     console.print(f"base predictor {base.id} on {len(base.training_devices)} reference devices "
                   f"({base.metrics['train_seconds']} s)")
 
-    device = default_device_name(THREADS)
+    device = default_device_name(THREADS, runtime=runtime)
     assert settings.admin_token is not None
-    with running_server(settings) as url, running_agent(url, settings.admin_token, device, THREADS, out), \
+    with running_server(settings) as url, \
+            running_agent(url, settings.admin_token, device, THREADS, out, ["--runtime", runtime.value]), \
             FarmClient(url, settings.admin_token) as client:
         client.wait_for_device(device)
         console.print(f"agent registered device [bold]{device}[/] at {url}")

@@ -10,27 +10,29 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.protocol import ArtifactFormat
 from predictor.spaces import InvalidArchitecture, get_space
 from server.db import session_scope
 from server.errors import Conflict, Invalid, NotFound
 from server.models import Artifact, Collection, CollectionMember
-from server.services.artifacts import ArtifactStore, check_onnx_upload
+from server.services.artifacts import ArtifactStore, checked_format
 from server.services.catalog import ensure_architecture
 
 ONNX = "onnx"
 
 
 def upload(session: Session, store: ArtifactStore, data: bytes) -> Artifact:
-    """Check, store and register an uploaded ONNX model (idempotent)."""
-    check_onnx_upload(data)
+    """Check, store and register an uploaded model (idempotent): an ONNX model becomes an
+    architecture of space `onnx`; a LiteRT one, which the graph encoder does not read, an artifact only."""
+    fmt = checked_format(data)
     sha256 = store.put(data)
-    architecture = ensure_architecture(session, get_space(ONNX), sha256)
+    architecture_id = ensure_architecture(session, get_space(ONNX), sha256).id if fmt is ArtifactFormat.onnx else None
     artifact = session.get(Artifact, sha256)
     if artifact is None:
-        artifact = Artifact(sha256=sha256, format="onnx", size_bytes=len(data), architecture_id=architecture.id)
+        artifact = Artifact(sha256=sha256, format=fmt.value, size_bytes=len(data), architecture_id=architecture_id)
         session.add(artifact)
     elif artifact.architecture_id is None:
-        artifact.architecture_id = architecture.id
+        artifact.architecture_id = architecture_id
     session.flush()
     return artifact
 

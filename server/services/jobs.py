@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
-from agent.protocol import PROTOCOL_VERSION, HeartbeatResponse, Preset
+from agent.protocol import ARTIFACT_FORMATS, PROTOCOL_VERSION, HeartbeatResponse, Preset, Runtime
 from server import metrics
 from server.background.wakeup import jobs_changed
 from server.db import AnyRow
@@ -29,6 +29,7 @@ from server.models import (
 )
 from server.schemas import JobIn, JobOut
 from server.services import selectors, training_queue
+from server.services.artifacts import export_problem
 from server.services.catalog import (
     canonical_key,
     ensure_architecture,
@@ -125,6 +126,8 @@ def submit(session: Session, settings: Settings, target: Target, *, device: Devi
         raise ValueError("give a device or a selector")
     if selector is not None:
         check_selector(session, selector)
+    if device is not None and target.architecture_id is not None:
+        check_exportable(device)
     now = utcnow()
     job = Job(device_id=device.id if device else None, selector=selector, architecture_id=target.architecture_id,
               artifact_sha256=target.artifact_sha256, preset=preset.value, priority=priority, force=force,
@@ -138,6 +141,14 @@ def submit(session: Session, settings: Settings, target: Target, *, device: Devi
     session.add(job)
     session.flush()
     return job
+
+
+def check_exportable(device: Device) -> None:
+    """422 when this server cannot export architectures in the format the device's runtime runs."""
+    runtime = Runtime._value2member_map_.get(device.runtime)
+    problem = export_problem(ARTIFACT_FORMATS[runtime]) if isinstance(runtime, Runtime) else None
+    if problem is not None:
+        raise Invalid(f"device {device.name} runs {device.runtime}: {problem}", "device")
 
 
 def check_selector(session: Session, selector: str) -> None:

@@ -23,7 +23,8 @@ import anyio.to_thread
 from sqlalchemy import Connection, and_, bindparam, case, exists, null, or_, select, union_all, update
 from sqlalchemy.orm import Session, aliased
 
-from agent.protocol import PRESETS, ArtifactFormat, ArtifactRef, JobLease, Preset, Runtime
+from agent.protocol import ARTIFACT_FORMATS, PRESETS, ArtifactFormat, ArtifactRef, JobLease, Preset, Runtime
+from predictor.export import ExportUnavailable
 from server import metrics
 from server.background.wakeup import device_taken, jobs_changed
 from server.db import AnyRow
@@ -41,7 +42,7 @@ from server.models import (
     utcnow,
 )
 from server.services import selectors
-from server.services.artifacts import ArtifactStore, materialise
+from server.services.artifacts import ArtifactStore, export_pending, export_problem, materialise
 from server.services.jobs import FREED_STATE
 from server.settings import Settings
 
@@ -51,6 +52,10 @@ SELECTOR_SCAN = 50
 LAST_SEEN_RESOLUTION_S = 5
 #: artifact descriptions kept in memory (a few hundred bytes each)
 ARTIFACTS_KEPT = 10_000
+#: failure classes of an architecture job whose artifact this server has no exporter for, or
+#: whose export failed
+EXPORT_UNAVAILABLE = "export_unavailable"
+EXPORT_FAILED = "export_error"
 T = TypeVar("T")
 
 _RUNNING = aliased(Job)
@@ -123,6 +128,12 @@ _HAND_BACK_JOB = (
             attempts=Job.attempts - 1, device_id=case((Job.selector.is_not(None), None), else_=Job.device_id))
 )
 _FREE_DEVICE = update(Device).where(Device.name == bindparam("device")).values(state=FREED_STATE).returning(Device.id)
+_FAIL_JOB = (
+    update(Job)
+    .where(Job.id == bindparam("job"))
+    .values(status=JobStatus.failed, error=bindparam("error"), failure_class=bindparam("failure"),
+            finished_at=bindparam("now"), lease_id=None, lease_expires_at=None)
+)
 _TOUCH_AGENT = update(Agent).where(Agent.id == bindparam("agent")).values(last_seen=bindparam("now"))
 _ARTIFACT = select(Artifact.sha256, Artifact.format, Artifact.size_bytes).where(Artifact.sha256 == bindparam("sha256"))
 
@@ -171,7 +182,18 @@ class Leases:
         if leased.artifact_sha256 is not None:
             artifact = self._artifact(conn, leased.artifact_sha256)
         else:
-            artifact = self._exported(session, job_id, leased.architecture_id, runtime)
+            try:
+                exported = self._exported(session, job_id, leased.architecture_id, runtime)
+            except Exception as exc:  # noqa: BLE001 - the export's failure is the job's
+                failure = EXPORT_UNAVAILABLE if isinstance(exc, ExportUnavailable) else EXPORT_FAILED
+                conn.execute(_FAIL_JOB, {"job": job_id, "error": f"export: {exc}", "failure": failure, "now": now})
+                conn.execute(_FREE_DEVICE, {"device": device.name})
+                return None
+            if exported is None:  # a slow export is running: the job waits in the queue, its attempt uncounted
+                conn.execute(_HAND_BACK_JOB, {"job": job_id, "lease": lease_id})
+                conn.execute(_FREE_DEVICE, {"device": device.name})
+                return None
+            artifact = exported
         provider = device.attributes.get("provider")
         return JobLease(
             job_id=job_id,
@@ -212,10 +234,17 @@ class Leases:
                 url=f"/api/v1/artifacts/{row.sha256}")
         return ref
 
-    def _exported(self, session: Session, job_id: int, architecture_id: int, runtime: Runtime) -> ArtifactRef:
-        """An architecture job's artifact, exported in the runtime's format on first use."""
-        fmt = ArtifactFormat.torch_export if runtime is Runtime.pytorch else ArtifactFormat.onnx
-        artifact = materialise(session, self.store, session.get_one(Architecture, architecture_id), fmt)
+    def _exported(self, session: Session, job_id: int, architecture_id: int, runtime: Runtime) -> ArtifactRef | None:
+        """An architecture job's artifact, exported in the runtime's format on first use; None while
+        a slow export of it runs. Raises ExportUnavailable when the format's exporter is missing."""
+        fmt = ARTIFACT_FORMATS[runtime]
+        problem = export_problem(fmt)
+        if problem is not None:
+            raise ExportUnavailable(problem)
+        arch = session.get_one(Architecture, architecture_id)
+        if export_pending(session, self.store, arch, fmt):
+            return None
+        artifact = materialise(session, self.store, arch, fmt)
         session.execute(update(Job).where(Job.id == job_id).values(artifact_sha256=artifact.sha256))
         return self._artifact(session.connection(), artifact.sha256)
 

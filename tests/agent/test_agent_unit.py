@@ -492,8 +492,8 @@ def test_capabilities_list_pytorch_without_importing_it() -> None:
 
 def test_capabilities_without_torch(torch_blocked: None) -> None:
     code = "from agent.capabilities import detect_capabilities\nprint(sorted(detect_capabilities().runtimes))\n"
-    output = python_output(code)
-    assert output == "['onnxruntime']"
+    runtimes = python_output(code)
+    assert "'onnxruntime'" in runtimes and "pytorch" not in runtimes
 
 
 def _clear_env(monkeypatch: pytest.MonkeyPatch) -> None:

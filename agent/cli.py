@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -52,9 +53,9 @@ Flags override the LATFARM_AGENT_* environment variables shown in brackets.
 
 Examples:
   # serve this machine's CPU (one thread) for a farm; the token is the admin or a registration token
-  latfarm-agent --server http://farm:8000 --token "$LATFARM_ADMIN_TOKEN"
+  latfarm-agent --server http://farm:8000 --token-file /etc/latfarm/registration-token
   # a GPU host measured with ONNX Runtime's CUDA provider, its state kept across restarts
-  latfarm-agent --server http://farm:8000 --token "$TOKEN" --device a100-ort-cuda-b1 \\
+  {ENV_VARS['token']}="$TOKEN" latfarm-agent --server http://farm:8000 --device a100-ort-cuda-b1 \\
                 --provider CUDAExecutionProvider --state-dir /var/lib/latfarm-agent
   # a batch run: measure what is queued, then exit
   {ENV_VARS['server']}=http://farm:8000 {ENV_VARS['token']}=... latfarm-agent --exit-when-idle
@@ -78,8 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", help=f"server base URL, e.g. http://host:8000 [{ENV_VARS['server']}]")
     parser.add_argument(
         "--token",
-        help=f"registration token; used when no agent token is stored for the server, or it is refused "
+        help=f"registration token; used when no agent token is stored for the server, or it is refused. "
+        f"A flag is visible to every user of the host in `ps`: prefer {ENV_VARS['token']} or --token-file "
         f"[{ENV_VARS['token']}]",
+    )
+    parser.add_argument(
+        "--token-file", type=Path, metavar="PATH",
+        help="read the registration token from this file (surrounding whitespace ignored), instead of --token",
     )
     parser.add_argument(
         "--device",
@@ -129,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> AgentSettings:
     overrides: dict[str, Any] = {
         "server": args.server,
-        "token": args.token,
+        "token": args.token_file.read_text().strip() if args.token_file else args.token,
         "devices": args.devices,
         "threads": args.threads,
         "runtime": args.runtime,
@@ -159,8 +165,12 @@ def _configure_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.token and args.token_file:
+        parser.error("give --token or --token-file, not both")
     try:
         settings = settings_from_args(args)
+    except OSError as exc:
+        parser.error(f"--token-file: {exc}")
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

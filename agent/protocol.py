@@ -6,8 +6,8 @@ pydantic alone: the agent must install and run without the server's dependencies
 
 from __future__ import annotations
 
-import math
 from enum import Enum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +19,11 @@ PROTOCOL_VERSION = 2
 #: unsupported_op, out_of_memory, runtime_error, run_timeout, ...) is a property of the model on
 #: the device and is stored as its result.
 INFRASTRUCTURE_FAILURES = frozenset({"artifact_error", "lease_expired", "bad_lease", "runtime_unavailable"})
+
+
+#: a JSON number, strictly: not `true`, not "12", and finite (Python's JSON parser takes NaN and
+#: Infinity, which Postgres refuses to store and SQLite would keep as non-standard JSON)
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
 class Preset(str, Enum):
@@ -70,7 +75,7 @@ class DeviceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
-    attributes: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    attributes: dict[str, str | int | Number | bool | None] = Field(default_factory=dict)
 
 
 class Capabilities(BaseModel):
@@ -160,22 +165,15 @@ class LatencyStats(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n: int = Field(ge=1)
-    median_ms: float = Field(gt=0)
-    mean_ms: float = Field(gt=0)
-    min_ms: float = Field(gt=0)
-    max_ms: float = Field(gt=0)
-    p90_ms: float = Field(gt=0)
-    p99_ms: float | None = Field(default=None, gt=0)
-    iqr_ms: float = Field(ge=0)
-    cv: float = Field(ge=0)
-
-    @field_validator("*")
-    @classmethod
-    def _finite(cls, value: float | int | None) -> float | int | None:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
+    n: int = Field(ge=1, strict=True)
+    median_ms: Number = Field(gt=0)
+    mean_ms: Number = Field(gt=0)
+    min_ms: Number = Field(gt=0)
+    max_ms: Number = Field(gt=0)
+    p90_ms: Number = Field(gt=0)
+    p99_ms: Number | None = Field(default=None, gt=0)
+    iqr_ms: Number = Field(ge=0)
+    cv: Number = Field(ge=0)
 
 
 class ResultStatus(str, Enum):
@@ -190,19 +188,19 @@ class JobResult(BaseModel):
     status: ResultStatus
     protocol_version: int = PROTOCOL_VERSION
     stats: LatencyStats | None = None
-    samples_ms: list[float] = Field(default_factory=list, max_length=1_000_000)
-    load_ms: float | None = Field(default=None, ge=0)
-    first_inference_ms: float | None = Field(default=None, ge=0)
+    samples_ms: list[Number] = Field(default_factory=list, max_length=1_000_000)
+    load_ms: Number | None = Field(default=None, ge=0)
+    first_inference_ms: Number | None = Field(default=None, ge=0)
     warmup_runs: int | None = Field(default=None, ge=0, description="warm-up runs done before timing")
     error: str | None = Field(default=None, max_length=10_000)
     failure_class: str | None = Field(default=None, max_length=64)
-    provenance: dict[str, str | int | float | bool | None | list[str]] = Field(default_factory=dict)
+    provenance: dict[str, str | int | Number | bool | None | list[str]] = Field(default_factory=dict)
 
     @field_validator("samples_ms")
     @classmethod
-    def _positive_finite(cls, samples: list[float]) -> list[float]:
-        if any(not math.isfinite(s) or s <= 0 for s in samples):
-            raise ValueError("samples must be finite and positive")
+    def _positive(cls, samples: list[float]) -> list[float]:
+        if any(s <= 0 for s in samples):
+            raise ValueError("samples must be positive")
         return samples
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ from server.api import (
     tasks,
     tokens,
 )
-from server.auth import TokenCache
+from server.auth import AuthenticateFirst, TokenCache
 from server.background.reaper import Reaper
 from server.background.training_worker import TrainingWorker
 from server.background.wakeup import JobWakeup
@@ -35,7 +35,7 @@ from server.context import Services
 from server.db import make_engine, make_session_factory, normalise_url
 from server.errors import BodySizeLimit, install_error_handlers
 from server.logs import RequestId, configure_worker_logging
-from server.ratelimit import RateLimiter
+from server.ratelimit import PollSlots, RateLimiter
 from server.services import onboarding
 from server.services.answer_cache import PredictorCache
 from server.services.artifacts import ArtifactStore
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tokens=TokenCache(),
         wakeup=JobWakeup(sessions, url.replace("+psycopg", "") if url.startswith("postgresql") else None),
         predict_limiter=RateLimiter(settings.predict_rate_limit),
+        polls=PollSlots(settings.max_polls_per_agent, min(settings.max_polls, settings.max_concurrency)),
     )
 
     def finish_onboardings(ids: set[int]) -> None:
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthenticateFirst)  # added later, so it runs before the body limit reads anything
     app.add_middleware(RequestId)
     install_error_handlers(app)
     for router in ROUTERS:

@@ -19,10 +19,20 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as ASGIScope
 
 from server.db import session_scope
-from server.errors import Forbidden, Unauthorized
-from server.models import Agent, AgentDevice, ClientToken, Scope
+from server.errors import (
+    DATABASE_UNAVAILABLE,
+    ApiError,
+    Forbidden,
+    Unauthorized,
+    database_unavailable,
+    error_response,
+)
+from server.models import Agent, AgentDevice, ClientToken, RegistrationToken, Scope
 
 TOKEN_CACHE_S = 10.0
 ADMIN_SCOPES = frozenset({Scope.read, Scope.predict, Scope.submit, Scope.admin})
@@ -34,6 +44,12 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def tokens_equal(presented: str, expected: str) -> bool:
+    """A constant-time comparison that takes any text (`hmac.compare_digest` raises TypeError on
+    non-ASCII strings; a header may carry any latin-1 character)."""
+    return hmac.compare_digest(presented.encode(), expected.encode())
 
 
 @dataclass(frozen=True)
@@ -81,7 +97,7 @@ async def authenticate(request: Request, credentials: HTTPAuthorizationCredentia
     if credentials is None or not credentials.credentials:
         raise Unauthorized("missing bearer token")
     token = credentials.credentials
-    if hmac.compare_digest(token, services.admin_token):
+    if tokens_equal(token, services.admin_token):
         return Principal("admin", ADMIN_SCOPES)
     token_hash = hash_token(token)
     principal = services.tokens.get(token_hash)
@@ -93,7 +109,7 @@ async def authenticate(request: Request, credentials: HTTPAuthorizationCredentia
 
 def _lookup(sessions, token_hash: str) -> Principal:  # type: ignore[no-untyped-def]
     with session_scope(sessions) as session:
-        agent_id = session.scalar(select(Agent.id).where(Agent.token_hash == token_hash))
+        agent_id = session.scalar(select(Agent.id).where(Agent.token_hash == token_hash, Agent.revoked_at.is_(None)))
         if agent_id is not None:
             devices = session.scalars(select(AgentDevice.device_id).where(AgentDevice.agent_id == agent_id))
             return Principal("agent", frozenset({Scope.agent}), agent_id=agent_id, device_ids=tuple(devices))
@@ -112,7 +128,7 @@ class Requires:
         self.scopes = frozenset(scopes)
 
     async def __call__(self, request: Request, credentials: Credentials) -> Principal:
-        principal = await authenticate(request, credentials)
+        principal = getattr(request.state, "principal", None) or await authenticate(request, credentials)
         if not principal.scopes & self.scopes:
             needed = " or ".join(sorted(s.value for s in self.scopes))
             held = ", ".join(sorted(s.value for s in principal.scopes)) or "none"
@@ -125,3 +141,56 @@ PREDICT = Depends(Requires(Scope.predict))
 SUBMIT = Depends(Requires(Scope.submit))
 ADMIN = Depends(Requires(Scope.admin))
 AgentPrincipal = Annotated[Principal, Depends(Requires(Scope.agent))]
+
+
+#: the one API route that takes a token other than a principal's (a one-time registration token)
+REGISTER_PATH = "/api/v1/agents/register"
+
+
+class AuthenticateFirst:
+    """Resolves the bearer token of every API request before anything reads its body, so a client
+    without a valid token gets its 401 before the server reads (and parses) a byte of what it sent.
+    FastAPI reads and validates a body before it runs the route's dependencies. The principal is
+    left in the request's state for `Requires`, which checks the scope."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/v1/"):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        try:
+            credentials = await bearer(request)
+            if scope["path"] == REGISTER_PATH:
+                await _check_registrant(request, credentials)
+            else:
+                scope.setdefault("state", {})["principal"] = await authenticate(request, credentials)
+        except ApiError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        except DATABASE_UNAVAILABLE as exc:  # outside the app's exception handlers
+            await database_unavailable(scope["method"], scope["path"], exc)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def _check_registrant(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
+    """Registration takes the admin token, an agent's own token or an unused registration token;
+    which one is decided (atomically) by the registration itself."""
+    try:
+        principal = await authenticate(request, credentials)
+    except Unauthorized:
+        if credentials is None or not await run_in_threadpool(
+                _registration_token_unused, request.app.state.services.sessions, hash_token(credentials.credentials)):
+            raise
+        return
+    if principal.kind == "client":
+        raise Forbidden("registration takes the admin token, an agent token or a registration token")
+
+
+def _registration_token_unused(sessions: sessionmaker[Session], token_hash: str) -> bool:
+    with session_scope(sessions) as session:
+        return session.scalar(select(RegistrationToken.id).where(
+            RegistrationToken.token_hash == token_hash, RegistrationToken.used_at.is_(None))) is not None

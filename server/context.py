@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.auth import TokenCache
 from server.background.wakeup import JobWakeup
-from server.ratelimit import RateLimiter
+from server.ratelimit import PollSlots, RateLimiter
 from server.services.answer_cache import PredictorCache
 from server.services.artifacts import ArtifactStore
 from server.services.leasing import Leases
@@ -26,3 +26,4 @@ class Services:
     tokens: TokenCache
     wakeup: JobWakeup
     predict_limiter: RateLimiter
+    polls: PollSlots

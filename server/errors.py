@@ -9,11 +9,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
+#: seconds a client is asked to wait when the database is unavailable
+DATABASE_RETRY_AFTER_S = 2
 
 
 class ApiError(Exception):
@@ -51,6 +53,10 @@ class Forbidden(ApiError):
     status_code = 403
 
 
+class PayloadTooLarge(ApiError):
+    status_code = 413
+
+
 class TooManyRequests(ApiError):
     status_code = 429
 
@@ -83,12 +89,28 @@ class Error(BaseModel):
     errors: list[FieldError] | None = None
 
 
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(_body(exc.detail, exc.field), status_code=exc.status_code, headers=exc.headers())
+
+
+#: what the database raises when it went away (a restart, a lost connection) or is locked
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+
+
+def database_unavailable(method: str, path: str, exc: DBAPIError) -> JSONResponse:
+    """503: worth a retry, not a bug."""
+    log.warning("database unavailable on %s %s: %s", method, path,
+                str(exc.orig).splitlines()[0] if exc.orig is not None else exc)
+    return JSONResponse(_body("the database is unavailable; retry later"), status_code=503,
+                        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     _document_errors(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_body(exc.detail, exc.field), status_code=exc.status_code, headers=exc.headers())
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -106,6 +128,11 @@ def install_error_handlers(app: FastAPI) -> None:
         # string longer than its column, a number out of range
         reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
         return JSONResponse(_body(f"a value the database cannot store: {reason}"), status_code=422)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_unavailable(request: Request, exc: DBAPIError) -> JSONResponse:
+        return database_unavailable(request.method, request.url.path, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -145,10 +172,6 @@ def _document_errors(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-class PayloadTooLarge(ApiError):
-    status_code = 413
-
-
 class BodySizeLimit:
     """Refuses request bodies over `max_bytes` with 413, whether or not Content-Length is sent."""
 
@@ -173,7 +196,9 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise PayloadTooLarge(self._message())
+                    # an HTTPException, which FastAPI lets through while it reads a body (it answers
+                    # any other error there with 400 "There was an error parsing the body")
+                    raise StarletteHTTPException(413, self._message())
             return message
 
         await self.app(scope, limited_receive, send)

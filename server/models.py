@@ -146,6 +146,8 @@ class Agent(Base):
     capabilities: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime | None]
+    #: set by an admin: the token is refused from then on, and the agent serves no device
+    revoked_at: Mapped[datetime | None]
 
 
 class ClientToken(Base):

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agent.protocol import JobLease, Preset
+from agent.protocol import JobLease, Number, Preset
 from predictor.explain import OpCost, Resemblance
 from server.models import (
     DeviceState,
@@ -24,13 +24,33 @@ from server.models import (
 )
 
 
-def _finite_positive(value: float) -> float:
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError("latency must be a finite number of milliseconds greater than 0")
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("latency must be a number of milliseconds greater than 0")
     return value
 
 
-LatencyMs = Annotated[float, AfterValidator(_finite_positive)]
+LatencyMs = Annotated[Number, AfterValidator(_positive)]
+#: how deeply a free-form JSON value (device attributes) may nest
+JSON_MAX_DEPTH = 32
+
+
+def _plain_json(value: dict[str, Any]) -> dict[str, Any]:
+    """Free-form JSON as both backends store and every client parses it: nested at most
+    JSON_MAX_DEPTH deep (deeper broke the answer's serialisation), numbers finite."""
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("numbers must be finite (no NaN or Infinity)")
+        if isinstance(item, (dict, list)):
+            if depth > JSON_MAX_DEPTH:
+                raise ValueError(f"nested more than {JSON_MAX_DEPTH} levels deep")
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_plain_json)]
 ArchKey = Annotated[str, Field(min_length=1, max_length=4096)]
 DeviceName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
 #: answered with its UTC offset, as an OpenAPI date-time must be (SQLite hands back naive datetimes)
@@ -68,14 +88,14 @@ class DeviceIn(Strict):
     threads: int | None = Field(default=None, ge=1, le=INT_MAX)
     batch_size: int | None = Field(default=None, ge=1, le=INT_MAX)
     precision: Annotated[str, Field(max_length=16)] = ""
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    attributes: JsonObject = Field(default_factory=dict)
 
 
 class DevicePatch(Strict):
     hardware: Hardware | None = None
     category: Category | None = None
     state: DeviceState | None = None
-    attributes: dict[str, Any] | None = None
+    attributes: JsonObject | None = None
 
 
 class DeviceOut(BaseModel):
@@ -217,6 +237,15 @@ class ResultOut(JobOut):
 
 class RegistrationTokenOut(BaseModel):
     token: str
+
+
+class AgentOut(BaseModel):
+    id: int
+    name: str
+    devices: list[str] = Field(description="names of the devices the agent's token serves")
+    created_at: Timestamp
+    last_seen: Timestamp | None
+    revoked_at: Timestamp | None
 
 
 class ClientTokenIn(Strict):

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     #: database connection, and more only take turns at the GIL (at 100 agents on 2 cores: 4 threads
     #: dispatched 164-172 jobs/s, one per request 129)
     agent_threads: int = Field(default=4, ge=1)
+    #: long polls one agent may hold open at once (it needs one; more get 429 with Retry-After)
+    max_polls_per_agent: int = Field(default=4, ge=1)
+    #: long polls one server process holds open at once, all agents together; kept below
+    #: `max_concurrency` so that other requests (health checks, admins) always find a slot
+    max_polls: int = Field(default=800, ge=1)
     #: calls to /predict one token may make per server process, e.g. "1000/second" ("": no limit)
     predict_rate_limit: str = "1000/second"
     # intervals handed to agents at registration

@@ -73,6 +73,8 @@ def parse(key: str) -> OFAArch:
         record = json.loads(key, object_pairs_hook=_no_duplicate_fields)
     except json.JSONDecodeError as exc:
         raise InvalidArchitecture(f"not JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." nested past the parser's stack
+        raise InvalidArchitecture("not an OFA key: nested too deeply") from None
     if not isinstance(record, dict):
         raise InvalidArchitecture(f"an OFA key is a JSON object, got {type(record).__name__}")
     missing, unknown = FIELDS - record.keys(), record.keys() - FIELDS

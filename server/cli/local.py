@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from agent.settings import ENV_VARS as AGENT_ENV_VARS
 from server.app import create_app
 from server.settings import Settings
 
@@ -121,10 +122,12 @@ def running_agent(url: str, token: str, device: str, threads: int, workdir: Path
                   extra_args: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
     """A real `latfarm-agent` process serving `device`; its log goes to workdir/agent.log."""
     log = open(workdir / "agent.log", "ab")
-    command = [sys.executable, "-m", "agent", "--server", url, "--token", token, "--device", device,
+    # the token goes in the environment: a flag would show in `ps` to every user of the host
+    command = [sys.executable, "-m", "agent", "--server", url, "--device", device,
                "--threads", str(threads), "--cache-dir", str(workdir / "agent-cache"),
                "--state-dir", str(workdir / "agent-state"), *extra_args]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, AGENT_ENV_VARS["token"]: token})
     try:
         yield process
     finally:

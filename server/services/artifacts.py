@@ -6,8 +6,10 @@ import hashlib
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import onnx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -15,7 +17,43 @@ from agent.protocol import ArtifactFormat
 from predictor.export import export_onnx, export_torch
 from predictor.spaces import get_space
 from server.db import insert_missing
+from server.errors import Invalid
 from server.models import Architecture, Artifact
+
+
+def check_onnx_upload(data: bytes) -> None:
+    """422 unless `data` is a self-contained ONNX model that onnx.checker accepts.
+
+    Tensors stored as external data are refused before the checker runs: it would look their
+    files up relative to the server's working directory, telling an uploader which files exist
+    there (and an agent could not fetch them anyway)."""
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # onnx raises several unrelated types for malformed bytes
+        raise Invalid(f"not a valid ONNX model: {exc}", "body") from exc
+    if any(tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data
+           for tensor in _tensors(model.graph)):
+        raise Invalid("an uploaded ONNX model must hold all its tensors; external data is refused", "body")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise Invalid(f"not a valid ONNX model: {exc}", "body") from exc
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of a graph: initializers, sparse ones, node attributes, subgraphs'."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+            for subgraph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                yield from _tensors(subgraph)
 
 
 class ArtifactStore:

@@ -209,8 +209,7 @@ def readapt_later(session: Session, space_id: int, device_id: int, settings: Set
 
 def retry(job: Job, reason: str, max_attempts: int, failure_class: str) -> None:
     """Back to the queue after an infrastructure failure, or failed once the tries are used up."""
-    release_device(job)
-    job.lease_id, job.agent_id, job.lease_expires_at = None, None, None
+    _unlease(job)
     if job.attempts >= max_attempts:
         job.status, job.failure_class, job.finished_at = JobStatus.failed, failure_class, utcnow()
         job.error = f"gave up after {job.attempts} attempts; last: {reason}"
@@ -219,6 +218,21 @@ def retry(job: Job, reason: str, max_attempts: int, failure_class: str) -> None:
         metrics.JOB_RETRIES.labels(failure_class).inc()
         if job.selector is not None:
             job.device_id = None
+
+
+def hand_back(session: Session, job: Job) -> None:
+    """Back to the queue with its attempt uncounted: its agent was taken away, the job did not fail
+    (the ORM form of the lease's own hand-back in leasing)."""
+    _unlease(job)
+    job.status, job.started_at, job.attempts = JobStatus.queued, None, max(0, job.attempts - 1)
+    if job.selector is not None:
+        job.device_id = None
+    jobs_changed(session, job.device_id)
+
+
+def _unlease(job: Job) -> None:
+    release_device(job)
+    job.lease_id, job.agent_id, job.lease_expires_at = None, None, None
 
 
 def release_device(job: Job) -> None:

@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials
 
 from server.auth import Principal, Requires, bearer
-from server.errors import Unauthorized
+from server.errors import PayloadTooLarge, Unauthorized
 from server.models import Scope
 
 COOKIE = "latfarm_ui"
@@ -39,9 +39,18 @@ async def check_token(request: Request, token: str) -> Principal:
     return await _require_read(request, HTTPAuthorizationCredentials(scheme="Bearer", credentials=token))
 
 
+#: a sign-in form holds a token and a path; the form is read before any token is checked
+LOGIN_FORM_MAX_BYTES = 16 * 1024
+
+
 async def login_form(request: Request) -> tuple[str, str]:
     """(token, where to go next) from the urlencoded login form."""
-    form = parse_qs((await request.body()).decode(errors="replace"))
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > LOGIN_FORM_MAX_BYTES:
+            raise PayloadTooLarge(f"a sign-in form is at most {LOGIN_FORM_MAX_BYTES} bytes")
+    form = parse_qs(body.decode(errors="replace"))
     return form.get("token", [""])[0].strip(), safe_next(form.get("next", [""])[0])
 
 

@@ -452,8 +452,8 @@ def check_server(compose: Mapping[str, Any], dockerfile: Dockerfile) -> None:
     port = serve["port"]
     expose = {int(p.split("/")[0]) for args in dockerfile.all("EXPOSE") for p in args.split()}
     assert port in expose, f"{dockerfile.path.name} serves on {port} but exposes {expose}"
-    published = [str(p).split(":")[-1].split("/")[0] for p in svc.get("ports", [])]
-    assert str(port) in published, f"{name} serves on {port} but publishes {published}"
+    assert not svc.get("ports"), f"{name} is published on the host: clients must go through the proxy"
+    check_proxy(compose, name, port)
 
     # the healthcheck hits /healthz on that port, and the app has that route
     test = (svc.get("healthcheck") or {}).get("test") or (dockerfile.last("HEALTHCHECK") or "")
@@ -462,6 +462,25 @@ def check_server(compose: Mapping[str, Any], dockerfile: Dockerfile) -> None:
     from server.app import ROUTERS
 
     assert "/healthz" in {route.path for router in ROUTERS for route in router.routes}, "the app has no /healthz"
+
+
+def check_proxy(compose: Mapping[str, Any], server: str, port: int) -> None:
+    """An nginx service publishes the farm, with deploy/nginx.conf proxying to the server's port
+    (tests/live/test_hostile.py runs that configuration in front of a real server)."""
+    found = [(name, svc) for name, svc in compose["services"].items() if str(svc.get("image", "")).startswith("nginx")]
+    assert len(found) == 1, f"expected one nginx proxy service, found {[n for n, _ in found]}"
+    name, svc = found[0]
+    mounts = [str(v) for v in svc.get("volumes", [])]
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in mounts, f"{name} does not mount deploy/nginx.conf: {mounts}"
+    conf = (REPO / "deploy" / "nginx.conf").read_text()
+    assert f"server {server}:{port};" in conf, f"deploy/nginx.conf does not proxy to {server}:{port}"
+    listen = re.search(r"^\s*listen (\d+);", conf, re.MULTILINE)
+    assert listen, "deploy/nginx.conf has no `listen PORT;`"
+    published = [str(p).split(":")[-1].split("/")[0] for p in svc.get("ports", [])]
+    assert listen.group(1) in published, f"{name} listens on {listen.group(1)} but publishes {published}"
+    depends = svc.get("depends_on") or {}
+    assert isinstance(depends, dict) and (depends.get(server) or {}).get("condition") == "service_healthy", (
+        f"{name} must wait for {server} to be healthy")
 
 
 def check_agent(compose: Mapping[str, Any], dockerfile: Dockerfile, server_dockerfile: Dockerfile) -> None:
@@ -759,6 +778,8 @@ BROKEN_COMPOSE = {
         "Dockerfile.server", lambda s: _set(("services", s, "command"), ["latfarm", "server", "--host", "0.0.0.0"])),
     "server gets an unknown setting": (
         "Dockerfile.server", lambda s: _set(("services", s, "environment", "LATFARM_DB_URL"), "x")),
+    "no proxy in front": ("Dockerfile.server", lambda s: _drop(("services", "proxy"))),
+    "server published past the proxy": ("Dockerfile.server", lambda s: _set(("services", s, "ports"), ["8000:8000"])),
     "agent starts before the server is healthy": ("Dockerfile.agent", lambda s: _drop(("services", s, "depends_on"))),
     "agent gets a misspelt setting": (
         "Dockerfile.agent", lambda s: _set(("services", s, "environment", "LATFARM_AGENT_TOKENS"), "x")),

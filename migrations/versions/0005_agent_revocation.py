@@ -1,0 +1,25 @@
+"""agent revocation: agents.revoked_at
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-01 21:40:00.000000
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+
+revision = '0005'
+down_revision = '0004'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('agents') as batch:
+        batch.add_column(sa.Column('revoked_at', sa.DateTime(timezone=True), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('agents') as batch:
+        batch.drop_column('revoked_at')

@@ -1,5 +1,5 @@
 """The agent's persistent state (stored credentials, the outbox of unacknowledged results) and its
-randomised waits, against the fake farm of test_agent_unit over real HTTP, with real workers and
+randomised waits, against the fake farm of tests/helpers.py over real HTTP, with real workers and
 a real agent process."""
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from agent.client import AuthError, ServerClient
 from agent.protocol import JobResult, ResultStatus
 from agent.state import AgentState, Credentials, StateInUse
 from agent.worker import BACKOFF_MAX_S, Worker
-from tests.agent import test_agent_unit
-from tests.agent.test_agent_unit import (
+from tests.helpers import (
     FAST,
     FakeFarm,
     LocalServer,
@@ -32,10 +31,6 @@ from tests.agent.test_agent_unit import (
     start_agent_cli,
     wait_for,
 )
-
-# The fixtures of test_agent_unit, used here too.
-farm = test_agent_unit.farm
-model_path = test_agent_unit.model_path
 
 Farm = Callable[[], tuple[FakeFarm, LocalServer]]
 

@@ -9,13 +9,11 @@ import http.server
 import importlib.util
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,23 @@ from agent.capabilities import default_device_name, detect_capabilities, device_
 from agent.cli import build_parser, settings_from_args
 from agent.cli import main as cli_main
 from agent.client import ServerClient
-from agent.protocol import PROTOCOL_VERSION, ArtifactFormat, ArtifactRef, JobResult, Preset, Runtime, TimingProtocol
+from agent.protocol import PROTOCOL_VERSION, ArtifactFormat, ArtifactRef, JobResult, Runtime, TimingProtocol
 from agent.settings import ENV_VARS, MB, AgentSettings
 from agent.timing import classify_failure, compute_stats, measure, warm_up
 from agent.worker import Worker
-from tests.helpers import REPO
+from tests.helpers import (
+    FAST,
+    REPO,
+    FakeFarm,
+    LocalServer,
+    UpperBoundRng,
+    agent_settings,
+    fast_client,
+    onnx_module,
+    save_onnx_model,
+    start_agent_cli,
+    wait_for,
+)
 
 
 def python_output(code: str) -> str:
@@ -41,44 +51,11 @@ def python_output(code: str) -> str:
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                           check=True)
     return done.stdout.strip()
-FAST = TimingProtocol(preset=Preset.quick, warmup_runs=2, min_runs=20, min_seconds=0.05, max_runs=60, timeout_s=60)
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed (the pytorch runtime is optional)")
 
 
 # ------------------------------------------------------------------------------------ fixtures
-
-
-def _onnx() -> Any:
-    return pytest.importorskip("onnx", reason="the onnx package builds the test models (pip install onnx)")
-
-
-def _save_model(path: Path, nodes: list[Any], inputs: list[Any], outputs: list[Any], *,
-                initializers: list[Any] | None = None, opset: int = 13) -> Path:
-    onnx = _onnx()
-    from onnx import helper
-
-    graph = helper.make_graph(nodes, path.stem, inputs, outputs, initializers or [])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _onnx()
-    from onnx import TensorProto, helper, numpy_helper
-
-    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32), "W")
-    return _save_model(
-        tmp_path_factory.mktemp("model") / "conv_relu.onnx",
-        [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32, 32])],
-        initializers=[weight],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -111,21 +88,6 @@ def torch_blocked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p))
 
 
-class LocalServer:
-    """A stdlib HTTP server on a free 127.0.0.1 port, in a thread."""
-
-    def __init__(self, handler: Callable[..., http.server.BaseHTTPRequestHandler]) -> None:
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 class _QuietFiles(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -138,13 +100,6 @@ def file_server(tmp_path: Path) -> Iterator[tuple[LocalServer, Path]]:
     server = LocalServer(functools.partial(_QuietFiles, directory=str(root)))
     yield server, root
     server.close()
-
-
-class UpperBoundRng(random.Random):
-    """An RNG whose `uniform` always returns the upper bound: jitter at its widest, deterministic."""
-
-    def uniform(self, a: float, b: float) -> float:
-        return b
 
 
 def _pid_gone(pid: int) -> bool:
@@ -307,11 +262,11 @@ def test_measure_corrupt_model_is_load_error(tmp_path: Path) -> None:
 
 
 def test_measure_op_without_kernel_is_unsupported_op(tmp_path: Path) -> None:
-    _onnx()
+    onnx_module()
     from onnx import TensorProto, helper
 
     # Relu accepts int16 since opset 14 (the model is valid), but ONNX Runtime has no int16 kernel.
-    path = _save_model(
+    path = save_onnx_model(
         tmp_path / "relu_int16.onnx",
         [helper.make_node("Relu", ["x"], ["y"])],
         [helper.make_tensor_value_info("x", TensorProto.INT16, [4])],
@@ -324,12 +279,12 @@ def test_measure_op_without_kernel_is_unsupported_op(tmp_path: Path) -> None:
 
 
 def test_measure_allocation_failure_is_out_of_memory(tmp_path: Path) -> None:
-    _onnx()
+    onnx_module()
     from onnx import TensorProto, helper, numpy_helper
 
     # 2**55 floats (128 PiB): more than any address space, so the allocation fails at once.
     shape = numpy_helper.from_array(np.array([1 << 55], dtype=np.int64), "shape")
-    path = _save_model(
+    path = save_onnx_model(
         tmp_path / "huge.onnx",
         [helper.make_node("ConstantOfShape", ["shape"], ["big"],
                           value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
@@ -598,198 +553,6 @@ def test_agent_imports_stay_light() -> None:
 # ----------------------------------------------------------------- worker against a fake server
 
 
-class FakeFarm:
-    """The agent half of the server protocol, in memory, served by a stdlib HTTP handler.
-
-    Registration with REG_TOKEN creates an agent (the first gets id 7 and AGENT_TOKEN); with the
-    token of a known agent it re-registers that agent (same id and token). `results_down` answers
-    result posts with 503; `refuse_results` answers a job's result posts with the given status.
-    """
-
-    REG_TOKEN = "reg-secret"
-    AGENT_TOKEN = "agent-secret"
-    FIRST_AGENT_ID = 7
-
-    def __init__(self, artifacts: dict[str, bytes]) -> None:
-        self.artifacts = artifacts
-        self.jobs: list[dict[str, Any]] = []  # leases handed out in order
-        self.results: dict[int, dict[str, Any]] = {}
-        self.agents: dict[str, int] = {}  # agent token -> agent id
-        self.registrations: list[dict[str, Any]] = []  # request bodies, "_token": the token presented
-        self.heartbeats: dict[int, int] = {}
-        self.polls: list[float] = []  # the long-poll waits asked for
-        self.downloads = 0
-        self.cancel: set[int] = set()
-        self.stale: set[int] = set()
-        self.fail_next_polls = 0  # answer this many polls with 503 first
-        self.results_down = False
-        self.result_posts = 0
-        self.refuse_results: dict[int, int] = {}
-        self.requests: list[str] = []  # "METHOD /path" of every request, in order
-        self.lock = threading.Lock()
-
-    def register(self, token: str | None) -> dict[str, Any] | None:
-        with self.lock:
-            if token == self.REG_TOKEN:
-                agent_id = self.FIRST_AGENT_ID + len(self.agents)
-                agent_token = self.AGENT_TOKEN if not self.agents else f"{self.AGENT_TOKEN}-{agent_id}"
-                self.agents[agent_token] = agent_id
-            elif token in self.agents:
-                agent_token, agent_id = token, self.agents[token]
-            else:
-                return None
-        return {"agent_id": agent_id, "agent_token": agent_token, "poll_wait_s": 0.2, "heartbeat_s": 0.2,
-                "lease_ttl_s": 30}
-
-    def lease_pending(self) -> dict[str, Any] | None:
-        """Lease the first job not leased yet (call holding the lock)."""
-        pending = [j for j in self.jobs if not j.get("_leased")]
-        if not pending:
-            return None
-        pending[0]["_leased"] = True
-        return {k: v for k, v in pending[0].items() if not k.startswith("_")}
-
-    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
-        farm = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: Any = None, raw: bytes | None = None) -> None:
-                data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
-                self.send_response(status)
-                if raw is None and body is not None:
-                    self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def parse_request(self) -> bool:
-                parsed = super().parse_request()
-                if parsed:
-                    farm.requests.append(f"{self.command} {urllib.parse.urlsplit(self.path).path}")
-                return parsed
-
-            def _token(self) -> str | None:
-                header = self.headers.get("Authorization", "")
-                return header.removeprefix("Bearer ") if header.startswith("Bearer ") else None
-
-            def _auth(self) -> bool:
-                if self._token() not in farm.agents:
-                    self._send(401, {"detail": "bad token"})
-                    return False
-                return True
-
-            def _body(self) -> dict[str, Any]:
-                return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-
-            def do_GET(self) -> None:
-                if self.path.startswith("/api/v1/agents/me/jobs/next"):
-                    if not self._auth():
-                        return
-                    query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-                    wait = float(query.get("wait", ["0"])[0])
-                    with farm.lock:
-                        farm.polls.append(wait)
-                        if farm.fail_next_polls:
-                            farm.fail_next_polls -= 1
-                            return self._send(503, {"detail": "warming up"})
-                        lease = farm.lease_pending()
-                    if lease is None:
-                        time.sleep(min(wait, 10.0))
-                        return self._send(204)
-                    return self._send(200, lease)
-                if self.path.startswith("/api/v1/artifacts/"):
-                    sha = self.path.rsplit("/", 1)[-1]
-                    if sha not in farm.artifacts:
-                        return self._send(404, {"detail": "no such artifact"})
-                    with farm.lock:
-                        farm.downloads += 1
-                    return self._send(200, raw=farm.artifacts[sha])
-                self._send(404, {"detail": "not found"})
-
-            def do_POST(self) -> None:
-                if self.path == "/api/v1/agents/register":
-                    body = self._body()
-                    reply = farm.register(self._token())
-                    if reply is None:
-                        return self._send(401, {"detail": "bad token"})
-                    farm.registrations.append({**body, "_token": self._token()})
-                    return self._send(201, reply)
-                if not self._auth():
-                    return
-                url = urllib.parse.urlsplit(self.path)
-                parts = url.path.strip("/").split("/")  # api v1 jobs <id> heartbeat|result
-                if len(parts) == 5 and parts[2] == "jobs":
-                    job_id, action, body = int(parts[3]), parts[4], self._body()
-                    with farm.lock:
-                        if action == "result":
-                            farm.result_posts += 1
-                            if farm.results_down:
-                                return self._send(503, {"detail": "database unavailable"})
-                            if job_id in farm.refuse_results:
-                                return self._send(farm.refuse_results[job_id], {"detail": "refused"})
-                        if job_id in farm.stale:
-                            return self._send(409, {"detail": "stale lease"})
-                        if action == "heartbeat":
-                            farm.heartbeats[job_id] = farm.heartbeats.get(job_id, 0) + 1
-                            return self._send(
-                                200, {"lease_expires_at": "2100-01-01T00:00:00Z",
-                                      "cancel_requested": job_id in farm.cancel},
-                            )
-                        if action == "result":
-                            farm.results[job_id] = body
-                            lease_next = urllib.parse.parse_qs(url.query).get("lease_next") == ["true"]
-                            return self._send(200, {"next_lease": farm.lease_pending() if lease_next else None})
-                self._send(404, {"detail": "not found"})
-
-        return Handler
-
-    def add_job(self, job_id: int, sha: str, protocol: TimingProtocol, device: str, *,
-                runtime: Runtime = Runtime.onnxruntime, provider: str | None = None,
-                artifact_format: str | None = None) -> None:
-        fmt = artifact_format or ("torch_export" if runtime is Runtime.pytorch else "onnx")
-        self.jobs.append({
-            "job_id": job_id, "lease_id": f"lease-{job_id}", "lease_expires_at": "2100-01-01T00:00:00Z",
-            "device": device, "threads": 1, "runtime": runtime.value, "provider": provider,
-            "artifact": {"sha256": sha, "format": fmt, "size_bytes": len(self.artifacts.get(sha, b"")),
-                         "url": f"/api/v1/artifacts/{sha}"},
-            "protocol": protocol.model_dump(mode="json"),
-        })
-
-
-@pytest.fixture
-def farm(model_path: Path) -> Iterator[Callable[[], tuple[FakeFarm, LocalServer]]]:
-    servers: list[LocalServer] = []
-
-    def make() -> tuple[FakeFarm, LocalServer]:
-        data = model_path.read_bytes()
-        fake = FakeFarm({hashlib.sha256(data).hexdigest(): data})
-        server = LocalServer(fake.handler())
-        servers.append(server)
-        return fake, server
-
-    yield make
-    for server in servers:
-        server.close()
-
-
-def agent_settings(url: str, tmp_path: Path, **overrides: Any) -> AgentSettings:
-    """Settings of a test agent of the server at `url`; its cache and state live under `tmp_path`."""
-    values: dict[str, Any] = {
-        "server": url, "token": FakeFarm.REG_TOKEN, "devices": ["testhost-ort-1t-b1"], "threads": 1,
-        "cache_dir": tmp_path / "cache", "state_dir": tmp_path / "state", "name": "test-agent",
-        "exit_when_idle": True, "poll_wait_s": 0,
-    }
-    return AgentSettings(**{**values, **overrides})
-
-
-def fast_client(settings: AgentSettings, **overrides: Any) -> ServerClient:
-    """A client whose retries take milliseconds."""
-    return ServerClient(settings.server, settings.token, **{"backoff_s": 0.01, "max_attempts": 3, **overrides})
-
-
 def test_worker_runs_jobs_end_to_end(farm: Callable[[], tuple[FakeFarm, LocalServer]], tmp_path: Path) -> None:
     fake, server = farm()
     sha = next(iter(fake.artifacts))
@@ -915,23 +678,6 @@ def test_worker_refused_registration_exits_1(farm: Callable[[], tuple[FakeFarm, 
     settings = agent_settings(server.url, tmp_path, token="wrong")
     assert Worker(settings).run(install_signal_handlers=False) == 1
     assert not (tmp_path / "state" / "credentials.json").exists()
-
-
-def start_agent_cli(server: LocalServer, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS.values()}
-    return subprocess.Popen(
-        [sys.executable, "-m", "agent", "--server", server.url, "--token", FakeFarm.REG_TOKEN,
-         "--device", "testhost-ort-1t-b1", "--cache-dir", str(tmp_path / "cache"),
-         "--state-dir", str(tmp_path / "state"), *extra],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")

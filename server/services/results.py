@@ -96,10 +96,10 @@ def record_and_lease_next(sessions: sessionmaker[Session], leases: Leases, setti
     try:
         return _record_in_session(sessions, leases, settings, agent_id, job_id, result, lease_next)
     except IntegrityError:
-        if not lease_next:
-            raise
-    # the next lease lost a race for one of the agent's other devices: the result alone, then
-    return _record_in_session(sessions, leases, settings, agent_id, job_id, result, False)
+        # a concurrent request won a race: the next lease (another agent took the device), or, on
+        # SQLite, whose SELECT ... FOR UPDATE locks nothing, the same result posted twice at once.
+        # Recorded again, alone, the job reads as it now is: a repeat answers as the first did.
+        return _record_in_session(sessions, leases, settings, agent_id, job_id, result, False)
 
 
 def _record_in_session(sessions: sessionmaker[Session], leases: Leases, settings: Settings, agent_id: int,

@@ -289,3 +289,23 @@ def test_metrics_count_farm_events_and_show_its_state(admin: httpx.Client, farm_
              if name == "latfarm_agent_heartbeat_age_seconds" and dict(labels)["agent"].endswith(":metered")]
     assert 0 <= age < 30
     assert after[("latfarm_device_canary_drift_ratio", (("device", device),))] == pytest.approx(0.0)
+
+
+def test_the_same_result_posted_at_once_is_recorded_once(admin: httpx.Client, tmp_path: Path) -> None:
+    """An agent that retries a post its slow server has not answered yet: on SQLite, which locks
+    no rows, the copies raced to insert the measurement and the losers got 500."""
+    device = unique("repeat", tmp_path)
+    agent = ScriptedAgent(admin, "repeater", {device: {}})
+    agent.pass_canary()
+    stats = {"n": 60, "median_ms": 10.0, "mean_ms": 10.0, "min_ms": 10.0, "max_ms": 10.0, "p90_ms": 10.0,
+             "iqr_ms": 0.0, "cv": 0.0}
+    for _ in range(5):
+        submit(admin, device=device, force=True)
+        lease = agent.claim(wait=5)  # that job, or a canary falling due before it
+        path = f"/jobs/{lease['job_id']}/result"
+        body = {"lease_id": lease["lease_id"], "status": "ok", "stats": stats, "samples_ms": [10.0] * 60}
+        with ThreadPoolExecutor(12) as pool:
+            replies = list(pool.map(lambda _, path=path, body=body: agent.http.post(path, json=body), range(12)))
+        assert [reply.status_code for reply in replies] == [200] * 12, [reply.text for reply in replies]
+        recorded = admin.get(f"/jobs/{lease['job_id']}").json()["measurement_id"]
+        assert {reply.json()["measurement_id"] for reply in replies} == {recorded}

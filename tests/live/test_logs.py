@@ -58,11 +58,11 @@ def test_request_id_is_echoed_and_logged_as_json(json_server: tuple[str, Path]) 
 @pytest.mark.parametrize("given", [None, "two words", "x" * 129])
 def test_missing_or_invalid_request_id_is_generated(json_server: tuple[str, Path], given: str | None) -> None:
     url, log = json_server
-    response = httpx.get(f"{url}/api/v1/nothing-here", headers={"X-Request-ID": given} if given else {})
+    response = httpx.get(f"{url}/nothing-here", headers={"X-Request-ID": given} if given else {})
     assert response.status_code == 404
     request_id = response.headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
-    assert "/api/v1/nothing-here" in access_lines(json_lines(log))[request_id]["message"]
+    assert "/nothing-here" in access_lines(json_lines(log))[request_id]["message"]
 
 
 def test_generated_request_id_in_process(server_url: str) -> None:

@@ -3,6 +3,7 @@ uvicorn server on a free port in front of it."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import httpx
@@ -12,6 +13,32 @@ from server.cli.local import running_server, temporary_postgres_database, worker
 from server.db import upgrade
 from server.settings import Settings
 from tests.helpers import ADMIN_TOKEN, DATASETS, POSTGRES_ADMIN_URL
+
+
+class _ServerErrors(logging.Handler):
+    """What the servers in this process (the in-process app, `running_server`'s uvicorn) log when
+    they answer 500: the app's last-resort handler and uvicorn's own."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+_SERVER_ERRORS = _ServerErrors()
+for _name in ("server.errors", "uvicorn.error"):
+    logging.getLogger(_name).addHandler(_SERVER_ERRORS)
+
+
+@pytest.fixture(autouse=True)
+def no_server_answers_500() -> Iterator[None]:
+    """Every test: no request to a server in this process was answered 500 meanwhile (server
+    processes are checked by the tests that start them)."""
+    seen = len(_SERVER_ERRORS.messages)
+    yield
+    assert _SERVER_ERRORS.messages[seen:] == [], "a server answered 500"
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])

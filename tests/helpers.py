@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 import onnx
-import pytest
 from onnx import TensorProto, helper
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -141,13 +140,8 @@ def unparsable_model() -> bytes:
 FAST = TimingProtocol(preset=Preset.quick, warmup_runs=2, min_runs=20, min_seconds=0.05, max_runs=60, timeout_s=60)
 
 
-def onnx_module() -> Any:
-    return pytest.importorskip("onnx", reason="the onnx package builds the test models (pip install onnx)")
-
-
 def save_onnx_model(path: Path, nodes: list[Any], inputs: list[Any], outputs: list[Any], *,
                 initializers: list[Any] | None = None, opset: int = 13) -> Path:
-    onnx = onnx_module()
     from onnx import helper
 
     graph = helper.make_graph(nodes, path.stem, inputs, outputs, initializers or [])

@@ -39,7 +39,6 @@ from tests.helpers import (
     UpperBoundRng,
     agent_settings,
     fast_client,
-    onnx_module,
     save_onnx_model,
     start_agent_cli,
     wait_for,
@@ -262,7 +261,6 @@ def test_measure_corrupt_model_is_load_error(tmp_path: Path) -> None:
 
 
 def test_measure_op_without_kernel_is_unsupported_op(tmp_path: Path) -> None:
-    onnx_module()
     from onnx import TensorProto, helper
 
     # Relu accepts int16 since opset 14 (the model is valid), but ONNX Runtime has no int16 kernel.
@@ -279,7 +277,6 @@ def test_measure_op_without_kernel_is_unsupported_op(tmp_path: Path) -> None:
 
 
 def test_measure_allocation_failure_is_out_of_memory(tmp_path: Path) -> None:
-    onnx_module()
     from onnx import TensorProto, helper, numpy_helper
 
     # 2**55 floats (128 PiB): more than any address space, so the allocation fails at once.

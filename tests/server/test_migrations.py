@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -54,7 +53,6 @@ def test_migrations_round_trip_on_sqlite(tmp_path: Any) -> None:
 
 
 def test_migrations_round_trip_on_postgres() -> None:
-    pytest.importorskip("psycopg")
     with temporary_postgres_database(POSTGRES_ADMIN_URL, "latfarm_migrations") as url:
         command.downgrade(alembic_config(url), "base")  # the helper hands it over migrated
         _round_trip(url)

@@ -112,7 +112,7 @@ def vendor_tool(runtime: Runtime, model: Path, threads: int, cpus: list[int]) ->
         out = _run([*pin, "benchmark_app", "-m", str(model), "-d", "CPU", "-hint", "none", "-nstreams", "1",
                     "-nthreads", str(threads), "-nireq", "1", "-api", "sync", "-infer_precision", "f32",
                     "-t", str(TOOL_SECONDS)])
-        return _ms(r"Median:\s+([\d.]+) ms", out), _ms(r"Min:\s+([\d.]+) ms", out)
+        return _ms("Median", out), _ms("Min", out)
     if runtime is Runtime.litert:
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "result.json"
@@ -136,11 +136,12 @@ def _run(command: list[str]) -> str:
     return done.stdout
 
 
-def _ms(pattern: str, text: str) -> float:
-    match = re.search(pattern, text)
+def _ms(statistic: str, text: str) -> float:
+    """benchmark_app's `statistic` line in ms (it prints "us" below a millisecond)."""
+    match = re.search(rf"{statistic}:\s+([\d.]+) (ms|us)", text)
     if match is None:
-        raise RuntimeError(f"no {pattern!r} in the tool's output:\n{text[-2000:]}")
-    return float(match.group(1))
+        raise RuntimeError(f"no {statistic} latency in the tool's output:\n{text[-2000:]}")
+    return float(match.group(1)) / (1000 if match.group(2) == "us" else 1)
 
 
 def agent_timing(farm: FarmClient, api: httpx.Client, device: str, sha256: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -33,15 +34,12 @@ def _seeded_model(space: SearchSpace, key: str) -> tuple[torch.nn.Module, torch.
 
 
 def export_onnx(space: SearchSpace, key: str) -> bytes:
-    """The ONNX model of `key`: batch size 1, static shapes, input "input", output "output".
-
-    Not thread-safe: torch's exporter keeps global state, so serialise concurrent calls.
-    """
+    """The ONNX model of `key`: batch size 1, static shapes, input "input", output "output"."""
     import torch
 
-    model, example = _seeded_model(space, space.canonical(key))
     buffer = io.BytesIO()
     with warnings.catch_warnings(), _single_threaded():
+        model, example = _seeded_model(space, space.canonical(key))
         # The default, torch.export-based exporter needs onnxscript, which is not a dependency;
         # the deprecated TorchScript one needs nothing more and handles these plain CNNs well.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -57,25 +55,33 @@ def export_torch(space: SearchSpace, key: str) -> bytes:
     """The `torch.export` program of `key` (batch size 1), as written by `torch.export.save`."""
     import torch
 
-    model, example = _seeded_model(space, space.canonical(key))
     buffer = io.BytesIO()
     with _single_threaded():
+        model, example = _seeded_model(space, space.canonical(key))
         torch.export.save(torch.export.export(model, (example,)), buffer)
     return buffer.getvalue()
 
 
+#: one export at a time per process: the weights come from torch's global random generator, the
+#: TorchScript exporter keeps global state (two at once fail with "GLOBALS.in_onnx_export must be
+#: False"), and the thread count is global too
+_exporting = threading.Lock()
+
+
 @contextlib.contextmanager
 def _single_threaded() -> Iterator[None]:
-    """Run torch on one thread: export traces a batch-1 forward pass, which gains nothing from
-    more threads, and on a busy machine their synchronisation made it up to 10x slower."""
+    """Hold the export lock and run torch on one thread: export traces a batch-1 forward pass,
+    which gains nothing from more threads, and on a busy machine their synchronisation made it up
+    to 10x slower."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    with _exporting:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 class ExportUnavailable(RuntimeError):
@@ -107,8 +113,8 @@ def export_tflite(space: SearchSpace, key: str) -> bytes:
         raise ExportUnavailable(problem)
     import litert_torch
 
-    model, example = _seeded_model(space, space.canonical(key))
     with warnings.catch_warnings(), _single_threaded():
+        model, example = _seeded_model(space, space.canonical(key))
         warnings.simplefilter("ignore")
         converted = litert_torch.convert(model, (example,))
     return bytes(converted.model_content())

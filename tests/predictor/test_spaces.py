@@ -303,6 +303,20 @@ def test_export_leaves_torch_global_state_alone() -> None:
     assert torch.get_num_threads() == threads
 
 
+
+def test_exports_from_several_threads_at_once_all_succeed() -> None:
+    """A server exports on its lease threads while other code of the same process (a benchmark,
+    the graph encoder) exports too: torch's exporter state is process-global."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from predictor.export import export_onnx
+
+    space = get_space("nb201")
+    keys = [NB201_KEY, *space.sample(3, seed=5)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda key: export_onnx(space, key), keys))
+    assert together == [export_onnx(space, key) for key in keys]
+
 # --- one network, one key ------------------------------------------------------------------------
 
 

@@ -117,6 +117,13 @@ def _parse_string(key: str) -> tuple[int, ...]:
     return tuple(ops)
 
 
+# Both are called for every key of the space many times over (samplers, validation folds); a
+# cache entry per key of the space and its spellings
+@lru_cache(maxsize=2 * len(OPS) ** len(EDGES))
+def _canonical(key: str) -> str:
+    return _key_of(_parse(key))
+
+
 @lru_cache(maxsize=2 * len(OPS) ** len(EDGES))
 def _network_key(key: str) -> str:
     return _key_of(network_ops(_parse(key)))
@@ -140,7 +147,7 @@ class NB201Space(SearchSpace):
     onehot_dim = len(EDGES) * len(OPS)
 
     def canonical(self, key: str) -> str:
-        return self.from_op_vec(_parse(key))
+        return _canonical(key) if isinstance(key, str) else _key_of(_parse(key))  # _parse refuses it
 
     def network_key(self, key: str) -> str:
         """The cell with dead edges removed, up to relabelling its intermediate nodes: 8,765

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer, sessionmaker
 
-from predictor import LatencyPredictor
+from predictor import LatencyPredictor, TrainConfig
 from predictor.reference import Row
 from predictor.spaces import SearchSpace
 from server.db import session_scope
@@ -22,6 +22,7 @@ from server.services import scoring
 from server.services.answer_cache import PredictorCache
 from server.services.catalog import space_row
 from server.services.datasets import IMPORTED, iter_reference_rows
+from server.settings import Settings
 
 #: picking a predictor reads its row, not its checkpoint (megabytes; loaded once into the cache)
 NO_CHECKPOINT = defer(Predictor.checkpoint)
@@ -61,8 +62,14 @@ def reference_rows(session: Session, space: SearchSpace, devices: list[str] | No
     return rows
 
 
+def train_config(settings: Settings) -> TrainConfig:
+    """How this server pre-trains."""
+    return TrainConfig(sampler_folds=settings.pretrain_sampler_folds)
+
+
 def pretrain(sessions: sessionmaker[Session], space: SearchSpace, devices: list[str] | None = None, seed: int = 0,
-             progress: Callable[[int, int], None] | None = None, source: RowSource | None = None) -> Predictor:
+             progress: Callable[[int, int], None] | None = None, source: RowSource | None = None,
+             *, config: TrainConfig) -> Predictor:
     """A base predictor from the imported reference measurements of `space` (or `source`'s rows);
     no transaction is held open while it trains."""
     with session_scope(sessions) as session:
@@ -70,7 +77,7 @@ def pretrain(sessions: sessionmaker[Session], space: SearchSpace, devices: list[
         found = sorted({device for _, device, _ in rows})
         snapshot = _snapshot(session, space, found)
     started = time.perf_counter()
-    model = LatencyPredictor.pretrain(space, rows, seed=seed, progress=progress)
+    model = LatencyPredictor.pretrain(space, rows, seed=seed, config=config, progress=progress)
     metrics = {"train_seconds": round(time.perf_counter() - started, 2), "rows": len(rows),
                "architectures": len({key for key, _, _ in rows}), "seed": seed}
     with session_scope(sessions) as session:

@@ -52,7 +52,8 @@ def pretrain_base(settings: Settings, space: str, devices: list[str] | None, see
             progress.update(task, completed=step, total=total)
 
     return predictors.pretrain(_sessions(settings), resolve_space(space), devices, seed, report,
-                               row_source(settings, space, devices, archs_per_space))
+                               row_source(settings, space, devices, archs_per_space),
+                               config=predictors.train_config(settings))
 
 
 def explain_device(settings: Settings, device: str, space: str) -> ExplainOut:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from predictor.datasets import find_datasets, read_arch_keys, read_latencies
+from predictor.datasets import find_datasets, read_latencies
 from predictor.reference import Row
 from predictor.spaces import SearchSpace, get_space
 from predictor.spaces.nb201 import NB201Space
@@ -94,7 +94,7 @@ def load_space_table(root: Path, space_name: str) -> SpaceTable:
         raise ValueError(f"the bench covers nb201 and fbnet, not {space_name!r}")
     space = get_space(space_name)
     by_index = {
-        index: key for index, key in read_arch_keys(root, space).items()
+        index: key for index, key in space.read_table_keys(root).items()
         if not isinstance(space, NB201Space) or space.is_connected(key)
     }
     keys = list(by_index.values())

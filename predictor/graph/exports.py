@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from predictor.datasets import read_arch_keys
 from predictor.export import export_onnx
 from predictor.graph.encoding import FEATURE_DIM, encode_onnx
 from predictor.spaces import SearchSpace
@@ -35,7 +34,7 @@ class ExportedArch:
 def table_sample(root: Path, space: SearchSpace, n: int, seed: int = 0) -> list[str]:
     """`n` architectures of the space's published table, drawn reproducibly (NB201 cells without
     an input-output path are left out: they compute nothing)."""
-    keys = list(read_arch_keys(root, space).values())
+    keys = list(space.read_table_keys(root).values())
     if isinstance(space, NB201Space):
         keys = [key for key in keys if space.is_connected(key)]
     picks = np.random.default_rng(seed).permutation(len(keys))[:n]

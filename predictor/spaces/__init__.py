@@ -131,4 +131,7 @@ def get_space(name: str) -> SearchSpace:
         failure = failures.get(name)
         if failure is not None:
             raise UnknownSpace(failure) from None
+        if not spaces and not failures:
+            raise UnknownSpace(f"no search space is installed (entry-point group {ENTRY_POINT_GROUP!r} is empty): "
+                               "install latfarm again (`pip install -e .`) to register its own") from None
         raise UnknownSpace(f"unknown search space {name!r}; known: {', '.join(spaces)}") from None

@@ -88,6 +88,11 @@ class SearchSpace(ABC):
         has been shown (uploaded models)."""
         return True
 
+    def is_connected(self, key: str) -> bool:
+        """Whether the network's output depends on its input: samples of a space's table leave
+        the keys that compute nothing out (NB201 cells with no input-output path)."""
+        return True
+
     def read_table_keys(self, root: Path) -> dict[int, str]:
         """Dataset index -> canonical key of every architecture of the space's published table
         in the folder `root`, in file order (spaces with `has_reference_tables`)."""

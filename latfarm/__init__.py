@@ -22,10 +22,10 @@ from latfarm.errors import (
     WaitTimeout,
     WorkFailed,
 )
-from latfarm.models import Artifact, Device, Explanation, Job, Onboarding, Prediction, Predictor, Task
+from latfarm.models import Artifact, Device, Explanation, Job, Onboarding, Prediction, Predictor, Space, Task
 
 __all__ = [
     "ApiError", "Artifact", "Conflict", "Device", "Explanation", "FarmClient", "FarmError", "InvalidRequest", "Job",
-    "NotFound", "Onboarding", "Prediction", "Predictor", "RateLimited", "RetryLater", "ServerError", "Task",
+    "NotFound", "Onboarding", "Prediction", "Predictor", "RateLimited", "RetryLater", "ServerError", "Space", "Task",
     "Unauthorized", "Unavailable", "WaitTimeout", "WorkFailed",
 ]

@@ -23,6 +23,7 @@ from latfarm.models import (
     Prediction,
     Predictor,
     Preset,
+    Space,
     Task,
 )
 
@@ -73,6 +74,12 @@ class FarmClient:
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"no agent serves device {name!r} after {timeout_s:.0f} s")
             time.sleep(poll_s)
+
+    # ------------------------------------------------------------------ search spaces
+
+    def spaces(self) -> list[Space]:
+        """Every search space the farm has installed: size, key format, reference devices, base predictor."""
+        return list(self._pages(Space, "/spaces"))
 
     # ------------------------------------------------------------------ prediction
 

@@ -113,6 +113,23 @@ class Prediction(Answer):
         return {key: (ms, std) for key, ms, std in zip(self.architectures, self.latency_ms, self.uncertainty_ms)}
 
 
+class Space(Answer):
+    """An installed search space: latfarm's own or one an installed package registers."""
+
+    name: str
+    description: str
+    #: None where the space is unbounded (space onnx: whatever models were uploaded)
+    size: int | None
+    key_format: str
+    example_key: str | None
+    has_reference_tables: bool
+    builds_networks: bool
+    #: encoded from its ONNX graphs: its base predictor pre-trains on the reference spaces' exports
+    graph_encoded: bool
+    reference_devices: list[str]
+    base_predictor_id: int | None
+
+
 class Predictor(Answer):
     id: int
     space: str

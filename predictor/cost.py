@@ -17,7 +17,6 @@ from predictor.spaces import fbnet as fb
 from predictor.spaces import nb201 as nb
 
 Cost = tuple[int, int]  # (MACs, parameters)
-ANALYTIC_SPACES = ("nb201", "fbnet")
 #: trailing columns of `summary_features` that are costs (log MACs, log parameters)
 N_COST_DESCRIPTORS = 2
 
@@ -102,29 +101,39 @@ def _fbnet_costs() -> tuple[Cost, np.ndarray, np.ndarray]:
     return fixed, macs, params
 
 
+def nb201_cost(space: nb.NB201Space, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`NB201Space.analytic_cost`."""
+    costs = [_nb201_cost(space.op_vec(key)) for key in keys]
+    return np.asarray([c[0] for c in costs], dtype=np.int64), np.asarray([c[1] for c in costs], dtype=np.int64)
+
+
+def fbnet_cost(space: fb.FBNetSpace, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`FBNetSpace.analytic_cost`."""
+    (fixed_macs, fixed_params), macs, params = _fbnet_costs()
+    ops = np.asarray([space.op_vec(key) for key in keys], dtype=np.int64).reshape(len(keys), fb.N_BLOCKS)
+    blocks = np.arange(fb.N_BLOCKS)
+    return fixed_macs + macs[blocks, ops].sum(axis=1), fixed_params + params[blocks, ops].sum(axis=1)
+
+
 # ---- public -----------------------------------------------------------------------------------------
 
 
 def analytic_cost(space: SearchSpace, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(MACs, parameters) of each key, as int64 arrays."""
-    if isinstance(space, nb.NB201Space):
-        costs = [_nb201_cost(space.op_vec(key)) for key in keys]
-        return (np.asarray([c[0] for c in costs], dtype=np.int64), np.asarray([c[1] for c in costs], dtype=np.int64))
-    if isinstance(space, fb.FBNetSpace):
-        (fixed_macs, fixed_params), macs, params = _fbnet_costs()
-        ops = np.asarray([space.op_vec(key) for key in keys], dtype=np.int64).reshape(len(keys), fb.N_BLOCKS)
-        blocks = np.arange(fb.N_BLOCKS)
-        return fixed_macs + macs[blocks, ops].sum(axis=1), fixed_params + params[blocks, ops].sum(axis=1)
-    raise ValueError(f"no analytic FLOPs for the {space.name} space")
+    """(MACs, parameters) of each key, as int64 arrays (`SearchSpace.analytic_cost`)."""
+    cost = space.analytic_cost(keys)
+    if cost is None:
+        raise ValueError(f"no analytic FLOPs for the {space.name} space")
+    return cost
 
 
 def summary_features(space: SearchSpace, keys: Sequence[str], features: np.ndarray) -> np.ndarray:
     """Whole-architecture descriptors: the non-one-hot tail of `features` plus log MACs and log
     parameters where the space has an analytic count. Few enough to fit from a handful of samples."""
     tail = features[:, space.onehot_dim :].astype(np.float64)
-    if space.name not in ANALYTIC_SPACES:
+    cost = space.analytic_cost(keys)
+    if cost is None:
         return tail
-    macs, params = analytic_cost(space, keys)
+    macs, params = cost
     return np.hstack([tail, np.log(macs.astype(np.float64))[:, None], np.log(params.astype(np.float64))[:, None]])
 
 

@@ -140,6 +140,21 @@ class LatencyPredictor:
         predictor._prior = predictor._learn_prior(table.keys)
         return predictor
 
+    def serving(self, space: SearchSpace) -> LatencyPredictor:
+        """This base predictor for another graph-encoded space: its networks read the graph
+        encoding, whichever space the keys are of, so one pre-trained on the reference spaces'
+        exports (the `onnx` space) serves a space with no reference table of its own. The
+        measured table holds the exports' keys, not the space's, so it stays behind: every
+        reference latency is the networks' prediction (`measured_share` 0)."""
+        if not (self.space.graph_encoded and space.graph_encoded):
+            raise ValueError(f"a {self.space.name} predictor cannot serve the {space.name} space: "
+                             "both must be graph-encoded")
+        if self.target is not None:
+            raise ValueError("only a base predictor serves another space")
+        return LatencyPredictor(space, self.reference_devices, self.ensemble, self.descriptor_mean,
+                                self.descriptor_std, self.config, None, None, self.preferred_samplers,
+                                self.sampler_scores, self.prior)
+
     # ---- the design of the adaptation --------------------------------------------------------
 
     @cached_property

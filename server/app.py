@@ -25,6 +25,7 @@ from server.api import (
     onboardings,
     predict,
     predictors,
+    spaces,
     system,
     tasks,
     tokens,
@@ -47,7 +48,7 @@ from server.ui import router as ui_router
 
 log = logging.getLogger(__name__)
 ROUTERS = tuple(module.router for module in (system, devices, architectures, artifacts, measurements, jobs, agents,
-                                             tokens, predictors, tasks, onboardings, predict, collections))
+                                             tokens, predictors, tasks, onboardings, predict, collections, spaces))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -310,6 +310,22 @@ class PredictOut(BaseModel):
     uncertainty_ms: list[float]
 
 
+class SpaceOut(BaseModel):
+    name: str
+    description: str
+    size: int | None = Field(description="how many architectures the space holds; null where it is unbounded "
+                                         "(space onnx: whatever models were uploaded)")
+    key_format: str = Field(description="what a key of the space looks like, with an example")
+    example_key: str | None = Field(description="one key of the space; null for an unbounded space")
+    has_reference_tables: bool = Field(description="published latency tables ship for it (`latfarm datasets import`)")
+    builds_networks: bool = Field(description="the farm builds and exports each key itself; else models are uploaded")
+    graph_encoded: bool = Field(description="encoded from its ONNX graphs: its base predictor pre-trains on the "
+                                            "reference spaces' exports, so it needs no reference table")
+    reference_devices: list[str] = Field(description="imported devices its base predictor can pre-train on: those "
+                                                     "of its own tables, or of the reference spaces if graph-encoded")
+    base_predictor_id: int | None = Field(description="the latest base predictor; null: pre-train one first")
+
+
 class PredictorOut(BaseModel):
     id: int
     space: str
@@ -336,8 +352,8 @@ class PretrainIn(Strict):
     seed: Seed = 0
     archs_per_space: int | None = Field(
         default=None, ge=10, le=20_000,
-        description="space `onnx` only: architectures of each built-in space's table exported to ONNX and "
-                    "trained on (default 300)",
+        description="graph-encoded spaces only (`onnx`, and installed spaces without reference tables): "
+                    "architectures of each reference space's table exported to ONNX and trained on (default 300)",
     )
 
 

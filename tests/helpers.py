@@ -33,10 +33,22 @@ REPO = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("LATFARM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DATASETS = find_datasets()
 ADMIN_TOKEN = "test-admin-token"
+#: the example third-party space package (examples/chain_space), its import root
+CHAIN_SPACE_PACKAGE = REPO / "examples" / "chain_space"
 NB201_KEY = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
 #: an agent's capability report, for tests that speak the agent protocol themselves
 CAPABILITIES = {"hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",
                 "python": "3", "agent_version": "0"}
+
+
+def write_dist_info(root: Path, distribution: str, spaces: dict[str, str]) -> None:
+    """The metadata an install of `distribution` leaves in `root` (a sys.path entry), registering
+    `spaces` (name -> "module:attribute") in the `latfarm.spaces` entry-point group."""
+    info = root / f"{distribution.replace('-', '_')}-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.1.0\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in spaces.items())
+    (info / "entry_points.txt").write_text(f"[latfarm.spaces]\n{lines}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float = 120, poll_s: float = 0.3) -> Any:

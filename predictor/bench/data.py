@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from predictor.datasets import find_datasets, read_arch_keys, read_latencies
+from predictor.datasets import find_datasets, read_latencies
 from predictor.reference import Row
 from predictor.spaces import SearchSpace, get_space
-from predictor.spaces.nb201 import NB201Space
 
 TASKS_FILE = "tasks.json"
 
@@ -89,13 +88,14 @@ class SpaceTable:
 
 @lru_cache(maxsize=4)
 def load_space_table(root: Path, space_name: str) -> SpaceTable:
-    """The space's latency table; NB201 cells without an input-output path are dropped."""
+    """The space's latency table; keys that compute nothing (NB201 cells without an input-output
+    path) are dropped."""
     if space_name not in ("nb201", "fbnet"):
         raise ValueError(f"the bench covers nb201 and fbnet, not {space_name!r}")
     space = get_space(space_name)
     by_index = {
-        index: key for index, key in read_arch_keys(root, space).items()
-        if not isinstance(space, NB201Space) or space.is_connected(key)
+        index: key for index, key in space.read_table_keys(root).items()
+        if space.is_connected(key)
     }
     keys = list(by_index.values())
     position = {index: row for row, index in enumerate(by_index)}

@@ -27,13 +27,13 @@ from scipy.stats import kendalltau, spearmanr
 
 from predictor.bench.data import load_space_table, memoised_space
 from predictor.bench.methods import ridge_fit_predict
-from predictor.datasets import find_datasets, read_arch_keys, read_latencies
+from predictor.datasets import find_datasets, read_latencies
 from predictor.graph.encoding import SUMMARY_NAMES
 from predictor.graph.exports import encode_exports, table_sample
 from predictor.graph.space import OnnxSpace
 from predictor.model import LatencyPredictor, TrainConfig
 from predictor.reference import Row
-from predictor.spaces import BUILT_IN_SPACES, get_space
+from predictor.spaces import get_space, reference_spaces
 
 RAW_FILE = "cross_space.csv"
 REPORT_FILE = "cross_space.md"
@@ -78,7 +78,7 @@ def load_pool(root: Path, space_name: str, n: int, cache: Path, onnx_space: Onnx
                               None if progress is None else lambda d, t: progress(f"{space_name}: exported {d}/{t}"))
     for arch in exported.values():
         onnx_space.add_encoding(arch.sha256, arch.vector)
-    index_of = {key: index for index, key in read_arch_keys(root, space).items()}
+    index_of = {key: index for index, key in space.read_table_keys(root).items()}
     wanted = {index_of[key]: key for key in keys}
     latencies: dict[str, dict[str, float]] = {}
     for index, device, ms in read_latencies(root, space):
@@ -109,12 +109,13 @@ def run_cross_space(out_dir: str | Path = "docs/bench", *, held_out: Sequence[st
     if bad:
         raise ValueError(f"unknown held-out space or scenario: {', '.join(bad)}")
     onnx_space = OnnxSpace()
-    pools = {name: load_pool(root, name, archs_per_space, cache, onnx_space, progress) for name in BUILT_IN_SPACES}
+    pools = {space.name: load_pool(root, space.name, archs_per_space, cache, onnx_space, progress)
+             for space in reference_spaces()}
     done = _done(out / RAW_FILE)
     written = 0
     for target_space in held_out:
         pool = pools[target_space]
-        others = [pools[name] for name in BUILT_IN_SPACES if name != target_space]
+        others = [other for name, other in pools.items() if name != target_space]
         targets = [d for d in sorted(pool.latencies) if devices is None or d in devices]
         in_space = _InSpace(root, target_space, sorted(pool.latencies))
         bases: dict[str | None, LatencyPredictor] = {}

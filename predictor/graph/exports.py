@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from predictor.datasets import read_arch_keys
 from predictor.export import export_onnx
 from predictor.graph.encoding import FEATURE_DIM, encode_onnx
 from predictor.spaces import SearchSpace
-from predictor.spaces.nb201 import NB201Space
 
 
 @dataclass(frozen=True)
@@ -33,11 +31,9 @@ class ExportedArch:
 
 
 def table_sample(root: Path, space: SearchSpace, n: int, seed: int = 0) -> list[str]:
-    """`n` architectures of the space's published table, drawn reproducibly (NB201 cells without
-    an input-output path are left out: they compute nothing)."""
-    keys = list(read_arch_keys(root, space).values())
-    if isinstance(space, NB201Space):
-        keys = [key for key in keys if space.is_connected(key)]
+    """`n` architectures of the space's published table, drawn reproducibly (keys that compute
+    nothing, `SearchSpace.is_connected`, are left out)."""
+    keys = [key for key in space.read_table_keys(root).values() if space.is_connected(key)]
     picks = np.random.default_rng(seed).permutation(len(keys))[:n]
     return [keys[i] for i in sorted(picks)]
 

@@ -34,6 +34,9 @@ class OnnxSpace(SearchSpace):
     feature_dim = FEATURE_DIM
     #: every column but the whole-model summaries is a detail the adaptation does not regress on
     onehot_dim = FEATURE_DIM - len(SUMMARY_NAMES)
+    key_format = "sha256 of an uploaded ONNX model's bytes (64 lowercase hex digits)"
+    builds_networks = False
+    graph_encoded = True
 
     def __init__(self) -> None:
         self._vectors: dict[str, np.ndarray] = {}
@@ -90,7 +93,11 @@ class OnnxSpace(SearchSpace):
         return key
 
     def size(self) -> int:
+        """The models encoded so far."""
         return len(self._vectors)
+
+    def is_bounded(self) -> bool:
+        return False
 
     def sample(self, n: int, seed: int) -> list[str]:
         known = sorted(self._vectors)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -43,6 +44,17 @@ class SearchSpace(ABC):
     #: the features start with this many one-hot columns of per-position choices; the rest are
     #: whole-architecture summaries (op shares, depths, ...)
     onehot_dim: int
+    #: a short description of a key, with an example (what `GET /api/v1/spaces` shows)
+    key_format: ClassVar[str] = ""
+    #: published latency tables ship for the space: `read_table_keys` reads its architectures and
+    #: `latfarm datasets import` loads them, and its base predictor pre-trains on them
+    has_reference_tables: ClassVar[bool] = False
+    #: `build` makes a PyTorch module of each key (so the farm exports and measures it itself)
+    builds_networks: ClassVar[bool] = True
+    #: `features` is the graph encoding of `predictor.graph.encoding` (the `onnx` space's): a
+    #: base predictor pre-trained on the reference spaces' ONNX exports serves the space, so it
+    #: needs no reference table of its own
+    graph_encoded: ClassVar[bool] = False
 
     @abstractmethod
     def canonical(self, key: str) -> str:
@@ -70,6 +82,27 @@ class SearchSpace(ABC):
     def enumerate(self) -> Iterator[str]:
         """Every canonical key, in a fixed order; only for spaces small enough to list."""
         raise NotImplementedError(f"the {self.name} space is too large to enumerate")
+
+    def is_bounded(self) -> bool:
+        """Whether `size()` is the space's true size: False where the space holds whatever it
+        has been shown (uploaded models)."""
+        return True
+
+    def is_connected(self, key: str) -> bool:
+        """Whether the network's output depends on its input: samples of a space's table leave
+        the keys that compute nothing out (NB201 cells with no input-output path)."""
+        return True
+
+    def read_table_keys(self, root: Path) -> dict[int, str]:
+        """Dataset index -> canonical key of every architecture of the space's published table
+        in the folder `root`, in file order (spaces with `has_reference_tables`)."""
+        raise ValueError(f"no published table for the {self.name} space")
+
+    def analytic_cost(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(MACs, parameters) of each key as int64 arrays, worked out from the keys (fast enough
+        for whole spaces); None where the space has no analytic count. Where there is one, the
+        adaptation regresses on log MACs and log parameters too."""
+        return None
 
     @abstractmethod
     def graph(self, key: str) -> ArchGraph:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,9 +47,20 @@ class FBNetSpace(SearchSpace):
     input_shape = (3, 224, 224)
     feature_dim = N_BLOCKS * len(OPS) + len(OPS)
     onehot_dim = N_BLOCKS * len(OPS)
+    key_format = f"{N_BLOCKS} block operations ({', '.join(OPS)}) joined by {SEPARATOR!r}: k3_e1|k5_e6|skip|..."
+    has_reference_tables = True
 
     def canonical(self, key: str) -> str:
         return self.from_op_vec(_parse(key))
+
+    def read_table_keys(self, root: Path) -> dict[int, str]:
+        with open(root / "fbnet_archs.csv", newline="") as handle:
+            return {int(row["fbnet_idx"]): self.canonical(row["ops"]) for row in csv.DictReader(handle)}
+
+    def analytic_cost(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        from predictor.cost import fbnet_cost
+
+        return fbnet_cost(self, keys)
 
     def op_vec(self, key: str) -> tuple[int, ...]:
         """The op id (position in OPS) of each block."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -145,9 +147,20 @@ class NB201Space(SearchSpace):
     input_shape = (3, 32, 32)
     feature_dim = len(EDGES) * len(OPS) + len(OPS) + (len(OPS) - 1) + 1
     onehot_dim = len(EDGES) * len(OPS)
+    key_format = "NAS-Bench-201 arch string, one op~input per edge: |nor_conv_3x3~0|+|skip_connect~0|none~1|+|...|"
+    has_reference_tables = True
 
     def canonical(self, key: str) -> str:
         return _canonical(key) if isinstance(key, str) else _key_of(_parse(key))  # _parse refuses it
+
+    def read_table_keys(self, root: Path) -> dict[int, str]:
+        with open(root / "nb201_archs.csv", newline="") as handle:
+            return {int(row["nb201_idx"]): self.canonical(row["arch_str"]) for row in csv.DictReader(handle)}
+
+    def analytic_cost(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        from predictor.cost import nb201_cost
+
+        return nb201_cost(self, keys)
 
     def network_key(self, key: str) -> str:
         """The cell with dead edges removed, up to relabelling its intermediate nodes: 8,765

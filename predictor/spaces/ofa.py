@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -112,10 +113,22 @@ class OFASpace(SearchSpace):
     input_shape = (3, 224, 224)
     feature_dim = N_BLOCKS * (len(KERNEL_SIZES) + len(EXPAND_RATIOS)) + N_STAGES * len(DEPTHS) + 1
     onehot_dim = N_BLOCKS * (len(KERNEL_SIZES) + len(EXPAND_RATIOS))
+    key_format = ('JSON of per-stage depth d (5), per-block kernel ks and expansion e (20 each) and resolution r: '
+                  '{"d":[2,...],"e":[3,...],"ks":[3,...],"r":224}')
+    has_reference_tables = True
 
     def canonical(self, key: str) -> str:
         """The compact, key-sorted JSON of `key`; inactive blocks keep their values."""
         return parse(key).key()
+
+    def read_table_keys(self, root: Path) -> dict[int, str]:
+        keys = {}
+        with open(root / "ofa_archs.jsonl") as handle:
+            for line in handle:
+                record = json.loads(line)
+                index = record.pop("ofa_idx")
+                keys[int(index)] = self.canonical(json.dumps(record))
+        return keys
 
     def network_key(self, key: str) -> str:
         """The key with every inactive block set to the smallest kernel and expansion: keys that

@@ -91,7 +91,7 @@ class TrainingWorker:
         with session_scope(self.sessions) as session:
             task = session.get_one(TrainingTask, task_id)
             space, devices, seed = get_space(task.space.name), task.params.get("devices"), task.params.get("seed", 0)
-            source = row_source(self.settings, space.name, devices, task.params.get("archs_per_space"))
+            source = row_source(self.settings, space, devices, task.params.get("archs_per_space"))
         row = predictors.pretrain(self.sessions, space, devices, seed, self._reporter(task_id), source,
                                   config=predictors.train_config(self.settings))
         with session_scope(self.sessions) as session:

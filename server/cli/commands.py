@@ -187,6 +187,29 @@ def onboard(
 
 
 @app.command(epilog=examples(
+    "latfarm spaces",
+    "latfarm spaces --json | jq '.[] | select(.base_predictor_id == null) | .name'",
+))
+def spaces(as_json: JsonFlag = False) -> None:
+    """The installed search spaces (latfarm's own and installed packages'): size, key format,
+    reference devices, base predictor."""
+    from server.services.runtime import describe_spaces
+
+    result = describe_spaces(settings_from_env())
+    lines = [f"{s.name:8} {_count(s.size):>26}  "
+             f"{len(s.reference_devices):3} reference devices  "
+             f"{'base predictor ' + str(s.base_predictor_id) if s.base_predictor_id else 'no base predictor'}"
+             f"{'  (graph-encoded)' if s.graph_encoded else ''}\n         key: {s.key_format}" for s in result]
+    emit(result, as_json, "\n".join(lines))
+
+
+def _count(size: int | None) -> str:
+    if size is None:
+        return "unbounded"
+    return f"{size:,} architectures" if size < 10**9 else f"{size:.2e} architectures"
+
+
+@app.command(epilog=examples(
     "latfarm explain rpi4-ort-1t-b1",
     "latfarm explain rpi4-ort-1t-b1 --space nb201 --json | jq '.resembles[0].device'",
 ))

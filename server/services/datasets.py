@@ -11,8 +11,8 @@ from pathlib import Path
 from sqlalchemy import Connection, delete, func, insert, select
 from sqlalchemy.orm import Session
 
-from predictor.datasets import read_arch_keys, read_latencies
-from predictor.spaces import SearchSpace, get_space
+from predictor.datasets import read_latencies
+from predictor.spaces import SearchSpace, get_space, reference_spaces
 from server.models import Architecture, Device, DeviceState, Measurement
 from server.services.catalog import ensure_architectures, space_row
 
@@ -99,18 +99,18 @@ def _bulk_insert(connection: Connection, rows: list[tuple[int, int, float]]) -> 
 
 
 def import_datasets(
-    session: Session, root: Path, spaces: tuple[str, ...] = ("nb201", "fbnet", "ofa"),
+    session: Session, root: Path, spaces: tuple[str, ...] | None = None,
     progress: ProgressCallback | None = None,
 ) -> ImportReport:
-    """Load devices, architectures and measurements; devices already complete are skipped."""
+    """Load devices, architectures and measurements of `spaces` (default: every installed space
+    with reference tables); devices already complete are skipped."""
     if not (root / "devices.csv").is_file():
         raise FileNotFoundError(f"no devices.csv in {root}: point LATFARM_DATASETS at a folder of reference tables, "
                                 "or unset it to use the shipped ones")
     report = ImportReport()
     device_ids = _upsert_devices(session, root, report)
-    for space_name in spaces:
-        space = get_space(space_name)
-        keys_by_index = read_arch_keys(root, space)
+    for space in reference_spaces() if spaces is None else tuple(map(get_space, spaces)):
+        keys_by_index = space.read_table_keys(root)
         ids_by_key, created = ensure_architectures(
             session, space, keys_by_index.values(), {key: index for index, key in keys_by_index.items()}
         )

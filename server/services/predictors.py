@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, defer, sessionmaker
 
 from predictor import LatencyPredictor, TrainConfig
 from predictor.reference import Row
-from predictor.spaces import SearchSpace
+from predictor.spaces import SearchSpace, get_space
 from server.db import session_scope
 from server.errors import Conflict, Invalid, NotFound
 from server.models import Architecture, Device, Measurement, Predictor, PredictorKind, PredictorStatus, as_utc
@@ -71,13 +71,17 @@ def pretrain(sessions: sessionmaker[Session], space: SearchSpace, devices: list[
              progress: Callable[[int, int], None] | None = None, source: RowSource | None = None,
              *, config: TrainConfig) -> Predictor:
     """A base predictor from the imported reference measurements of `space` (or `source`'s rows);
-    no transaction is held open while it trains."""
+    no transaction is held open while it trains. A graph-encoded space other than `onnx` learns
+    in the `onnx` space, where `source`'s rows (the reference spaces' exports) are keyed."""
     with session_scope(sessions) as session:
         rows = reference_rows(session, space, devices, source)
         found = sorted({device for _, device, _ in rows})
         snapshot = _snapshot(session, space, found)
     started = time.perf_counter()
-    model = LatencyPredictor.pretrain(space, rows, seed=seed, config=config, progress=progress)
+    learns_in = get_space("onnx") if space.graph_encoded else space
+    model = LatencyPredictor.pretrain(learns_in, rows, seed=seed, config=config, progress=progress)
+    if learns_in is not space:
+        model = model.serving(space)
     metrics = {"train_seconds": round(time.perf_counter() - started, 2), "rows": len(rows),
                "architectures": len({key for key, _, _ in rows}), "seed": seed}
     with session_scope(sessions) as session:

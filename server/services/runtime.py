@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from predictor.spaces import get_space
 from server.db import make_engine, make_session_factory, session_scope, upgrade
 from server.models import Predictor
-from server.schemas import ExplainOut, PredictIn, PredictOut
-from server.services import collections, prediction, predictors
+from server.schemas import ExplainOut, PredictIn, PredictOut, SpaceOut
+from server.services import collections, prediction, predictors, spaces
 from server.services.answer_cache import PredictorCache
 from server.services.artifacts import ArtifactStore
 from server.services.catalog import get_device, resolve_space
@@ -51,9 +51,15 @@ def pretrain_base(settings: Settings, space: str, devices: list[str] | None, see
         if progress is not None and task is not None:
             progress.update(task, completed=step, total=total)
 
-    return predictors.pretrain(_sessions(settings), resolve_space(space), devices, seed, report,
-                               row_source(settings, space, devices, archs_per_space),
+    resolved = resolve_space(space)
+    return predictors.pretrain(_sessions(settings), resolved, devices, seed, report,
+                               row_source(settings, resolved, devices, archs_per_space),
                                config=predictors.train_config(settings))
+
+
+def describe_spaces(settings: Settings) -> list[SpaceOut]:
+    with session_scope(_sessions(settings)) as session:
+        return spaces.describe_all(session)
 
 
 def explain_device(settings: Settings, device: str, space: str) -> ExplainOut:

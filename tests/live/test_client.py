@@ -203,7 +203,7 @@ ANSWERS: dict[type[BaseModel], str] = {
     models.Device: "DeviceOut", models.Artifact: "ArtifactOut", models.Job: "JobOut", models.Prediction: "PredictOut",
     models.Predictor: "PredictorOut", models.Onboarding: "OnboardingOut", models.OnboardingRound: "OnboardingRound",
     models.Task: "TaskOut", models.Explanation: "ExplainOut", models.Resemblance: "Resemblance",
-    models.OpCost: "OpCost",
+    models.OpCost: "OpCost", models.Space: "SpaceOut",
 }
 
 

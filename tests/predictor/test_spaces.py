@@ -15,8 +15,16 @@ import numpy as np
 import pytest
 
 from predictor.datasets import find_datasets
-from predictor.spaces import BUILT_IN_SPACES, SPACES, InvalidArchitecture, SearchSpace, UnknownSpace, get_space
-from tests.helpers import NB201_KEY, REPO
+from predictor.spaces import (
+    InvalidArchitecture,
+    SearchSpace,
+    UnknownSpace,
+    get_space,
+    load_spaces,
+    reference_spaces,
+    space_names,
+)
+from tests.helpers import CHAIN_SPACE_PACKAGE, NB201_KEY, REPO, write_dist_info
 
 DATASETS = find_datasets()
 
@@ -25,6 +33,7 @@ FBNET_KEY = "|".join(["k3_e1", "k3_e1_g2", "k5_e6", "skip", "k5_e1_g2", "k3_e3"]
 OFA_ARCH: dict[str, Any] = {"ks": [3, 5, 7, 3] * 5, "e": [3, 4, 6, 4] * 5, "d": [2, 3, 4, 2, 3], "r": 128}
 OFA_KEY = json.dumps(OFA_ARCH, sort_keys=True, separators=(",", ":"))
 KEYS = {"nb201": NB201_KEY, "fbnet": FBNET_KEY, "ofa": OFA_KEY}
+BUILT_IN_SPACES = tuple(KEYS)
 N_CLASSES = {"nb201": 10, "fbnet": 1000, "ofa": 1000}
 
 
@@ -45,11 +54,61 @@ def space(request: pytest.FixtureRequest) -> SearchSpace:
 # --- registry -------------------------------------------------------------------------------
 
 def test_registry_returns_singletons_and_rejects_unknown_names() -> None:
-    assert SPACES == ("nb201", "fbnet", "ofa", "onnx") and BUILT_IN_SPACES == SPACES[:3]
-    assert all(get_space(name) is get_space(name) and get_space(name).name == name for name in SPACES)
-    with pytest.raises(UnknownSpace, match="nb201, fbnet, ofa"):
+    # latfarm's own spaces register through the entry-point group like any package's
+    assert {"nb201", "fbnet", "ofa", "onnx"} <= set(space_names())
+    assert {space.name for space in reference_spaces()} >= set(BUILT_IN_SPACES)
+    assert "onnx" not in {space.name for space in reference_spaces()}  # no table, no builder
+    assert all(get_space(name) is get_space(name) and get_space(name).name == name for name in space_names())
+    with pytest.raises(UnknownSpace, match="fbnet, nb201, ofa, onnx"):
         get_space("darts")
     assert issubclass(UnknownSpace, ValueError)
+
+
+def test_an_installed_space_is_found_and_a_broken_one_is_reported_not_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `pip install` of a space package leaves on sys.path: a dist-info naming the entry point."""
+    write_dist_info(tmp_path, "latfarm-chain-space", {"chain": "latfarm_chain_space:ChainSpace"})
+    write_dist_info(tmp_path, "broken-space", {"broken": "no_such_module_here:Space", "misnamed": "os.path:join"})
+    monkeypatch.syspath_prepend(str(CHAIN_SPACE_PACKAGE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spaces, failures = load_spaces()
+    assert {"chain", "nb201", "fbnet", "ofa", "onnx"} <= set(spaces)
+    chain = spaces["chain"]
+    assert chain.name == "chain" and chain.graph_encoded and not chain.has_reference_tables
+    assert set(failures) == {"broken", "misnamed"}
+    assert "broken-space 0.1.0" in failures["broken"] and "ModuleNotFoundError" in failures["broken"]
+    assert "is not a predictor.spaces.SearchSpace" in failures["misnamed"]
+
+
+def test_the_example_third_party_space_keys_features_and_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    from predictor.export import export_onnx
+    from predictor.graph.encoding import FEATURE_DIM, encode_onnx
+
+    monkeypatch.syspath_prepend(str(CHAIN_SPACE_PACKAGE))
+    from latfarm_chain_space import ChainSpace
+
+    space = ChainSpace()
+    keys = list(space.enumerate())
+    assert len(keys) == len(set(keys)) == space.size() == 6**3 and space.is_bounded()
+    assert all(space.canonical(key) == key for key in keys[::17])
+    sample = space.sample(5, seed=1)
+    assert sample == space.sample(5, seed=1) and set(sample) <= set(keys) and len(set(sample)) == 5
+    for bad in ("k3_w16-k3_w16", "k3_w16-k3_w16-k7_w16", "k3_w16-k3_w16-k3_w16-k3_w16", 7):
+        with pytest.raises(InvalidArchitecture):
+            space.canonical(bad)  # type: ignore[arg-type]
+    small, large = "k3_w16-k3_w16-k3_w16", "k5_w64-k5_w64-k5_w64"
+    features = space.features([small, large])
+    assert features.shape == (2, FEATURE_DIM) == (2, space.feature_dim)
+    # the features are the encoding of the very model the farm exports and measures
+    data = export_onnx(space, large)
+    np.testing.assert_array_equal(features[1], encode_onnx(data).vector)
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": np.zeros((1, *space.input_shape), dtype=np.float32)})
+    assert logits.shape == (1, 10)
+    chain_ops = ("input", *["k3_w16"] * 3, "output")
+    assert space.graph(small).ops.tolist() == [space.op_names.index(name) for name in chain_ops]
 
 
 # --- keys against the reference datasets ---------------------------------------------------

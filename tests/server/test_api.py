@@ -6,7 +6,8 @@ import json
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Connection, select
+from sqlalchemy.orm import Session
 
 from server.db import make_engine
 from server.models import Device
@@ -153,3 +154,30 @@ def test_a_test_writes_inside_a_transaction_that_is_rolled_back(api: httpx.Clien
             assert connection.scalar(select(Device.id).where(Device.name == "rolled-back-dev")) is None
     finally:
         outside.dispose()
+
+
+def test_spaces_lists_every_installed_space_with_what_it_offers(api: httpx.Client, anonymous: httpx.Client,
+                                                                connection: Connection) -> None:
+    assert_json_error(anonymous.get("/spaces"), 401)
+    # an imported reference device, as `latfarm datasets import` records one (a table per space)
+    with Session(bind=connection, join_transaction_mode="create_savepoint") as session:
+        session.add(Device(name="spaces-ref-dev", source="imported", attributes={"spaces": {"fbnet": {}, "nb201": {}}}))
+        session.commit()
+    answer = api.get("/spaces")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["next_cursor"] is None
+    spaces = {item["name"]: item for item in body["items"]}
+    assert {"nb201", "fbnet", "ofa", "onnx"} <= set(spaces)
+    nb201, ofa, onnx = spaces["nb201"], spaces["ofa"], spaces["onnx"]
+    assert nb201["size"] == 15_625 and nb201["has_reference_tables"] and nb201["builds_networks"]
+    assert not nb201["graph_encoded"] and nb201["base_predictor_id"] is None
+    assert "spaces-ref-dev" in nb201["reference_devices"] and "spaces-ref-dev" not in ofa["reference_devices"]
+    # the example key is a key of the space
+    for name in ("nb201", "fbnet", "ofa"):
+        created = api.post("/architectures", json={"space": name, "key": spaces[name]["example_key"]})
+        assert created.status_code == 201, created.text
+    assert onnx["size"] is None and onnx["example_key"] is None and "sha256" in onnx["key_format"]
+    assert onnx["graph_encoded"] and not onnx["builds_networks"] and not onnx["has_reference_tables"]
+    # a graph-encoded space pre-trains on the reference spaces' devices
+    assert "spaces-ref-dev" in onnx["reference_devices"]

@@ -77,7 +77,7 @@ class DeviceFit:
         """Posterior mean and standard deviation of log-latency for each design row."""
         z = np.hstack([np.ones((len(design), 1)), design])
         mean = z @ self.coef
-        var = np.einsum("ij,jk,ik->i", z, self.cov, z) + self.noise
+        var = ((z @ self.cov) * z).sum(axis=1) + self.noise
         return mean, np.sqrt(np.clip(var, 0.0, None))
 
 

@@ -317,6 +317,37 @@ def test_one_network_gets_one_latency_on_a_farm_device(base: LatencyPredictor) -
     assert len(doubled.target.samples) == len(device.target.samples)
 
 
+def test_active_learning_picks_unmeasured_networks_that_cut_the_uncertainty_most(base: LatencyPredictor) -> None:
+    """`most_informative` picks networks no sample measured, one key each, and leaves the posterior
+    less unsure over the space than the five most uncertain networks or five random ones would."""
+    keys = list(SPACE.enumerate())
+    samples = SPACE.sample(10, seed=6)
+    measured = dict(zip(samples, synthetic_ms(samples, np.array([0, 0.2, 0.7, 1.1, 0.3]), 0.6)))
+    device = base.adapt(measured)
+    assert device.target is not None
+    picks = device.most_informative(keys, 5)
+    networks = [SPACE.network_key(key) for key in picks]
+    assert len(set(networks)) == 5 and not set(networks) & set(device.target.samples)
+    assert device.most_informative(samples, 5) == []  # every one of them measured already
+
+    pool = [network for network in dict.fromkeys(map(SPACE.network_key, keys)) if network not in device.target.samples]
+    design = device.design(pool, per_network=True)[0]
+    z = np.hstack([np.ones((len(pool), 1)), design])
+
+    def variance_left(chosen: list[str]) -> float:
+        """Summed posterior variance over the pool once `chosen` are measured (information form)."""
+        rows = z[[pool.index(SPACE.network_key(key)) for key in chosen]]
+        assert device.target is not None
+        cov = np.linalg.inv(np.linalg.inv(device.target.cov) + rows.T @ rows / device.target.noise)
+        return float(((z @ cov) * z).sum())
+
+    ms, std = device.predict(pool)
+    most_uncertain = [pool[i] for i in np.argsort(-std / ms)[:5]]
+    random_picks = [pool[i] for i in np.random.default_rng(0).choice(len(pool), 5, replace=False)]
+    assert variance_left(picks) < variance_left(most_uncertain)
+    assert variance_left(picks) < variance_left(random_picks)
+
+
 @pytest.mark.parametrize("name", ["random", "stratified", "kmeans", "default"])
 def test_samplers_never_spend_two_samples_on_one_network(base: LatencyPredictor, name: str) -> None:
     keys = list(SPACE.enumerate())

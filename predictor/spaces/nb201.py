@@ -207,8 +207,8 @@ class NB201Space(SearchSpace):
         """The skeleton (every disconnected cell's network) is encoded as the identity-cell
         network, whose layers it runs plus one multiply by zero per cell: the LatBench tables
         never timed it, and HW-NAS-Bench's Pixel 3 and Raspberry Pi 4 columns time it at 4 and
-        12 us, under 1 % of their identity-cell network (their converters folded a network
-        whose output is a constant); the 25 other HELP devices time it at 0.99-1.40 times
+        12 us, under 1 % of their identity-cell network (as if their converters folded away a
+        network whose output is a constant); the 25 other HELP devices time it at 0.99-1.40 times
         their identity-cell network (median 1.065)."""
         return IDENTITY_CELL if network_key == SKELETON else network_key
 

@@ -46,7 +46,7 @@ def test_disconnected_cells_on_a_farm_device_cost_what_the_skeleton_costs(
     disconnected cells get one prediction, within a factor 1.5 of the device's own timing of the
     skeleton. Encoded as itself, the skeleton came out up to 2.4 times too low (samsung_a50, with
     the default pre-training): the adaptation extrapolated from reference columns that never
-    timed it (LatBench) or timed a constant-folded network (Pixel 3, Raspberry Pi 4)."""
+    timed it (LatBench) or timed it at 4-12 us (Pixel 3, Raspberry Pi 4)."""
     _, held_out = tables
     row = {key: i for i, key in enumerate(held_out.keys)}
     networks = sorted({SPACE.network_key(key) for key in held_out.keys if SPACE.is_connected(key)})
@@ -66,7 +66,8 @@ def test_disconnected_cells_on_reference_devices_rest_on_their_measurements(base
     LatBench devices timed none, and do not charge for dead code (they ran the built network):
     each answers one latency for all 341, read from its table (the identity-cell network it
     runs the layers of) and within the range of what it timed; the pre-trained networks alone
-    answered 0.09-0.34 ms on the desktop CPU, whose cheapest network takes 1.02 ms."""
+    answered 0.09-0.34 ms on the desktop CPU (default pre-training), whose cheapest network
+    takes 1.02 ms."""
     assert base.measured is not None and base.reference is not None
     table = base.measured
     row = {key: i for i, key in enumerate(table.keys)}

@@ -77,7 +77,7 @@ class DeviceFit:
         """Posterior mean and standard deviation of log-latency for each design row."""
         z = np.hstack([np.ones((len(design), 1)), design])
         mean = z @ self.coef
-        var = np.einsum("ij,jk,ik->i", z, self.cov, z) + self.noise
+        var = ((z @ self.cov) * z).sum(axis=1) + self.noise
         return mean, np.sqrt(np.clip(var, 0.0, None))
 
 
@@ -158,3 +158,25 @@ def fit_device(name: str, design: np.ndarray, y: np.ndarray, n_reference: int, p
     fold[1:1 + n_reference, 1] = mean_weights
     return DeviceFit(name, fold @ posterior_mean, fold @ posterior_cov @ fold.T, float(sigma),
                      (float(tau_r), float(tau_d), float(sigma)), samples, per_network)
+
+
+def informative_rows(fit: DeviceFit, design: np.ndarray, n: int) -> list[int]:
+    """`n` rows of `design` to measure next: greedily, the row whose measurement most reduces the
+    posterior variance of log-latency summed over every row, given the samples and the picks
+    before it (a measurement of row c cuts row i's variance by (z_i S z_c)^2 / (z_c S z_c +
+    noise); summed over i, z_c S Z'Z S z_c / (...)). A second pick of the same row gains little,
+    so a batch spreads over the rows the model is unsure of, and the rows the samples pin down
+    are left alone."""
+    z = np.hstack([np.ones((len(design), 1)), design])
+    gram = z.T @ z
+    cov = fit.cov.copy()
+    chosen: list[int] = []
+    for _ in range(min(n, len(z))):
+        own = ((z @ cov) * z).sum(axis=1) + fit.noise  # the variance of measuring each row
+        gain = ((z @ (cov @ gram @ cov)) * z).sum(axis=1) / own
+        gain[chosen] = -np.inf
+        best = int(np.argmax(gain))
+        chosen.append(best)
+        shift = cov @ z[best]
+        cov = cov - np.outer(shift, shift) / own[best]
+    return chosen

@@ -1,10 +1,13 @@
 """The predictor's file format: tensors and plain data only, read with `weights_only=True`.
 
 Format 4 adds the reference devices' measured latencies, the learned prior over reference
-weights and a Gaussian target fit. Formats 2 and 3 still load: their networks and sampler
-choices as they were, no measured table (the networks fill every reference latency), the prior
-learned again from the networks on first use, and an adapted target's bootstrap fits turned
-into the Gaussian they sample (mean and covariance of the fits, no extra noise).
+weights and a Gaussian target fit; format 5 the network each table key builds and whether it
+holds dead code (`MeasuredReference`), which took longer to work out on load than a whole-space
+prediction. Format 4 still loads, working those out on load. Formats 2 and 3 still load: their
+networks and sampler choices as they were, no measured table (the networks fill every reference
+latency), the prior learned again from the networks on first use, and an adapted target's
+bootstrap fits turned into the Gaussian they sample (mean and covariance of the fits, no extra
+noise).
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ import torch
 from predictor.adaptation import DeviceFit, ReferencePrior
 from predictor.network import Ensemble, MultiDeviceNet
 from predictor.pretraining import TrainConfig
-from predictor.reference import LatencyTable
+from predictor.reference import LatencyTable, MeasuredReference
+from predictor.spaces import get_space
 
-FORMAT = "latfarm.predictor/4"
-#: formats `load` converts (no measured table, bootstrap target fits)
-OLDER_FORMATS = ("latfarm.predictor/2", "latfarm.predictor/3")
+FORMAT = "latfarm.predictor/5"
+#: formats `load` converts: without the table's networks (4); without a measured table, with
+#: bootstrap target fits (2, 3)
+OLDER_FORMATS = ("latfarm.predictor/2", "latfarm.predictor/3", "latfarm.predictor/4")
+#: formats with a measured table, a prior and a Gaussian target
+_TABLE_FORMATS = ("latfarm.predictor/4", FORMAT)
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class Parts:
     descriptor_mean: np.ndarray
     descriptor_std: np.ndarray
     config: TrainConfig
-    measured: LatencyTable | None
+    reference: MeasuredReference | None
     target: DeviceFit | None
     preferred_samplers: dict[int, str]
     sampler_scores: dict[str, dict[int, float]]
@@ -49,7 +56,7 @@ def _tensor(values: np.ndarray) -> torch.Tensor:
 
 
 def save(parts: Parts, file: str | PathLike[str] | BinaryIO) -> None:
-    ensemble, target, measured = parts.ensemble, parts.target, parts.measured
+    ensemble, target, reference = parts.ensemble, parts.target, parts.reference
     state: dict[str, Any] = {
         "format": FORMAT,
         "space": parts.space,
@@ -62,8 +69,10 @@ def save(parts: Parts, file: str | PathLike[str] | BinaryIO) -> None:
         "descriptor_mean": _tensor(parts.descriptor_mean),
         "descriptor_std": _tensor(parts.descriptor_std),
         "members": [member.state_dict() for member in ensemble.members],
-        "measured": None if measured is None else {
-            "keys": list(measured.keys), "devices": list(measured.devices), "log_ms": _tensor(measured.log_ms),
+        "measured": None if reference is None else {
+            "keys": _joined(reference.table.keys), "devices": list(reference.table.devices),
+            "log_ms": _tensor(reference.table.log_ms), "network_keys": _joined(reference.network_keys),
+            "network_of_row": _tensor(reference.network_of_row.astype(np.int32)), "dead": _tensor(reference.dead),
         },
         "prior": None if parts.prior is None else {"cov": _tensor(parts.prior.cov),
                                                    "unexplained": parts.prior.unexplained},
@@ -94,22 +103,38 @@ def load(file: str | PathLike[str] | BinaryIO | bytes) -> Parts:
         members.append(member.eval())
     ensemble = Ensemble(members, state["feature_mean"].numpy(), state["feature_std"].numpy(),
                         state["log_mean"].numpy(), state["log_std"].numpy())
-    measured = prior = None
-    if version == FORMAT:
+    reference = prior = None
+    if version in _TABLE_FORMATS:
         if state["measured"] is not None:
-            table = state["measured"]
-            measured = LatencyTable(list(table["keys"]), list(table["devices"]), table["log_ms"].numpy())
+            reference = _reference(state["space"], state["measured"], version)
         if state["prior"] is not None:
             prior = ReferencePrior(state["prior"]["cov"].numpy(), float(state["prior"]["unexplained"]))
     return Parts(state["space"], devices, ensemble, state["descriptor_mean"].numpy(), state["descriptor_std"].numpy(),
-                 config, measured, _target(state["target"], version), dict(state.get("preferred_samplers") or {}),
+                 config, reference, _target(state["target"], version), dict(state.get("preferred_samplers") or {}),
                  dict(state.get("sampler_scores") or {}), prior)
+
+
+def _joined(keys: list[str]) -> str:
+    """Keys as one string: unpickling a list of 15,625 strings with `weights_only` took 10x longer."""
+    if any("\n" in key for key in keys):
+        raise ValueError("an architecture key holds a line break")
+    return "\n".join(keys)
+
+
+def _reference(space_name: str, measured: dict[str, Any], version: str) -> MeasuredReference:
+    space = get_space(space_name)
+    if version != FORMAT:  # format 4: a list of keys, and the table's networks were not kept
+        table = LatencyTable(list(measured["keys"]), list(measured["devices"]), measured["log_ms"].numpy())
+        return MeasuredReference.of(space, table)
+    table = LatencyTable(measured["keys"].split("\n"), list(measured["devices"]), measured["log_ms"].numpy())
+    return MeasuredReference(space, table, measured["network_keys"].split("\n"),
+                             measured["network_of_row"].numpy().astype(np.int64), measured["dead"].numpy())
 
 
 def _target(target: dict[str, Any] | None, version: str) -> DeviceFit | None:
     if target is None:
         return None
-    if version == FORMAT:
+    if version in _TABLE_FORMATS:
         return DeviceFit(target["name"], target["coef"].numpy(), target["cov"].numpy(), float(target["noise"]),
                          tuple(target["scales"]), dict(target["samples"]), bool(target["per_network"]))
     # bootstrap fits (n_boot, n_design) and intercepts (n_boot,): the Gaussian they sample

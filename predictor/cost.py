@@ -35,13 +35,6 @@ def _add(*costs: Cost) -> Cost:
 _NB201_STAGES = ((16, 32), (32, 16), (64, 8))  # (channels, resolution) of each stage's cells
 
 
-def _nb201_cost(ops: Sequence[int]) -> Cost:
-    live = nb.live_edges(tuple(ops))
-    n1 = sum(1 for op, on in zip(ops, live) if on and nb.OPS[op] == "nor_conv_1x1")
-    n3 = sum(1 for op, on in zip(ops, live) if on and nb.OPS[op] == "nor_conv_3x3")
-    return _nb201_cost_of_convs(n1, n3)
-
-
 @cache
 def _nb201_cost_of_convs(n1: int, n3: int) -> Cost:
     """The cost depends only on how many live 1x1 and 3x3 convolutions the cell has."""
@@ -103,7 +96,10 @@ def _fbnet_costs() -> tuple[Cost, np.ndarray, np.ndarray]:
 
 def nb201_cost(space: nb.NB201Space, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """`NB201Space.analytic_cost`."""
-    costs = [_nb201_cost(space.op_vec(key)) for key in keys]
+    ops, live = space.op_table(keys)
+    n1 = ((ops == nb.OPS.index("nor_conv_1x1")) & live).sum(axis=1).tolist()
+    n3 = ((ops == nb.OPS.index("nor_conv_3x3")) & live).sum(axis=1).tolist()
+    costs = [_nb201_cost_of_convs(a, b) for a, b in zip(n1, n3)]
     return np.asarray([c[0] for c in costs], dtype=np.int64), np.asarray([c[1] for c in costs], dtype=np.int64)
 
 

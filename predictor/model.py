@@ -23,14 +23,13 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import cached_property
 from os import PathLike
 from typing import BinaryIO
 
 import numpy as np
 
 from predictor import checkpoint
-from predictor.adaptation import DeviceFit, ReferencePrior, fit_device, reference_prior
+from predictor.adaptation import DeviceFit, ReferencePrior, fit_device, informative_rows, reference_prior
 from predictor.cost import summary_features
 from predictor.network import Ensemble, safe_std
 from predictor.pretraining import ProgressCallback, TrainConfig, train_ensemble
@@ -62,7 +61,7 @@ class LatencyPredictor:
         descriptor_mean: np.ndarray,
         descriptor_std: np.ndarray,
         config: TrainConfig,
-        measured: LatencyTable | None = None,
+        reference: MeasuredReference | None = None,
         target: DeviceFit | None = None,
         preferred_samplers: Mapping[int, str] | None = None,
         sampler_scores: Mapping[str, Mapping[int, float]] | None = None,
@@ -75,7 +74,7 @@ class LatencyPredictor:
         self.descriptor_std = descriptor_std
         self.config = config
         #: the reference devices' measured log-latencies (None: an older checkpoint without them)
-        self.measured = measured
+        self.reference = reference
         self.target = target
         #: validated sample count -> the sampler that adapted best at it on held-out reference devices
         self.preferred_samplers = {int(k): str(v) for k, v in (preferred_samplers or {}).items()}
@@ -136,7 +135,7 @@ class LatencyPredictor:
         descriptors = summary_features(space, table.keys, features)
         ensemble = train_ensemble(features, table.log_ms, config, seed, progress)
         predictor = cls(space, table.devices, ensemble, descriptors.mean(axis=0), safe_std(descriptors), config,
-                        measured=table)
+                        reference=MeasuredReference.of(space, table))
         predictor._prior = predictor._learn_prior(table.keys)
         return predictor
 
@@ -157,9 +156,9 @@ class LatencyPredictor:
 
     # ---- the design of the adaptation --------------------------------------------------------
 
-    @cached_property
-    def reference(self) -> MeasuredReference | None:
-        return MeasuredReference(self.space, self.measured) if self.measured is not None else None
+    @property
+    def measured(self) -> LatencyTable | None:
+        return self.reference.table if self.reference is not None else None
 
     @property
     def prior(self) -> ReferencePrior:
@@ -175,29 +174,40 @@ class LatencyPredictor:
             return [self.space.network_key(key) for key in keys]
         return [self.space.canonical(key) for key in keys]
 
+    def _encoded(self, keys: list[str], per_network: bool) -> list[str]:
+        """The keys whose encoding stands for normalised `keys` (`SearchSpace.stand_in`)."""
+        return [self.space.stand_in(key) for key in keys] if per_network else keys
+
     def _reference_block(self, keys: list[str], per_network: bool,
                          features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Standardised log-latency on each reference device of already normalised `keys`:
         measured where the table has it, else the ensemble mean; and the mask of measured cells."""
-        if features is None:
-            features = self.space.features(keys)
-        block = self.ensemble.standardised_log_ms(features).mean(axis=0).astype(np.float64)
-        measured = np.zeros(block.shape, dtype=bool)
+        keys = self._encoded(keys, per_network)
+        n_reference = len(self.reference_devices)
         if self.reference is not None:
-            log_ms = self.reference.log_ms(keys, per_network)
-            measured = np.isfinite(log_ms)
-            block = np.where(measured, (log_ms - self.ensemble.log_mean) / self.ensemble.log_std, block)
+            log_ms = self.reference.log_ms(keys, per_network).astype(np.float64)
+        else:
+            log_ms = np.full((len(keys), n_reference), np.nan)
+        measured = np.isfinite(log_ms)
+        block = (log_ms - self.ensemble.log_mean) / self.ensemble.log_std
+        gaps = np.flatnonzero(~measured.all(axis=1))  # the networks run only where a table has a gap
+        if len(gaps):
+            gap_features = self.space.features([keys[i] for i in gaps]) if features is None else features[gaps]
+            predicted = self.ensemble.standardised_log_ms(gap_features).mean(axis=0)
+            block[gaps] = np.where(measured[gaps], block[gaps], predicted)
         return block, measured
 
     def design(self, keys: list[str], per_network: bool) -> tuple[np.ndarray, np.ndarray]:
         """Regressors of the adaptation for normalised `keys`: [reference block, descriptors],
-        and the mask of measured reference cells."""
+        and the mask of measured reference cells. A network encoded by a stand-in
+        (`SearchSpace.stand_in`) gets the stand-in's row."""
         memo = tuple(keys)
         last = self._last_design.get(per_network)
         if last is not None and last[0] == memo:
             return last[1], last[2]
-        features = self.space.features(keys)
-        descriptors = (summary_features(self.space, keys, features) - self.descriptor_mean) / self.descriptor_std
+        encoded = self._encoded(keys, per_network)
+        features = self.space.features(encoded)
+        descriptors = (summary_features(self.space, encoded, features) - self.descriptor_mean) / self.descriptor_std
         block, measured = self._reference_block(keys, per_network, features)
         design = np.hstack([block, descriptors])
         self._last_design[per_network] = (memo, design, measured)
@@ -237,8 +247,9 @@ class LatencyPredictor:
             per_network = self.target.per_network
             normalised = self._keys(keys, per_network)
             # one answer per distinct network (or key): equal keys get equal predictions
-            unique, inverse = np.unique(np.asarray(normalised, dtype=object), return_inverse=True)
-            design, measured = self.design(list(unique), per_network)
+            positions: dict[str, int] = {}
+            inverse = np.asarray([positions.setdefault(key, len(positions)) for key in normalised], dtype=np.int64)
+            design, measured = self.design(list(positions), per_network)
             log_ms, log_std = self.target.log_ms(design)
             ms = np.exp(log_ms)
             return Prediction(ms[inverse], (ms * log_std)[inverse], measured.mean(axis=1)[inverse])
@@ -246,14 +257,16 @@ class LatencyPredictor:
             raise ValueError(f"{device!r} is not a reference device of this predictor")
         col = self.reference_devices.index(device)
         normalised = self._keys(keys, per_network=False)
-        standardised = self.ensemble.standardised_log_ms(self.space.features(normalised))[:, :, col]
-        fits = standardised * self.ensemble.log_std[col] + self.ensemble.log_mean[col]  # (members, n)
-        log_ms, log_std = fits.mean(axis=0), fits.std(axis=0)
-        measured = np.zeros(len(normalised), dtype=bool)
+        log_ms = np.full(len(normalised), np.nan)
         if self.reference is not None:
-            table = self.reference.log_ms(normalised, per_network=False)[:, col]
-            measured = np.isfinite(table)
-            log_ms, log_std = np.where(measured, table, log_ms), np.where(measured, 0.0, log_std)
+            log_ms = self.reference.log_ms(normalised, per_network=False)[:, col].astype(np.float64)
+        measured = np.isfinite(log_ms)
+        log_std = np.zeros(len(normalised))
+        gaps = np.flatnonzero(~measured)  # the networks answer where the table has a gap
+        if len(gaps):
+            standardised = self.ensemble.standardised_log_ms(self.space.features([normalised[i] for i in gaps]))
+            fits = standardised[:, :, col] * self.ensemble.log_std[col] + self.ensemble.log_mean[col]  # (members, n)
+            log_ms[gaps], log_std[gaps] = fits.mean(axis=0), fits.std(axis=0)
         ms = np.exp(log_ms)
         return Prediction(ms, ms * log_std, measured.astype(np.float64))
 
@@ -281,18 +294,35 @@ class LatencyPredictor:
                          dict(zip(keys, map(float, np.exp(y)))), per_network=per_network)
         adapted = LatencyPredictor(
             self.space, self.reference_devices, self.ensemble, self.descriptor_mean, self.descriptor_std,
-            self.config, self.measured, fit, self.preferred_samplers, self.sampler_scores, self._prior,
+            self.config, self.reference, fit, self.preferred_samplers, self.sampler_scores, self._prior,
         )
         adapted._last_design = self._last_design
-        adapted.__dict__["reference"] = self.reference  # the cached per-network table
         return adapted
+
+    def most_informative(self, keys: Sequence[str], n: int) -> list[str]:
+        """Of `keys`, up to `n` to measure next on the target device: one key per network (per key
+        for a device that timed keys as written) that no sample measured yet, picked greedily
+        for how much the measurement would cut the posterior variance over those networks
+        (`predictor.adaptation.informative_rows`)."""
+        if self.target is None:
+            raise ValueError("only an adapted predictor knows what it is unsure of")
+        per_network = self.target.per_network
+        first: dict[str, str] = {}
+        for key, normalised in zip(keys, self._keys(keys, per_network)):
+            if normalised not in self.target.samples:
+                first.setdefault(normalised, key)
+        unmeasured = list(first)
+        if not unmeasured or n < 1:
+            return []
+        design, _ = self.design(unmeasured, per_network)
+        return [first[unmeasured[i]] for i in informative_rows(self.target, design, n)]
 
     # ---- persistence ------------------------------------------------------------------------
 
     def save(self, file: str | PathLike[str] | BinaryIO) -> None:
         checkpoint.save(checkpoint.Parts(
             self.space.name, self.reference_devices, self.ensemble, self.descriptor_mean, self.descriptor_std,
-            self.config, self.measured, self.target, self.preferred_samplers, self.sampler_scores, self._prior,
+            self.config, self.reference, self.target, self.preferred_samplers, self.sampler_scores, self._prior,
         ), file)
 
     def to_bytes(self) -> bytes:
@@ -305,5 +335,5 @@ class LatencyPredictor:
         """Load a checkpoint of this or an older format (`predictor.checkpoint`)."""
         parts = checkpoint.load(file)
         return cls(get_space(parts.space), parts.reference_devices, parts.ensemble, parts.descriptor_mean,
-                   parts.descriptor_std, parts.config, parts.measured, parts.target, parts.preferred_samplers,
+                   parts.descriptor_std, parts.config, parts.reference, parts.target, parts.preferred_samplers,
                    parts.sampler_scores, parts.prior)

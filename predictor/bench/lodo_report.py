@@ -93,7 +93,7 @@ def _dead_code(datasets: Path | None) -> str:
     devices = sorted(table.latencies)
     with np.errstate(divide="ignore"):
         log_ms = np.log(table.matrix(devices)).astype(np.float32)
-    cost = MeasuredReference(table.space, LatencyTable(table.keys, devices, log_ms)).dead_code_cost
+    cost = MeasuredReference.of(table.space, LatencyTable(table.keys, devices, log_ms)).dead_code_cost
     lines = ["## Does dead code cost? (NB201 reference tables)", "",
              "Mean log-latency excess of keys holding dead code (edges no input-output path uses) over the same "
              f"network timed without it; above {DEAD_CODE_THRESHOLD:.0%} a device is taken to charge for it, and its "

@@ -66,6 +66,12 @@ class SearchSpace(ABC):
         its own network return the canonical key."""
         return self.canonical(key)
 
+    def stand_in(self, network_key: str) -> str:
+        """The network whose encoding (features, reference latencies) the predictor uses for
+        `network_key`'s: itself, unless the reference tables cannot time that network as built
+        and another runs the same layers."""
+        return network_key
+
     def live_key(self, key: str) -> str:
         """`key` with its dead code removed but nothing relabelled: a key differs from its live
         key exactly when it holds code its network never runs."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 import itertools
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 #: operation ids are positions here; they match the `op_vec` digits of the NB201 dataset
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
-NONE = 0
+NONE, SKIP = 0, 1
 #: the cell's edges as (source node, target node), in arch-string order
 EDGES = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))
 OUTPUT_NODE = 3
@@ -72,30 +73,26 @@ def live_ops(ops: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(op if on else NONE for op, on in zip(ops, live_edges(ops)))
 
 
-@lru_cache(maxsize=len(OPS) ** len(EDGES))
-def network_ops(ops: tuple[int, ...]) -> tuple[int, ...]:
-    """The op vector of the network `ops` builds: its `live_ops`, and of those and their copy
-    with nodes 1 and 2 swapped (the same graph relabelled, when no live edge joins them) the
-    smaller op vector."""
-    live = live_ops(ops)
-    if live[EDGES.index((1, 2))] != NONE:
-        return live
-    return min(live, tuple(live[i] for i in _SWAPPED_EDGES))
-
-
 def _parse(key: str) -> tuple[int, ...]:
     """The op id of each edge of an arch string like `|nor_conv_3x3~0|+|none~0|skip_connect~1|+|...|`."""
+    return _space_index().op_tuples[_position(key)]
+
+
+def _position(key: str) -> int:
+    """Where `key` is in `enumerate` order; every valid string is a canonical key."""
     if not isinstance(key, str):
         raise InvalidArchitecture(f"an NB201 key is a string, not {type(key).__name__}")
-    return _parse_string(key)
+    position = _space_index().position.get(key)
+    if position is None:
+        _reject(key)
+    return position
 
 
-@lru_cache(maxsize=2 * len(OPS) ** len(EDGES))  # parsing dominated whole-space prediction
-def _parse_string(key: str) -> tuple[int, ...]:
+def _reject(key: str) -> NoReturn:
+    """Raise what is wrong with `key`, a string that is not a key of the space."""
     nodes = key.split("+")
     if len(nodes) != OUTPUT_NODE:
         raise InvalidArchitecture(f"expected {OUTPUT_NODE} nodes separated by '+', got {len(nodes)} in {key!r}")
-    ops: list[int] = []
     for target, node in enumerate(nodes, start=1):
         if len(node) < 2 or node[0] != "|" or node[-1] != "|":
             raise InvalidArchitecture(f"node {target} must be written '|op~input|...|', got {node!r}")
@@ -115,28 +112,76 @@ def _parse_string(key: str) -> tuple[int, ...]:
                 raise InvalidArchitecture(
                     f"unknown operation {op!r} on edge {source}->{target}; known: {', '.join(OPS)}"
                 )
-            ops.append(OPS.index(op))
-    return tuple(ops)
+    raise InvalidArchitecture(f"{key!r} is not an NB201 architecture")
 
 
-# Both are called for every key of the space many times over (samplers, validation folds); a
-# cache entry per key of the space and its spellings
-@lru_cache(maxsize=2 * len(OPS) ** len(EDGES))
-def _canonical(key: str) -> str:
-    return _key_of(_parse(key))
+def _node_strings(target: int) -> dict[tuple[int, ...], str]:
+    """Every way of writing node `target`, by the op ids of its input edges."""
+    return {
+        ops: "|" + "|".join(f"{OPS[op]}~{source}" for source, op in enumerate(ops)) + "|"
+        for ops in itertools.product(range(len(OPS)), repeat=target)
+    }
 
 
-@lru_cache(maxsize=2 * len(OPS) ** len(EDGES))
-def _network_key(key: str) -> str:
-    return _key_of(network_ops(_parse(key)))
+_NODE_STRINGS = [_node_strings(target) for target in range(1, OUTPUT_NODE + 1)]
 
 
 def _key_of(op_vec: Sequence[int]) -> str:
-    nodes = (
-        "|" + "|".join(f"{OPS[op]}~{source}" for op, (source, t) in zip(op_vec, EDGES) if t == target) + "|"
-        for target in range(1, OUTPUT_NODE + 1)
-    )
-    return "+".join(nodes)
+    ops = tuple(op_vec)
+    return f"{_NODE_STRINGS[0][ops[:1]]}+{_NODE_STRINGS[1][ops[1:3]]}+{_NODE_STRINGS[2][ops[3:]]}"
+
+
+@dataclass(frozen=True)
+class _SpaceIndex:
+    """Every key of the space at once, in `enumerate` order (the op vectors read as base-5
+    numbers): whole-space questions become array look-ups."""
+
+    keys: list[str]
+    position: dict[str, int]
+    op_tuples: list[tuple[int, ...]]
+    ops: np.ndarray  # (n, 6) int64
+    live: np.ndarray  # (n, 6) bool, `live_edges` of each
+    #: (n,) position of the key of the network each key builds: of its live ops (dead edges set
+    #: to `none`) and their copy with nodes 1 and 2 swapped (the same graph relabelled, when no
+    #: live edge joins them), the smaller op vector
+    network: np.ndarray
+
+
+@cache
+def _space_index() -> _SpaceIndex:
+    op_tuples = list(itertools.product(range(len(OPS)), repeat=len(EDGES)))
+    keys = [_key_of(ops) for ops in op_tuples]
+    ops = np.asarray(op_tuples, dtype=np.int64)
+    present = ops != NONE
+    n = len(ops)
+    from_input = {0: np.ones(n, dtype=bool)}
+    for e, (source, target) in enumerate(EDGES):  # EDGES is in topological order
+        from_input[target] = from_input.get(target, np.zeros(n, dtype=bool)) | (present[:, e] & from_input[source])
+    to_output = {OUTPUT_NODE: np.ones(n, dtype=bool)}
+    for e, (source, target) in reversed(list(enumerate(EDGES))):
+        to_output[source] = to_output.get(source, np.zeros(n, dtype=bool)) | (present[:, e] & to_output[target])
+    live = np.stack([present[:, e] & from_input[s] & to_output[t] for e, (s, t) in enumerate(EDGES)], axis=1)
+    live_ops = np.where(live, ops, NONE)
+    digits = len(OPS) ** np.arange(len(EDGES) - 1, -1, -1)  # the first edge is the most significant digit
+    code, swapped = live_ops @ digits, live_ops[:, _SWAPPED_EDGES] @ digits
+    network = np.where(live_ops[:, EDGES.index((1, 2))] != NONE, code, np.minimum(code, swapped))
+    return _SpaceIndex(keys, {key: i for i, key in enumerate(keys)}, op_tuples, ops, live, network)
+
+
+def _positions(keys: Sequence[str]) -> np.ndarray:
+    position = _space_index().position
+    try:
+        return np.asarray([position[key] for key in keys], dtype=np.int64)
+    except (KeyError, TypeError):
+        return np.asarray([_position(key) for key in keys], dtype=np.int64)  # raises for the first invalid key
+
+
+#: the network every disconnected cell builds: stem, reduction blocks and head, around cells
+#: that output zeros
+SKELETON = _key_of((NONE,) * len(EDGES))
+#: the network whose cells pass their input straight to the output: the skeleton's layers, with
+#: no multiply by zero per cell
+IDENTITY_CELL = _key_of(tuple(SKIP if edge == (0, OUTPUT_NODE) else NONE for edge in EDGES))
 
 
 class NB201Space(SearchSpace):
@@ -151,7 +196,7 @@ class NB201Space(SearchSpace):
     has_reference_tables = True
 
     def canonical(self, key: str) -> str:
-        return _canonical(key) if isinstance(key, str) else _key_of(_parse(key))  # _parse refuses it
+        return _space_index().keys[_position(key)]
 
     def read_table_keys(self, root: Path) -> dict[int, str]:
         with open(root / "nb201_archs.csv", newline="") as handle:
@@ -165,14 +210,29 @@ class NB201Space(SearchSpace):
     def network_key(self, key: str) -> str:
         """The cell with dead edges removed, up to relabelling its intermediate nodes: 8,765
         networks among the 15,625 keys (every disconnected cell builds the same one)."""
-        return _network_key(key)
+        index = _space_index()
+        return index.keys[index.network[_position(key)]]
 
     def live_key(self, key: str) -> str:
         return self.from_op_vec(live_ops(_parse(key)))
 
+    def stand_in(self, network_key: str) -> str:
+        """The skeleton (every disconnected cell's network) is encoded as the identity-cell
+        network, whose layers it runs plus one multiply by zero per cell: the LatBench tables
+        never timed it, and HW-NAS-Bench's Pixel 3 and Raspberry Pi 4 columns time it at 4 and
+        12 us, under 1 % of their identity-cell network (as if their converters folded away a
+        network whose output is a constant); the 25 other HELP devices time it at 0.99-1.40 times
+        their identity-cell network (median 1.065)."""
+        return IDENTITY_CELL if network_key == SKELETON else network_key
+
     def op_vec(self, key: str) -> tuple[int, ...]:
         """The op id (position in OPS) of each edge, in EDGES order."""
         return _parse(key)
+
+    def op_table(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(len(keys), 6) op ids of each key's edges, and which of them are live (`live_edges`)."""
+        index, positions = _space_index(), _positions(keys)
+        return index.ops[positions], index.live[positions]
 
     def from_op_vec(self, op_vec: Sequence[int]) -> str:
         if len(op_vec) != len(EDGES) or not all(op in range(len(OPS)) for op in op_vec):
@@ -207,20 +267,15 @@ class NB201Space(SearchSpace):
     def features(self, keys: Sequence[str]) -> np.ndarray:
         """Per key: one-hot op of each edge (30), share of edges per op (5), share of live edges
         per non-`none` op (4, see `live_edges`) and whether the cell is connected (1)."""
-        rows = [self._features(_parse(key)) for key in keys]
-        return np.asarray(rows, dtype=np.float32).reshape(len(rows), self.feature_dim)
-
-    @staticmethod
-    @lru_cache(maxsize=len(OPS) ** len(EDGES))
-    def _features(ops: tuple[int, ...]) -> np.ndarray:
-        edges = one_hot(ops, len(OPS))
-        live = np.array(live_edges(ops), dtype=np.float32)
-        return np.concatenate([
-            edges.ravel(),
-            edges.mean(axis=0),
-            (edges * live[:, None]).mean(axis=0)[NONE + 1:],
-            [float(live.any())],
-        ])
+        ops, live = self.op_table(keys)
+        live = live.astype(np.float32)
+        edges = one_hot(ops.ravel(), len(OPS)).reshape(len(keys), len(EDGES), len(OPS))
+        return np.hstack([
+            edges.reshape(len(keys), self.onehot_dim),
+            edges.mean(axis=1),
+            (edges * live[:, :, None]).mean(axis=1)[:, NONE + 1:],
+            live.any(axis=1, keepdims=True),
+        ]).astype(np.float32)
 
     def build(self, key: str) -> torch.nn.Module:
         from ._nb201_net import nb201_network

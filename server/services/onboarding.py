@@ -1,11 +1,10 @@
 """Onboarding: sampler-chosen jobs on a new device, adaptation once they are measured, and, with a
-budget, more rounds of the architectures the predictor is least sure about."""
+budget, more rounds of the networks whose measurements most cut the predictor's uncertainty."""
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -120,8 +119,10 @@ def _adapt_if_measured(session: Session, onboarding_id: int) -> None:
 
 def after_adaptation(session: Session, settings: Settings, onboarding: Onboarding, row: Predictor,
                      model: LatencyPredictor, seed: int = 0) -> None:
-    """Record the round; measure the least certain architectures next while the budget allows and
-    the mean relative uncertainty over the space is above the target, else the device is ready.
+    """Record the round; while the budget allows and the mean relative uncertainty over the space
+    is above the target, measure next the networks whose measurements most cut the predictor's
+    uncertainty (`LatencyPredictor.most_informative`), none already requested; else the device
+    is ready.
 
     The budget counts architectures measured, flagged measurements included: each cost a run."""
     requested = set(session.scalars(
@@ -129,7 +130,9 @@ def after_adaptation(session: Session, settings: Settings, onboarding: Onboardin
         .where(Job.onboarding_id == onboarding.id)
     ))
     members = collections.members(onboarding.collection) if onboarding.collection is not None else None
-    pool = [key for key in candidate_keys(model.space, seed, members) if key not in requested]
+    requested_networks = {model.space.network_key(key) for key in requested}
+    pool = [key for key in candidate_keys(model.space, seed, members)
+            if model.space.network_key(key) not in requested_networks]
     ms, std = model.predict(pool)
     relative = std / ms
     uncertainty = float(relative.mean())
@@ -138,9 +141,8 @@ def after_adaptation(session: Session, settings: Settings, onboarding: Onboardin
                          {"samples": len(requested), "uncertainty": round(uncertainty, 4), "predictor_id": row.id}]
     room = (onboarding.budget or 0) - len(requested)
     if room > 0 and uncertainty > (onboarding.target_uncertainty or 0.0):
-        picks = np.argsort(-relative, kind="stable")[: min(ACTIVE_STEP, room)]
         onboarding.status = OnboardingStatus.measuring
-        _submit(session, settings, onboarding, model.space, [pool[i] for i in picks])
+        _submit(session, settings, onboarding, model.space, model.most_informative(pool, min(ACTIVE_STEP, room)))
         session.flush()
         _adapt_if_measured(session, onboarding.id)  # every pick may have been measured before
         return

@@ -153,6 +153,7 @@ def test_active_learning_measures_the_least_certain_architectures_up_to_the_budg
     jobs = api.get("/jobs", params={"onboarding": final["id"]}).json()["items"]
     first, second = {j["architecture"] for j in jobs[:5]}, {j["architecture"] for j in jobs[5:]}
     assert len(first | second) == 10  # the second round measured new architectures
+    assert len({get_space("nb201").network_key(key) for key in first | second}) == 10  # and new networks
 
 
 def test_a_degraded_canary_marks_the_device_predictors_stale(settings: Settings) -> None:

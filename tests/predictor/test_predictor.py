@@ -247,15 +247,45 @@ def test_an_older_adapted_checkpoint_answers_with_its_bootstrap_fits(base: Laten
         LatencyPredictor.load(_saved({"format": "latfarm.predictor/1"}))
 
 
+def test_a_format4_checkpoint_loads_and_answers_as_before(base: LatencyPredictor) -> None:
+    """Format 4 kept the measured table (its keys as a list) but not the network each key builds:
+    loading works that out again, and the answers are the same."""
+    samples = SPACE.sample(12, seed=2)
+    device = base.adapt(dict(zip(samples, np.linspace(1, 3, 12))), name="dev")
+    state = torch.load(io.BytesIO(device.to_bytes()), weights_only=True)
+    assert state["format"] == "latfarm.predictor/5"
+    measured = state["measured"]
+    state["format"] = "latfarm.predictor/4"
+    state["measured"] = {"keys": measured["keys"].split("\n"), "devices": measured["devices"],
+                         "log_ms": measured["log_ms"]}
+    loaded = LatencyPredictor.load(_saved(state))
+    keys = list(SPACE.enumerate())
+    np.testing.assert_allclose(loaded.predict(keys)[0], device.predict(keys)[0], rtol=1e-6)
+    assert loaded.reference is not None and device.reference is not None
+    assert loaded.reference.network_keys == device.reference.network_keys
+
+
 def test_reference_devices_answer_with_their_measurements(base: LatencyPredictor, reference: Reference) -> None:
     keys, rows = reference
     truth = {key: ms for key, device, ms in rows if device == "ref1"}
     prediction = base.prediction(keys[:50], device="ref1")
     assert prediction.ms == pytest.approx([truth[key] for key in keys[:50]], rel=1e-5)
     assert np.all(prediction.std == 0) and np.all(prediction.measured_share == 1)
-    unseen = [key for key in SPACE.sample(3000, seed=11) if key not in truth][:20]
+    timed_networks = {SPACE.network_key(key) for key in truth}
+    unseen = [key for key in SPACE.sample(3000, seed=11) if SPACE.network_key(key) not in timed_networks][:20]
     outside = base.prediction(unseen, device="ref1")
     assert np.all(outside.measured_share == 0) and np.all(outside.std >= 0)
+    # ref1 does not charge for dead code (keys holding it cost what their network costs, within
+    # noise), so it ran the built network: what it timed of a network answers for the network's
+    # other keys
+    assert base.reference is not None and not base.reference.charges[base.reference_devices.index("ref1")]
+    twins = [key for key in SPACE.sample(3000, seed=11)
+             if key not in truth and SPACE.network_key(key) in timed_networks][:20]
+    answered = base.prediction(twins, device="ref1")
+    assert len(twins) == 20 and np.all(answered.measured_share == 1) and np.all(answered.std == 0)
+    network_ms = [np.exp(np.mean([np.log(ms) for key, ms in truth.items()
+                                  if SPACE.network_key(key) == SPACE.network_key(twin)])) for twin in twins]
+    assert answered.ms == pytest.approx(network_ms, rel=1e-5)
     adapted = base.adapt({key: truth[key] for key in keys[:10]}, per_network=False)
     assert np.all(adapted.prediction(keys[10:60]).measured_share == 1)
     assert np.all(adapted.prediction(unseen).measured_share == 0)
@@ -285,6 +315,37 @@ def test_one_network_gets_one_latency_on_a_farm_device(base: LatencyPredictor) -
     assert doubled.predict(keys[:500])[0] == pytest.approx(device.predict(keys[:500])[0])
     assert doubled.target is not None and device.target is not None
     assert len(doubled.target.samples) == len(device.target.samples)
+
+
+def test_active_learning_picks_unmeasured_networks_that_cut_the_uncertainty_most(base: LatencyPredictor) -> None:
+    """`most_informative` picks networks no sample measured, one key each, and leaves the posterior
+    less unsure over the space than the five most uncertain networks or five random ones would."""
+    keys = list(SPACE.enumerate())
+    samples = SPACE.sample(10, seed=6)
+    measured = dict(zip(samples, synthetic_ms(samples, np.array([0, 0.2, 0.7, 1.1, 0.3]), 0.6)))
+    device = base.adapt(measured)
+    assert device.target is not None
+    picks = device.most_informative(keys, 5)
+    networks = [SPACE.network_key(key) for key in picks]
+    assert len(set(networks)) == 5 and not set(networks) & set(device.target.samples)
+    assert device.most_informative(samples, 5) == []  # every one of them measured already
+
+    pool = [network for network in dict.fromkeys(map(SPACE.network_key, keys)) if network not in device.target.samples]
+    design = device.design(pool, per_network=True)[0]
+    z = np.hstack([np.ones((len(pool), 1)), design])
+
+    def variance_left(chosen: list[str]) -> float:
+        """Summed posterior variance over the pool once `chosen` are measured (information form)."""
+        rows = z[[pool.index(SPACE.network_key(key)) for key in chosen]]
+        assert device.target is not None
+        cov = np.linalg.inv(np.linalg.inv(device.target.cov) + rows.T @ rows / device.target.noise)
+        return float(((z @ cov) * z).sum())
+
+    ms, std = device.predict(pool)
+    most_uncertain = [pool[i] for i in np.argsort(-std / ms)[:5]]
+    random_picks = [pool[i] for i in np.random.default_rng(0).choice(len(pool), 5, replace=False)]
+    assert variance_left(picks) < variance_left(most_uncertain)
+    assert variance_left(picks) < variance_left(random_picks)
 
 
 @pytest.mark.parametrize("name", ["random", "stratified", "kmeans", "default"])

@@ -49,7 +49,7 @@ import httpx
 from latfarm import FarmClient, Job
 from latfarm.models import Preset
 from predictor.bench.methods import ridge_fit_predict
-from predictor.graph.encoding import SUMMARY_NAMES, encode_onnx
+from predictor.graph.encoding import SUMMARY_NAMES
 from predictor.graph.zoo import RESOLUTIONS, ZOO, ZooModel, zoo
 from predictor.model import LatencyPredictor
 from predictor.spaces import get_space
@@ -103,10 +103,11 @@ def measure_zoo(farm: FarmClient, models: list[ZooModel], preset: Preset, repeat
     on a shared host hits all models alike); a model's latency is its lowest median, the run
     load disturbed least."""
     uploaded: dict[str, tuple[ZooModel, dict[str, float]]] = {}
+    space = get_space("onnx")  # the held-out predictions run in this process: it encodes the models too
     for model in models:
         data = model.export()
-        get_space("onnx").add(data)  # the held-out predictions below run in this process
-        summaries = dict(zip(SUMMARY_NAMES, encode_onnx(data).vector[-len(SUMMARY_NAMES):].tolist()))
+        vector = space.features([space.add(data)])[0]
+        summaries = dict(zip(SUMMARY_NAMES, vector[-len(SUMMARY_NAMES):].tolist()))
         uploaded[farm.upload_artifact(data).sha256] = (model, summaries)
     runs: dict[str, list[Job]] = {sha: [] for sha in uploaded}
     for attempt in range(repeats):

@@ -173,6 +173,8 @@ def main() -> None:
                                           "(a second run reuses the exports); default: a temporary folder")
     args = parser.parse_args()
     models = zoo(args.models, args.resolutions)
+    if len(set(args.models)) < 3:
+        parser.error("name 3 models at least: each held-out fold leaves the others to adapt on")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="latfarm-zoo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     for stale in ("latfarm.db", "agent-state", "agent-cache"):  # a fresh farm; the encoding cache stays

@@ -11,7 +11,7 @@ import contextlib
 import io
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from predictor.spaces import SearchSpace
@@ -25,21 +25,33 @@ INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 
 def _seeded_model(space: SearchSpace, key: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    return seeded_module(lambda: space.build(key), space.input_shape_of(key))
+
+
+def seeded_module(build: Callable[[], torch.nn.Module],
+                  input_shape: tuple[int, ...]) -> tuple[torch.nn.Module, torch.Tensor]:
+    """`build()` with weights drawn from the fixed seed, in eval mode, and a batch-1 example input."""
     import torch
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(WEIGHT_SEED)
-        model = space.build(key)
-    return model.eval(), torch.zeros(1, *space.input_shape_of(key))
+        model = build()
+    return model.eval(), torch.zeros(1, *input_shape)
 
 
 def export_onnx(space: SearchSpace, key: str) -> bytes:
     """The ONNX model of `key`: batch size 1, static shapes, input "input", output "output"."""
+    key = space.canonical(key)
+    return export_module_onnx(lambda: space.build(key), space.input_shape_of(key))
+
+
+def export_module_onnx(build: Callable[[], torch.nn.Module], input_shape: tuple[int, ...]) -> bytes:
+    """The ONNX model of the module `build()` makes (seeded weights) for a batch-1 input of `input_shape`."""
     import torch
 
     buffer = io.BytesIO()
     with warnings.catch_warnings(), _single_threaded():
-        model, example = _seeded_model(space, space.canonical(key))
+        model, example = seeded_module(build, input_shape)
         # The default, torch.export-based exporter needs onnxscript, which is not a dependency;
         # the deprecated TorchScript one needs nothing more and handles these plain CNNs well.
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -135,7 +135,8 @@ def after_adaptation(session: Session, settings: Settings, onboarding: Onboardin
             if model.space.network_key(key) not in requested_networks]
     ms, std = model.predict(pool)
     relative = std / ms
-    uncertainty = float(relative.mean())
+    # a collection whose every member was measured leaves nothing uncertain (and a mean of nothing is NaN)
+    uncertainty = float(relative.mean()) if pool else 0.0
     onboarding.predictor_id = row.id
     onboarding.rounds = [*onboarding.rounds,
                          {"samples": len(requested), "uncertainty": round(uncertainty, 4), "predictor_id": row.id}]

@@ -108,3 +108,23 @@ def test_a_device_onboarded_on_a_collection_predicts_its_other_members(imported:
     unseen = upload(api, small_cnn(32, 3, 64, 99))
     single = api.post("/predict", json={"device": device, "space": "onnx", "architectures": [unseen]})
     assert single.status_code == 200 and single.json()["latency_ms"][0] > 0, single.text
+
+
+def test_a_collection_onboarded_on_every_member_leaves_nothing_uncertain(imported: Settings, server_url: str,
+                                                                         api: httpx.Client, tmp_path: Path) -> None:
+    graph_base(api)
+    members = [upload(api, small_cnn(width, 2, 48, 200 + width)) for width in (8, 16, 32)]
+    name = f"all-measured-{tmp_path.name[-8:]}"
+    assert api.post("/collections", json={"name": name, "artifacts": members}).status_code == 201
+    device = f"onnx-all-{tmp_path.name[-8:]}"
+    with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1"]):
+        wait_until(lambda: registered(api, device), 60)
+        onboarding = api.post(f"/devices/{device}/onboard", json={"space": "onnx", "collection": name,
+                                                                  "samples": len(members), "preset": "quick"})
+        assert onboarding.status_code == 202, onboarding.text
+        final = wait_until(lambda: (o := api.get(f"/onboardings/{onboarding.json()['id']}").json())["status"]
+                           in ("ready", "failed") and o, 300, 0.5)
+    # the mean uncertainty over the members left (none) was NaN, which the API answered as null
+    assert final["status"] == "ready" and final["rounds"][-1]["uncertainty"] == 0.0, final
+    answer = api.post("/predict", json={"device": device, "collection": name})
+    assert answer.status_code == 200 and len(answer.json()["latency_ms"]) == len(members), answer.text

@@ -67,6 +67,8 @@ class _Registry:
         self._loaded: tuple[dict[str, SearchSpace], dict[str, str]] | None = None
 
     def loaded(self) -> tuple[dict[str, SearchSpace], dict[str, str]]:
+        if self._loaded is not None:  # every get_space call: no lock once loaded
+            return self._loaded
         with self._lock:
             if self._loaded is None:
                 self._loaded = load_spaces()

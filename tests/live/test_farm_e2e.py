@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from server.cli.local import running_agent
+from server.settings import Settings
 from tests.helpers import ADMIN_TOKEN, pretrained, registered, wait_until
 
 NB201_KEY = "|nor_conv_1x1~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|avg_pool_3x3~1|nor_conv_1x1~2|"
@@ -92,8 +93,11 @@ def test_onboarding_whose_jobs_all_fail_is_marked_failed(imported, api: httpx.Cl
 
 
 @pytest.mark.slow
-def test_agent_measures_a_torch_export_program(server_url: str, api: httpx.Client, tmp_path: Path) -> None:
+def test_agent_measures_a_torch_export_program(settings: Settings, server_url: str, api: httpx.Client,
+                                               tmp_path: Path) -> None:
     """A device served with the PyTorch runtime gets `torch.export` artifacts and times them."""
+    if not settings.is_sqlite:
+        pytest.skip("the runtime, not the database, is under test (run on SQLite only)")
     device = f"e2e-torch-{tmp_path.name[-8:]}"
     with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1", "--runtime", "pytorch"]):
         info = wait_until(lambda: registered(api, device), 60)

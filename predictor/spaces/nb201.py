@@ -152,15 +152,7 @@ def _space_index() -> _SpaceIndex:
     op_tuples = list(itertools.product(range(len(OPS)), repeat=len(EDGES)))
     keys = [_key_of(ops) for ops in op_tuples]
     ops = np.asarray(op_tuples, dtype=np.int64)
-    present = ops != NONE
-    n = len(ops)
-    from_input = {0: np.ones(n, dtype=bool)}
-    for e, (source, target) in enumerate(EDGES):  # EDGES is in topological order
-        from_input[target] = from_input.get(target, np.zeros(n, dtype=bool)) | (present[:, e] & from_input[source])
-    to_output = {OUTPUT_NODE: np.ones(n, dtype=bool)}
-    for e, (source, target) in reversed(list(enumerate(EDGES))):
-        to_output[source] = to_output.get(source, np.zeros(n, dtype=bool)) | (present[:, e] & to_output[target])
-    live = np.stack([present[:, e] & from_input[s] & to_output[t] for e, (s, t) in enumerate(EDGES)], axis=1)
+    live = np.asarray([live_edges(op_tuple) for op_tuple in op_tuples], dtype=bool)
     live_ops = np.where(live, ops, NONE)
     digits = len(OPS) ** np.arange(len(EDGES) - 1, -1, -1)  # the first edge is the most significant digit
     code, swapped = live_ops @ digits, live_ops[:, _SWAPPED_EDGES] @ digits

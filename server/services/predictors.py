@@ -26,6 +26,8 @@ from server.settings import Settings
 
 #: picking a predictor reads its row, not its checkpoint (megabytes; loaded once into the cache)
 NO_CHECKPOINT = defer(Predictor.checkpoint)
+#: newest first: the order in which a space's base predictor (the one onboarding starts from) is picked
+LATEST_FIRST = (Predictor.created_at.desc(), Predictor.id.desc())
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ def latest_base(session: Session, space: SearchSpace) -> Predictor | None:
     return session.scalar(
         select(Predictor)
         .where(Predictor.space_id == space_row(session, space).id, Predictor.kind == PredictorKind.base)
-        .order_by(Predictor.created_at.desc(), Predictor.id.desc())
+        .order_by(*LATEST_FIRST)
         .limit(1)
     )
 

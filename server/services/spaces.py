@@ -10,14 +10,16 @@ from predictor.spaces import SearchSpace, get_space, reference_spaces, space_nam
 from server.models import Device, Predictor, PredictorKind, SearchSpaceRow
 from server.schemas import SpaceOut
 from server.services.datasets import IMPORTED
+from server.services.predictors import LATEST_FIRST
 
 
 def describe_all(session: Session) -> list[SpaceOut]:
     tables = _imported_devices_by_space(session)
     bases = _latest_bases(session)
     learned_from = sorted({device for space in reference_spaces() for device in tables.get(space.name, [])})
-    return [_describe(get_space(name), learned_from if get_space(name).graph_encoded else tables.get(name, []),
-                      bases.get(name)) for name in space_names()]
+    spaces = [get_space(name) for name in space_names()]
+    return [_describe(space, learned_from if space.graph_encoded else tables.get(space.name, []),
+                      bases.get(space.name)) for space in spaces]
 
 
 def _describe(space: SearchSpace, devices: list[str], base_id: int | None) -> SpaceOut:
@@ -42,11 +44,13 @@ def _imported_devices_by_space(session: Session) -> dict[str, list[str]]:
 
 
 def _latest_bases(session: Session) -> dict[str, int]:
-    """Space name -> the id of its latest base predictor (the one onboarding starts from)."""
-    rows = session.execute(
-        select(SearchSpaceRow.name, Predictor.id)
-        .join(Predictor, Predictor.space_id == SearchSpaceRow.id)
-        .where(Predictor.kind == PredictorKind.base)
-        .order_by(Predictor.created_at, Predictor.id)
-    )
-    return {name: predictor_id for name, predictor_id in rows}  # the latest of each space wins
+    """Space name -> the id of its latest base predictor (`predictors.latest_base`, for every
+    space in one query and without the checkpoints)."""
+    latest: dict[str, int] = {}
+    for name, predictor_id in session.execute(
+            select(SearchSpaceRow.name, Predictor.id)
+            .join(Predictor, Predictor.space_id == SearchSpaceRow.id)
+            .where(Predictor.kind == PredictorKind.base)
+            .order_by(*LATEST_FIRST)):
+        latest.setdefault(name, predictor_id)
+    return latest

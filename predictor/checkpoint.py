@@ -7,7 +7,8 @@ prediction. Format 4 still loads, working those out on load. Formats 2 and 3 sti
 networks and sampler choices as they were, no measured table (the networks fill every reference
 latency), the prior learned again from the networks on first use, and an adapted target's
 bootstrap fits turned into the Gaussian they sample (mean and covariance of the fits, no extra
-noise).
+noise). A target fit saved before its noise was shaped by the reference devices' disagreement
+(no `similarity`) keeps one noise for every architecture.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def save(parts: Parts, file: str | PathLike[str] | BinaryIO) -> None:
         "target": None if target is None else {
             "name": target.name, "coef": _tensor(target.coef), "cov": _tensor(target.cov), "noise": target.noise,
             "scales": list(target.scales), "samples": target.samples, "per_network": target.per_network,
+            "similarity": None if target.similarity is None else _tensor(target.similarity),
+            "noise_scale": target.noise_scale,
         },
         "preferred_samplers": dict(parts.preferred_samplers),
         "sampler_scores": {name: dict(per_k) for name, per_k in parts.sampler_scores.items()},
@@ -135,8 +138,12 @@ def _target(target: dict[str, Any] | None, version: str) -> DeviceFit | None:
     if target is None:
         return None
     if version in _TABLE_FORMATS:
+        # a format-5 fit saved before the noise was shaped has no similarity: one noise for all
+        similarity = target.get("similarity")
         return DeviceFit(target["name"], target["coef"].numpy(), target["cov"].numpy(), float(target["noise"]),
-                         tuple(target["scales"]), dict(target["samples"]), bool(target["per_network"]))
+                         tuple(target["scales"]), dict(target["samples"]), bool(target["per_network"]),
+                         None if similarity is None else similarity.numpy().astype(np.float64),
+                         float(target.get("noise_scale", 1.0)))
     # bootstrap fits (n_boot, n_design) and intercepts (n_boot,): the Gaussian they sample
     fits = np.hstack([target["intercept"].numpy()[:, None], target["coef"].numpy()]).astype(np.float64)
     return DeviceFit(target["name"], fits.mean(axis=0), np.cov(fits, rowvar=False), 0.0,

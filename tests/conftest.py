@@ -47,7 +47,26 @@ def no_server_answers_500() -> Iterator[None]:
     assert _SERVER_ERRORS.messages[seen:] == [], "a server answered 500"
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+BACKENDS = ("sqlite", "postgres")
+#: a live flow runs once, on the production backend: the in-process tier holds the API's
+#: behaviour on both, and `@pytest.mark.backends(...)` names others where the backend matters
+LIVE_BACKENDS = ("postgres",)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that uses `database_url` runs once per backend of its tier, or of its
+    `backends` marker."""
+    if "database_url" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None:
+        backends = marker.args
+    else:
+        backends = LIVE_BACKENDS if "live" in metafunc.definition.path.parts else BACKENDS
+    metafunc.parametrize("database_url", backends, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A migrated, empty database; Postgres gets a database of its own, dropped afterwards."""
     if request.param == "sqlite":

@@ -67,10 +67,9 @@ def test_example_pareto_and_spearman_helpers() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.backends("sqlite")  # the example's use of the API, not the database, is under test
 def test_latency_constrained_search_end_to_end(imported: Settings, server_url: str, api: httpx.Client,
                                                tmp_path: Path) -> None:
-    if not imported.is_sqlite:
-        pytest.skip("the example's use of the API, not the database, is under test (run on SQLite only)")
     predictors = api.get("/predictors", params={"space": "nb201"}).json()["items"]
     if not any(p["kind"] == "base" for p in predictors):
         pretrain_base(imported, "nb201", None, 0)

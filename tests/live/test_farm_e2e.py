@@ -93,11 +93,10 @@ def test_onboarding_whose_jobs_all_fail_is_marked_failed(imported, api: httpx.Cl
 
 
 @pytest.mark.slow
+@pytest.mark.backends("sqlite")  # the runtime, not the database, is under test
 def test_agent_measures_a_torch_export_program(settings: Settings, server_url: str, api: httpx.Client,
                                                tmp_path: Path) -> None:
     """A device served with the PyTorch runtime gets `torch.export` artifacts and times them."""
-    if not settings.is_sqlite:
-        pytest.skip("the runtime, not the database, is under test (run on SQLite only)")
     device = f"e2e-torch-{tmp_path.name[-8:]}"
     with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1", "--runtime", "pytorch"]):
         info = wait_until(lambda: registered(api, device), 60)

@@ -101,7 +101,6 @@ def _legacy_nodeid(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
 @schema.parametrize()
 def test_api_conforms_to_its_schema(case: Case) -> None:
     if case.operation.label == LONG_POLL and isinstance(case.query, dict):

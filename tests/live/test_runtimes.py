@@ -143,10 +143,9 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.backends("sqlite")  # the agent's process handling does not depend on the database
 def test_timing_child_dies_with_its_sigkilled_agent(settings: Settings, server_url: str, api: httpx.Client,
                                                     tmp_path: Path) -> None:
-    if not settings.is_sqlite:
-        pytest.skip("the agent's process handling does not depend on the database")
     device = f"kill-cpu-{tmp_path.name[-8:]}"
     with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1"]) as agent:
         wait_until(lambda: api.get(f"/devices/{device}").status_code == 200, 60)
@@ -213,12 +212,11 @@ RUNTIME_DEVICES = [
 
 
 @pytest.mark.parametrize("runtime", RUNTIME_DEVICES)
+@pytest.mark.backends("sqlite")  # the runtime, not the database, is under test
 def test_runtime_device_measures_the_servers_artifact(runtime: str, settings: Settings, server_url: str,
                                                       api: httpx.Client, tmp_path: Path) -> None:
     """A real agent process times the artifact the server exported in its runtime's format with the
     real runtime, reached by a selector on the runtime."""
-    if not settings.is_sqlite:
-        pytest.skip("the runtime, not the database, is under test (run on SQLite only)")
     device = f"cpu-{runtime}-1t-{tmp_path.name[-8:]}"
     fmt = ARTIFACT_FORMATS[Runtime(runtime)].value
     with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1", "--runtime", runtime]):
@@ -247,11 +245,10 @@ def test_runtime_device_measures_the_servers_artifact(runtime: str, settings: Se
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # pre-training the base predictor on a loaded 2-core machine took over 15 min
 @pytest.mark.parametrize("runtime", RUNTIME_DEVICES)
+@pytest.mark.backends("sqlite")  # the runtime, not the database, is under test
 def test_runtime_device_is_onboarded_end_to_end(runtime: str, imported: Settings, server_url: str,
                                                 api: httpx.Client, tmp_path: Path) -> None:
     """Onboarding a device of the runtime adapts a predictor from its real measurements; /predict serves it."""
-    if not imported.is_sqlite:
-        pytest.skip("the runtime, not the database, is under test (run on SQLite only)")
     pretrained(api)
     device = f"onboard-{runtime}-1t-{tmp_path.name[-8:]}"
     with running_agent(server_url, ADMIN_TOKEN, device, 1, tmp_path, ["--poll-wait", "1", "--runtime", runtime]):

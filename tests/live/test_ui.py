@@ -35,8 +35,8 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 AGENT_DEVICE = "ui-cpu-1t"
 IDLE_DEVICE = "ui-no-agent"
 REFERENCE_DEVICES = ["pixel3", "raspi4", "titan_rtx_1"]
-HELD_OUT = 20
-SAMPLES = 20
+HELD_OUT = 12
+SAMPLES = 10
 T = TypeVar("T")
 
 

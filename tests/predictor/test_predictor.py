@@ -265,6 +265,27 @@ def test_a_format4_checkpoint_loads_and_answers_as_before(base: LatencyPredictor
     assert loaded.reference.network_keys == device.reference.network_keys
 
 
+def test_a_fit_saved_before_the_noise_was_shaped_keeps_one_noise(base: LatencyPredictor) -> None:
+    """The shaped noise survives a round trip; a format-5 fit without it (saved by an earlier
+    version) answers the same latencies with one noise for every architecture."""
+    samples = SPACE.sample(12, seed=4)
+    device = base.adapt(dict(zip(samples, np.linspace(1, 3, 12))), name="dev")
+    keys = SPACE.sample(300, seed=5)
+    ms, std = device.predict(keys)
+    np.testing.assert_allclose(LatencyPredictor.load(device.to_bytes()).predict(keys)[1], std, rtol=1e-6)
+    state = torch.load(io.BytesIO(device.to_bytes()), weights_only=True)
+    del state["target"]["similarity"], state["target"]["noise_scale"]
+    older = LatencyPredictor.load(_saved(state))
+    assert older.target is not None and older.target.similarity is None
+    older_ms, older_std = older.predict(keys)
+    np.testing.assert_allclose(older_ms, ms, rtol=1e-6)
+    design = older.design([SPACE.network_key(key) for key in keys], per_network=True)[0]
+    z = np.hstack([np.ones((len(keys), 1)), design])
+    flat = np.sqrt(((z @ older.target.cov) * z).sum(axis=1) + older.target.noise)
+    np.testing.assert_allclose(older_std, older_ms * flat, rtol=1e-5)
+    assert not np.allclose(older_std, std, rtol=1e-3)
+
+
 def test_reference_devices_answer_with_their_measurements(base: LatencyPredictor, reference: Reference) -> None:
     keys, rows = reference
     truth = {key: ms for key, device, ms in rows if device == "ref1"}
@@ -336,9 +357,11 @@ def test_active_learning_picks_unmeasured_networks_that_cut_the_uncertainty_most
 
     def variance_left(chosen: list[str]) -> float:
         """Summed posterior variance over the pool once `chosen` are measured (information form)."""
-        rows = z[[pool.index(SPACE.network_key(key)) for key in chosen]]
+        picked = [pool.index(SPACE.network_key(key)) for key in chosen]
+        rows = z[picked]
         assert device.target is not None
-        cov = np.linalg.inv(np.linalg.inv(device.target.cov) + rows.T @ rows / device.target.noise)
+        noise = device.target.noise_of(design[picked])
+        cov = np.linalg.inv(np.linalg.inv(device.target.cov) + rows.T @ (rows / noise[:, None]))
         return float(((z @ cov) * z).sum())
 
     ms, std = device.predict(pool)

@@ -48,22 +48,17 @@ def no_server_answers_500() -> Iterator[None]:
 
 
 BACKENDS = ("sqlite", "postgres")
-#: a live flow runs once, on the production backend: the in-process tier holds the API's
-#: behaviour on both, and `@pytest.mark.backends(...)` names others where the backend matters
+#: a live flow runs once, on the production backend: the in-process tier holds the API's behaviour
+#: on both, and the live modules whose subject is the backend (dispatch, hostile input) start a
+#: server per backend of their own, as do those that need a farm of their own (on SQLite)
 LIVE_BACKENDS = ("postgres",)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Every test that uses `database_url` runs once per backend of its tier, or of its
-    `backends` marker."""
-    if "database_url" not in metafunc.fixturenames:
-        return
-    marker = metafunc.definition.get_closest_marker("backends")
-    if marker is not None:
-        backends = marker.args
-    else:
+    """Every test that uses `database_url` runs once per backend of its tier."""
+    if "database_url" in metafunc.fixturenames:
         backends = LIVE_BACKENDS if "live" in metafunc.definition.path.parts else BACKENDS
-    metafunc.parametrize("database_url", backends, indirect=True, scope="session")
+        metafunc.parametrize("database_url", backends, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")

@@ -74,19 +74,28 @@ def db_upgrade(as_json: JsonFlag = False) -> None:
 @datasets_app.command("import", epilog=examples(
     "latfarm datasets import",
     "latfarm datasets import ./my-tables --json | jq .measurements_inserted",
+    "latfarm datasets import --space nb201",
 ))
 def datasets_import(
     path: Annotated[Path | None, typer.Argument(
         help="tables folder; default LATFARM_DATASETS, else the tables shipped with latfarm")] = None,
+    space: Annotated[list[str] | None, typer.Option(
+        help="import only this space's tables (repeatable); default every space that has tables")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Load devices, architectures and latencies of the published tables (idempotent)."""
+    from predictor.spaces import reference_spaces
+    from server.errors import Invalid
     from server.services.runtime import import_reference_datasets
 
+    known = [s.name for s in reference_spaces()]
+    unknown = [name for name in space or [] if name not in known]
+    if unknown:
+        raise Invalid(f"{', '.join(unknown)}: no reference tables; choose from {', '.join(known)}", "space")
     settings = settings_from_env()
     root = path or settings.datasets
     with progress_bar() as progress:
-        report = import_reference_datasets(settings, root, progress)
+        report = import_reference_datasets(settings, root, progress, tuple(space) if space else None)
     emit(report, as_json,
          f"imported {report.measurements_inserted:,} measurements, {report.architectures_created:,} architectures, "
          f"{report.devices_created} new devices ({report.devices_skipped} device tables already complete)")

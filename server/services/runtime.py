@@ -29,7 +29,8 @@ def _sessions(settings: Settings) -> sessionmaker[Session]:
     return make_session_factory(make_engine(settings.database_url))
 
 
-def import_reference_datasets(settings: Settings, root: Path, progress: Progress | None = None) -> ImportReport:
+def import_reference_datasets(settings: Settings, root: Path, progress: Progress | None = None,
+                              spaces: tuple[str, ...] | None = None) -> ImportReport:
     tasks: dict[str, TaskID] = {}
 
     def report(space: str, done: int, total: int) -> None:
@@ -40,7 +41,7 @@ def import_reference_datasets(settings: Settings, root: Path, progress: Progress
         progress.update(tasks[space], completed=done)
 
     with session_scope(_sessions(settings)) as session:
-        return import_datasets(session, root, progress=report)
+        return import_datasets(session, root, spaces, progress=report)
 
 
 def pretrain_base(settings: Settings, space: str, devices: list[str] | None, seed: int,

@@ -160,6 +160,7 @@ def test_local_commands_map_errors_to_exit_codes(farm: Farm, tmp_path: Path) -> 
                  "no reference measurements of nb201 on: no-such-device")
     assert_error(latfarm("pretrain", "--space", "fbnet"), ExitCode.CONFLICT, "no reference measurements")
     assert_error(latfarm("datasets", "import", str(tmp_path / "missing")), ExitCode.NOT_FOUND, "devices.csv")
+    assert_error(latfarm("datasets", "import", "--space", "nope"), ExitCode.INVALID, "nope: no reference tables")
 
 
 def test_onboard_maps_server_errors_to_exit_codes(farm: Farm) -> None:

@@ -67,7 +67,6 @@ def test_example_pareto_and_spearman_helpers() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.backends("sqlite")  # the example's use of the API, not the database, is under test
 def test_latency_constrained_search_end_to_end(imported: Settings, server_url: str, api: httpx.Client,
                                                tmp_path: Path) -> None:
     predictors = api.get("/predictors", params={"space": "nb201"}).json()["items"]

@@ -93,7 +93,6 @@ def test_onboarding_whose_jobs_all_fail_is_marked_failed(imported, api: httpx.Cl
 
 
 @pytest.mark.slow
-@pytest.mark.backends("sqlite")  # the runtime, not the database, is under test
 def test_agent_measures_a_torch_export_program(settings: Settings, server_url: str, api: httpx.Client,
                                                tmp_path: Path) -> None:
     """A device served with the PyTorch runtime gets `torch.export` artifacts and times them."""

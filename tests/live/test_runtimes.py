@@ -143,7 +143,6 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.backends("sqlite")  # the agent's process handling does not depend on the database
 def test_timing_child_dies_with_its_sigkilled_agent(settings: Settings, server_url: str, api: httpx.Client,
                                                     tmp_path: Path) -> None:
     device = f"kill-cpu-{tmp_path.name[-8:]}"
@@ -212,7 +211,6 @@ RUNTIME_DEVICES = [
 
 
 @pytest.mark.parametrize("runtime", RUNTIME_DEVICES)
-@pytest.mark.backends("sqlite")  # the runtime, not the database, is under test
 def test_runtime_device_measures_the_servers_artifact(runtime: str, settings: Settings, server_url: str,
                                                       api: httpx.Client, tmp_path: Path) -> None:
     """A real agent process times the artifact the server exported in its runtime's format with the
@@ -245,7 +243,6 @@ def test_runtime_device_measures_the_servers_artifact(runtime: str, settings: Se
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # pre-training the base predictor on a loaded 2-core machine took over 15 min
 @pytest.mark.parametrize("runtime", RUNTIME_DEVICES)
-@pytest.mark.backends("sqlite")  # the runtime, not the database, is under test
 def test_runtime_device_is_onboarded_end_to_end(runtime: str, imported: Settings, server_url: str,
                                                 api: httpx.Client, tmp_path: Path) -> None:
     """Onboarding a device of the runtime adapts a predictor from its real measurements; /predict serves it."""

@@ -100,7 +100,7 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write_space(root, "fbnet", get_space("fbnet").sample(300, seed=2), rng)
     published = {"k": 20, "nasflat": 0.9, "help_k10": 0.8, "multipredict": 0.85}
     spec = {"tasks": {
-        "nb201": {"N0": {"train": list(TRAIN), "test": list(TEST), "published": published}},
+        "nb201": {"N0": {"train": list(TRAIN), "test": list(TEST), "published": {**published, "nasflat_k5": 0.5}}},
         "fbnet": {"F0": {"train": list(TRAIN), "test": list(TEST), "published": published}},
     }}
     (root / "tasks.json").write_text(json.dumps(spec))
@@ -258,6 +258,11 @@ def test_quick_cli_writes_raw_csv_summary_and_plot(datasets: Path, tmp_path: Pat
     assert {r["seed"] for r in rows} == {"0"} and "lut" not in {r["method"] for r in rows}
     markdown = (out / "predictor.md").read_text()
     assert "| N0 |" in markdown and "nasflat" in markdown
+    # the published figure below k=20, where tasks.json has one, against ours at that k
+    with open(out / "summary.csv", newline="") as handle:
+        ours_k5 = float(next(csv.DictReader(handle))["ours_k5"])
+    assert f"| N0 | {ours_k5:.3f} | 0.500 |" in markdown
+    assert f"on {int(round(ours_k5, 3) >= 0.5)} of the 1 tasks with a published figure at that k" in markdown
     assert (out / "summary.csv").is_file() and (out / "predictor.png").stat().st_size > 1000
     # --k takes several values after one flag
     again = CliRunner().invoke(app, ["bench", "predictor", "--tasks", "N0", "--k", "5", "10", "--seeds", "1",

@@ -1,0 +1,91 @@
+"""Few references, none like the target: the validation that shows where the adaptation falls
+short, on reference devices only (no 12-task test device takes part).
+
+    python benchmarks/unlike_references.py                       # both splits, NB201
+    python benchmarks/unlike_references.py --split dead-code --seeds 3
+
+Each target device (every `--every`-th of those the split allows) gets a base predictor
+pre-trained on `--references` devices drawn at random from those unlike it, then k samples drawn
+by the base's default sampler; our adaptation and `scratch` (a ridge on the space's features
+fitted to the same samples alone, the 12-task bench's baseline) predict the rest. Splits:
+
+- `dead-code`: targets are the NB201 devices whose tables charge for dead code (HELP's; see
+  docs/bench/lodo.md), references are the ones that do not (LatBench, HW-NAS-Bench);
+- `gpu`: desktop GPUs are adapted from references that are not GPUs, and the others from GPUs.
+
+Prints one line per k:
+
+    unlike-references dead-code k=20: n=N ours rho=X scratch rho=Y
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from predictor import LatencyPredictor, get_sampler, metrics
+from predictor.bench.data import load_space_table, memoised_space
+from predictor.bench.lodo import CONFIG
+from predictor.bench.methods import Scratch, TaskContext
+from predictor.datasets import find_datasets
+from predictor.reference import LatencyTable
+
+#: device-name prefixes of the LatBench tables, which (with HW-NAS-Bench's) do not charge for
+#: dead code on NB201; HELP's devices do
+NO_DEAD_CODE_CHARGE = ("desktop_", "embedded_", "mobile_")
+GPU = ("1080ti", "2080ti", "titan", "desktop_gpu")
+SPLITS: dict[str, tuple[Callable[[str], bool], Callable[[str, str], bool]]] = {
+    # (which devices are targets, whether a device may be a reference of a target)
+    "dead-code": (lambda d: not d.startswith(NO_DEAD_CODE_CHARGE), lambda d, _t: d.startswith(NO_DEAD_CODE_CHARGE)),
+    "gpu": (lambda _d: True, lambda d, t: d.startswith(GPU) != t.startswith(GPU)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", choices=sorted(SPLITS), nargs="+", default=sorted(SPLITS))
+    parser.add_argument("--k", type=int, nargs="+", default=[5, 10, 20, 50])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--references", type=int, default=5)
+    parser.add_argument("--every", type=int, default=3, help="every n-th target device of the split")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    table = load_space_table(find_datasets(), "nb201")
+    space = memoised_space(table.space, table.keys)
+    devices = sorted(table.latencies)
+    scratch = Scratch()
+    for split in args.split:
+        is_target, may_reference = SPLITS[split]
+        rng = np.random.default_rng(0)
+        scores: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for device in [d for d in devices if is_target(d)][::args.every]:
+            pool = [d for d in devices if d != device and may_reference(d, device)]
+            references = sorted(rng.choice(pool, size=min(args.references, len(pool)), replace=False).tolist())
+            with np.errstate(divide="ignore"):
+                reference_table = LatencyTable(table.keys, references,
+                                               np.log(table.matrix(references)).astype(np.float32))
+            base = LatencyPredictor.fit(space, reference_table, config=CONFIG)
+            context = TaskContext(space, tuple(references), base)
+            truth = table.device_truth(device)
+            for k in args.k:
+                for seed in range(args.seeds):
+                    picked = get_sampler("default").select(space, k, seed=seed, predictor=base, candidates=list(truth))
+                    samples = {key: truth[key] for key in picked}
+                    held_out = [key for key in truth if key not in samples]
+                    measured = np.asarray([truth[key] for key in held_out])
+                    ours = base.adapt(samples, name=device, per_network=False).predict(held_out)[0]
+                    baseline = scratch.predict(context, device, samples, held_out, seed).ms
+                    scores[k]["ours"].append(metrics.spearman(ours, measured))
+                    scores[k]["scratch"].append(metrics.spearman(baseline, measured))
+        for k in args.k:
+            print(f"unlike-references {split} k={k}: n={len(scores[k]['ours'])} "
+                  f"ours rho={np.mean(scores[k]['ours']):.3f} scratch rho={np.mean(scores[k]['scratch']):.3f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

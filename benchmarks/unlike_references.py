@@ -9,8 +9,8 @@ pre-trained on `--references` devices drawn at random from those unlike it, then
 by the base's default sampler; our adaptation and `scratch` (a ridge on the space's features
 fitted to the same samples alone, the 12-task bench's baseline) predict the rest. Splits:
 
-- `dead-code`: targets are the NB201 devices whose tables charge for dead code (HELP's; see
-  docs/bench/lodo.md), references are the ones that do not (LatBench, HW-NAS-Bench);
+- `dead-code`: targets are the NB201 devices whose tables charge for dead code, references the
+  ones that do not (`MeasuredReference.charges`, as in docs/bench/lodo.md: the 13 LatBench devices);
 - `gpu`: desktop GPUs are adapted from references that are not GPUs, and the others from GPUs.
 
 Prints one line per k:
@@ -32,22 +32,23 @@ from predictor.bench.data import load_space_table, memoised_space
 from predictor.bench.lodo import CONFIG
 from predictor.bench.methods import Scratch, TaskContext
 from predictor.datasets import find_datasets
-from predictor.reference import LatencyTable
+from predictor.reference import LatencyTable, MeasuredReference
 
-#: device-name prefixes of the LatBench tables, which (with HW-NAS-Bench's) do not charge for
-#: dead code on NB201; HELP's devices do
-NO_DEAD_CODE_CHARGE = ("desktop_", "embedded_", "mobile_")
+#: the desktop GPUs of the tables, by name (HELP's and LatBench's)
 GPU = ("1080ti", "2080ti", "titan", "desktop_gpu")
-SPLITS: dict[str, tuple[Callable[[str], bool], Callable[[str, str], bool]]] = {
-    # (which devices are targets, whether a device may be a reference of a target)
-    "dead-code": (lambda d: not d.startswith(NO_DEAD_CODE_CHARGE), lambda d, _t: d.startswith(NO_DEAD_CODE_CHARGE)),
-    "gpu": (lambda _d: True, lambda d, t: d.startswith(GPU) != t.startswith(GPU)),
-}
+SPLITS = ("dead-code", "gpu")
+
+
+def split_rules(split: str, charges: dict[str, bool]) -> tuple[Callable[[str], bool], Callable[[str, str], bool]]:
+    """(which devices are targets, whether a device may be a reference of a target)."""
+    if split == "dead-code":
+        return (lambda d: charges[d]), (lambda d, _target: not charges[d])
+    return (lambda _d: True), (lambda d, target: d.startswith(GPU) != target.startswith(GPU))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", choices=sorted(SPLITS), nargs="+", default=sorted(SPLITS))
+    parser.add_argument("--split", choices=SPLITS, nargs="+", default=list(SPLITS))
     parser.add_argument("--k", type=int, nargs="+", default=[5, 10, 20, 50])
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--references", type=int, default=5)
@@ -57,9 +58,12 @@ def main() -> None:
     table = load_space_table(find_datasets(), "nb201")
     space = memoised_space(table.space, table.keys)
     devices = sorted(table.latencies)
+    with np.errstate(divide="ignore"):
+        every_device = LatencyTable(table.keys, devices, np.log(table.matrix(devices)).astype(np.float32))
+    charges = dict(zip(devices, MeasuredReference.of(space, every_device).charges.tolist()))
     scratch = Scratch()
     for split in args.split:
-        is_target, may_reference = SPLITS[split]
+        is_target, may_reference = split_rules(split, charges)
         rng = np.random.default_rng(0)
         scores: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for device in [d for d in devices if is_target(d)][::args.every]:

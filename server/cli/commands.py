@@ -84,14 +84,8 @@ def datasets_import(
     as_json: JsonFlag = False,
 ) -> None:
     """Load devices, architectures and latencies of the published tables (idempotent)."""
-    from predictor.spaces import reference_spaces
-    from server.errors import Invalid
     from server.services.runtime import import_reference_datasets
 
-    known = [s.name for s in reference_spaces()]
-    unknown = [name for name in space or [] if name not in known]
-    if unknown:
-        raise Invalid(f"{', '.join(unknown)}: no reference tables; choose from {', '.join(known)}", "space")
     settings = settings_from_env()
     root = path or settings.datasets
     with progress_bar() as progress:

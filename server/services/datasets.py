@@ -13,7 +13,8 @@ from sqlalchemy import Connection, delete, func, select
 from sqlalchemy.orm import Session
 
 from predictor.datasets import read_latencies
-from predictor.spaces import SearchSpace, get_space, reference_spaces
+from predictor.spaces import SearchSpace, reference_spaces
+from server.errors import Invalid
 from server.models import Architecture, Device, DeviceState, Measurement
 from server.services.catalog import ensure_architectures, space_row
 
@@ -112,9 +113,13 @@ def import_datasets(
     if not (root / "devices.csv").is_file():
         raise FileNotFoundError(f"no devices.csv in {root}: point LATFARM_DATASETS at a folder of reference tables, "
                                 "or unset it to use the shipped ones")
+    with_tables = {space.name: space for space in reference_spaces()}
+    unknown = [name for name in spaces or () if name not in with_tables]
+    if unknown:
+        raise Invalid(f"{', '.join(unknown)}: no reference tables; choose from {', '.join(with_tables)}", "space")
     report = ImportReport()
     device_ids = _upsert_devices(session, root, report)
-    for space in reference_spaces() if spaces is None else tuple(map(get_space, spaces)):
+    for space in with_tables.values() if spaces is None else [with_tables[name] for name in spaces]:
         keys_by_index = space.read_table_keys(root)
         ids_by_key, created = ensure_architectures(
             session, space, keys_by_index.values(), {key: index for index, key in keys_by_index.items()}

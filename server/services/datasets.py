@@ -104,6 +104,15 @@ def _bulk_insert(connection: Connection, rows: list[tuple[int, int, float]]) -> 
     )
 
 
+def spaces_with_tables(names: tuple[str, ...] | None = None) -> list[SearchSpace]:
+    """The installed spaces named (default: all) that have reference tables; Invalid names the others."""
+    with_tables = {space.name: space for space in reference_spaces()}
+    unknown = [name for name in names or () if name not in with_tables]
+    if unknown:
+        raise Invalid(f"{', '.join(unknown)}: no reference tables; choose from {', '.join(with_tables)}", "space")
+    return list(with_tables.values()) if names is None else [with_tables[name] for name in names]
+
+
 def import_datasets(
     session: Session, root: Path, spaces: tuple[str, ...] | None = None,
     progress: ProgressCallback | None = None,
@@ -113,13 +122,10 @@ def import_datasets(
     if not (root / "devices.csv").is_file():
         raise FileNotFoundError(f"no devices.csv in {root}: point LATFARM_DATASETS at a folder of reference tables, "
                                 "or unset it to use the shipped ones")
-    with_tables = {space.name: space for space in reference_spaces()}
-    unknown = [name for name in spaces or () if name not in with_tables]
-    if unknown:
-        raise Invalid(f"{', '.join(unknown)}: no reference tables; choose from {', '.join(with_tables)}", "space")
+    selected = spaces_with_tables(spaces)
     report = ImportReport()
     device_ids = _upsert_devices(session, root, report)
-    for space in with_tables.values() if spaces is None else [with_tables[name] for name in spaces]:
+    for space in selected:
         keys_by_index = space.read_table_keys(root)
         ids_by_key, created = ensure_architectures(
             session, space, keys_by_index.values(), {key: index for index, key in keys_by_index.items()}

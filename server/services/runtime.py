@@ -17,7 +17,7 @@ from server.services import collections, prediction, predictors, spaces
 from server.services.answer_cache import PredictorCache
 from server.services.artifacts import ArtifactStore
 from server.services.catalog import get_device, resolve_space
-from server.services.datasets import ImportReport, import_datasets
+from server.services.datasets import ImportReport, import_datasets, spaces_with_tables
 from server.services.graph_references import row_source
 from server.settings import Settings
 
@@ -40,6 +40,7 @@ def import_reference_datasets(settings: Settings, root: Path, progress: Progress
             tasks[space] = progress.add_task(f"import {space}", total=total)
         progress.update(tasks[space], completed=done)
 
+    spaces_with_tables(spaces)  # a wrong name is refused before any database is created
     with session_scope(_sessions(settings)) as session:
         return import_datasets(session, root, spaces, progress=report)
 

@@ -163,6 +163,14 @@ def test_local_commands_map_errors_to_exit_codes(farm: Farm, tmp_path: Path) -> 
     assert_error(latfarm("datasets", "import", "--space", "nope"), ExitCode.INVALID, "nope: no reference tables")
 
 
+def test_import_of_a_space_without_tables_creates_no_database(tmp_path: Path) -> None:
+    database = tmp_path / "never.db"
+    result = CliRunner().invoke(app, ["datasets", "import", "--space", "nope"],
+                                env={"LATFARM_DATABASE_URL": f"sqlite:///{database}"})
+    assert_error(result, ExitCode.INVALID, "nope: no reference tables")
+    assert not database.exists()
+
+
 def test_onboard_maps_server_errors_to_exit_codes(farm: Farm) -> None:
     server = ["--server", farm.url, "--token", ADMIN_TOKEN]
     assert_error(latfarm("onboard", "no-such-device", *server), ExitCode.NOT_FOUND, "404")

@@ -274,7 +274,9 @@ def test_browser_renders_every_page(farm: Farm, chromium: Any) -> None:
     screenshot(driver, "login")
     driver.find_element(By.NAME, "token").send_keys(ADMIN_TOKEN)
     driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-    wait_for("sign-in", lambda: driver.current_url.endswith("/ui/predictors"), 10, 0.1)
+    # the sign-in page stands at /ui/predictors too: wait for the cookie and the page behind it, or the
+    # next get races the form's redirect (which then lands on /ui/predictors instead)
+    wait_for("sign-in", lambda: driver.get_cookie(COOKIE) and "Sign in" not in driver.title, 10, 0.1)
     driver.get_log("browser")  # drops the sign-in page's expected 401
 
     for name, (path, texts) in pages(farm).items():

@@ -83,7 +83,12 @@ non-GPUs and the reverse 0.826/0.901/0.917/0.925 (0.823/0.894/0.916/0.924). Trie
 - the alternative with b's flat prior: at k=5, NB201 0.889 and FBNet 0.772 at even odds, FBNet
   0.845 at 0.9 (the flat prior's Occam factor hands few samples to "unlike");
 - one hypothesis per reference device (each alone as the prior mean) besides "unlike": k=5
-  NB201 0.839, FBNet 0.670; with the similarity mean as a third, 0.893 and 0.775.
+  NB201 0.839, FBNet 0.670; with the similarity mean as a third, 0.893 and 0.775;
+- log MACs as the prior direction of a third hypothesis (a third of the odds each): within
+  0.007 of the above on every figure of both benches;
+- the similarity sharpness, checked again under the two hypotheses: 25 gave NB201
+  0.914/0.936/0.945/0.952 and FBNet 0.875/0.917/0.928/0.938, 100 gave 0.907/0.936/0.944/0.955
+  and 0.851/0.912/0.923/0.933; unlike references, both within 0.005 of 50.
 """
 
 from __future__ import annotations

@@ -86,6 +86,9 @@ non-GPUs and the reverse 0.826/0.901/0.917/0.925 (0.823/0.894/0.916/0.924). Trie
   NB201 0.839, FBNet 0.670; with the similarity mean as a third, 0.893 and 0.775;
 - log MACs as the prior direction of a third hypothesis (a third of the odds each): within
   0.007 of the above on every figure of both benches;
+- "unlike" with a prior direction of its own, the descriptors' regression of the average
+  reference device (instead of none, or beside it at a quarter of the odds each): LODO within
+  0.002, dead-code targets 0.744/0.780/0.804/0.856 and 0.748/0.785/0.809/0.859;
 - the similarity sharpness, checked again under the two hypotheses: 25 gave NB201
   0.914/0.936/0.945/0.952 and FBNet 0.875/0.917/0.928/0.938, 100 gave 0.907/0.936/0.944/0.955
   and 0.851/0.912/0.923/0.933; unlike references, both within 0.005 of 50.

@@ -50,7 +50,8 @@ residuals instead (calibration 0.27 at k=20); choosing by marginal likelihood be
 learned prior covariance and an isotropic one (rho +0.001).
 
 The floor as a scale, not a bound on the noise the evidence may choose, was chosen on the
-same bench (every 4th NB201 and FBNet device: 10 and 7, k = 5/10/20/50, 3 seeds) and on
+same bench (15 NB201 and 11 FBNet devices: every 4th of each space's sorted list, the names
+pooled across the two spaces; k = 5/10/20/50, 3 seeds) and on
 `benchmarks/unlike_references.py` (few references, none like the target; reference devices
 only). With the floor inside the evidence, sigma^2 sat on it, and no block that explains more
 could win. NB201 mean rho went from 0.912/0.926/0.944/0.951 to 0.911/0.935/0.947/0.955,

@@ -99,6 +99,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -146,7 +147,8 @@ class DeviceFit:
     coef: np.ndarray  # (1 + n_design,) intercept first
     cov: np.ndarray  # (1 + n_design, 1 + n_design)
     noise: float  # variance of log-latency the model does not explain
-    #: (reference scale, descriptor scale, noise variance) chosen by marginal likelihood
+    #: (reference scale, descriptor scale, noise variance) chosen by marginal likelihood (under
+    #: the likelier hypothesis; before the floor's scaling)
     scales: tuple[float, ...]
     samples: dict[str, float]
     #: whether the device runs the built network (farm exports), so keys building one network
@@ -210,18 +212,28 @@ def disagreement(reference: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.clip(spread, DISAGREEMENT_FLOOR, None)
 
 
+class _Hypothesis(NamedTuple):
+    """One prior direction of `fit_device`, with the scales its evidence chose."""
+
+    log_odds: float  # log prior belief + log evidence
+    direction_weights: np.ndarray  # over the reference devices; zeros: no direction
+    slope_variance: float
+    tau_r: float
+    tau_d: float
+    sigma: float
+
+
 def fit_device(name: str, design: np.ndarray, y: np.ndarray, n_reference: int, prior: ReferencePrior,
                samples: dict[str, float], *, per_network: bool = True) -> DeviceFit:
     """The posterior for a device from its samples' design rows and measured log-latencies: the
     mixture, by their evidence, of the device like the references (`LIKE_REFERENCES` a priori)
     and unlike every one of them, as one Gaussian (its mean and covariance)."""
-    n, n_design = design.shape
-    reference = design[:, :n_reference]
+    n = len(y)
+    reference, descriptors = design[:, :n_reference], design[:, n_reference:]
     mean_weights = similarity_weights(reference, y)
-    kernels = np.stack([reference @ prior.cov @ reference.T, design[:, n_reference:] @ design[:, n_reference:].T,
-                        np.eye(n)])
+    kernels = np.stack([reference @ prior.cov @ reference.T, descriptors @ descriptors.T, np.eye(n)])
     grid = np.asarray([scales for scales in itertools.product(REFERENCE_SCALES, DESCRIPTOR_SCALES, NOISE_VARIANCES)
-                       if n_design > n_reference or scales[1] == 0])
+                       if descriptors.shape[1] or scales[1] == 0])
     hypotheses = []
     for direction_weights, belief in ((mean_weights, LIKE_REFERENCES), (np.zeros(n_reference), 1 - LIKE_REFERENCES)):
         direction = reference @ direction_weights
@@ -231,57 +243,65 @@ def fit_device(name: str, design: np.ndarray, y: np.ndarray, n_reference: int, p
         free = FREE_VARIANCE + slope_variance * np.outer(direction, direction)
         evidence = _log_evidence(free + np.einsum("cb,bij->cij", grid, kernels), y - y.mean())
         best = int(np.argmax(evidence))
-        hypotheses.append((np.log(belief) + evidence[best], direction_weights, slope_variance, grid[best]))
-    log_odds = np.asarray([h[0] for h in hypotheses])
+        hypotheses.append(_Hypothesis(float(np.log(belief) + evidence[best]), direction_weights, slope_variance,
+                                      *map(float, grid[best])))
+    log_odds = np.asarray([h.log_odds for h in hypotheses])
     probability = np.exp(log_odds - log_odds.max())
     probability /= probability.sum()
-    fits = [_posterior(design, y, n_reference, weights, slope_variance, tau_r, tau_d, noise, prior)
-            for _, weights, slope_variance, (tau_r, tau_d, noise) in hypotheses]
+    fits = [_posterior(design, y, n_reference, h, prior) for h in hypotheses]
     coef = sum(p * mean for p, (mean, _) in zip(probability, fits))
-    cov = sum(p * (cov + np.outer(mean - coef, mean - coef)) for p, (mean, cov) in zip(probability, fits))
-    sigma = float(sum(p * h[3][2] for p, h in zip(probability, hypotheses)))
+    # the mixture's covariance: each fit's own, plus the spread of the fits' means about `coef`
+    cov = sum(p * (fit_cov + np.outer(mean - coef, mean - coef)) for p, (mean, fit_cov) in zip(probability, fits))
+    sigma = float(probability @ [h.sigma for h in hypotheses])
     # the floor on the noise scales every variance of the model alike: the uncertainty grows, the
     # mean stays the one the evidence chose
     inflation = max(1.0, prior.unexplained * float(np.var(y, ddof=1)) / sigma)
     noise_scale = float(np.mean(disagreement(reference, mean_weights) ** NOISE_SHAPE_EXPONENT))
-    likeliest = hypotheses[int(np.argmax(probability))][3]
-    return DeviceFit(name, coef, inflation * cov, inflation * sigma, tuple(float(v) for v in likeliest), samples,
-                     per_network, mean_weights, noise_scale)
+    likeliest = hypotheses[int(np.argmax(probability))]
+    return DeviceFit(name, coef, inflation * cov, inflation * sigma,
+                     (likeliest.tau_r, likeliest.tau_d, likeliest.sigma), samples, per_network, mean_weights,
+                     noise_scale)
 
 
-def _posterior(design: np.ndarray, y: np.ndarray, n_reference: int, direction_weights: np.ndarray,
-               slope_variance: float, tau_r: float, tau_d: float, sigma: float,
+def _posterior(design: np.ndarray, y: np.ndarray, n_reference: int, hypothesis: _Hypothesis,
                prior: ReferencePrior) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of the [1, design] coefficients of one hypothesis, its prior direction
-    (`reference @ direction_weights`, with a slope ~ N(0, slope_variance); none: 0) folded into
-    the reference weights."""
+    """Mean and covariance of the [1, design] coefficients under one hypothesis, its prior
+    direction (`reference @ direction_weights`, its slope ~ N(0, slope_variance)) folded into the
+    reference weights."""
     n, n_design = design.shape
+    weights = hypothesis.direction_weights
     # weight space over [1, prior direction, reference, descriptors]; a variance of 0 is left out
-    z = np.hstack([np.ones((n, 1)), (design[:, :n_reference] @ direction_weights)[:, None], design])
-    variances = np.r_[FREE_VARIANCE, slope_variance, np.zeros(n_reference), np.full(n_design - n_reference, tau_d)]
-    precision = np.diag(np.where(variances > 0, 1.0 / np.where(variances > 0, variances, 1.0), LEFT_OUT))
+    z = np.hstack([np.ones((n, 1)), (design[:, :n_reference] @ weights)[:, None], design])
+    variances = np.r_[FREE_VARIANCE, hypothesis.slope_variance, np.zeros(n_reference),
+                      np.full(n_design - n_reference, hypothesis.tau_d)]
+    precision = np.diag(1.0 / np.where(variances > 0, variances, 1.0 / LEFT_OUT))
     ref = slice(2, 2 + n_reference)
-    precision[ref, ref] = np.linalg.inv(prior.cov) / tau_r if tau_r > 0 else np.eye(n_reference) * LEFT_OUT
+    precision[ref, ref] = (np.linalg.inv(prior.cov) / hypothesis.tau_r if hypothesis.tau_r > 0
+                           else np.eye(n_reference) * LEFT_OUT)
     ym = y.mean()
-    posterior_cov = np.linalg.inv(z.T @ z / sigma + precision)
-    posterior_mean = posterior_cov @ z.T @ (y - ym) / sigma
+    posterior_cov = np.linalg.inv(z.T @ z / hypothesis.sigma + precision)
+    posterior_mean = posterior_cov @ z.T @ (y - ym) / hypothesis.sigma
     posterior_mean[0] += ym
     fold = np.zeros((1 + n_design, z.shape[1]))
     fold[0, 0] = 1.0
     fold[1:, 2:] = np.eye(n_design)
-    fold[1:1 + n_reference, 1] = direction_weights
+    fold[1:1 + n_reference, 1] = weights
     return fold @ posterior_mean, fold @ posterior_cov @ fold.T
 
 
 def _log_evidence(covariances: np.ndarray, yc: np.ndarray) -> np.ndarray:
     """log N(yc; 0, C) up to a constant, for each of a stack of covariances C; -inf where one is
     not numerically positive definite."""
+    scored = np.ones(len(covariances), dtype=bool)
     try:
         chol = np.linalg.cholesky(covariances)
-    except np.linalg.LinAlgError:  # the batch fails as a whole: find the ones that fail
-        return np.asarray([_log_evidence(c[None], yc)[0] if _positive_definite(c) else -np.inf for c in covariances])
-    alpha = np.linalg.solve(chol, np.broadcast_to(yc, covariances.shape[:2])[..., None])[..., 0]
-    return -0.5 * (alpha**2).sum(axis=1) - np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+    except np.linalg.LinAlgError:  # numpy fails the whole batch for one matrix: score the others
+        scored = np.asarray([_positive_definite(c) for c in covariances])
+        chol = np.linalg.cholesky(covariances[scored])
+    alpha = np.linalg.solve(chol, np.broadcast_to(yc, chol.shape[:2])[..., None])[..., 0]
+    evidence = np.full(len(covariances), -np.inf)
+    evidence[scored] = -0.5 * (alpha**2).sum(axis=1) - np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+    return evidence
 
 
 def _positive_definite(matrix: np.ndarray) -> bool:

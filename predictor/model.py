@@ -29,7 +29,14 @@ from typing import BinaryIO
 import numpy as np
 
 from predictor import checkpoint
-from predictor.adaptation import DeviceFit, ReferencePrior, fit_device, informative_rows, reference_prior
+from predictor.adaptation import (
+    DeviceFit,
+    ReferencePrior,
+    fit_device,
+    informative_rows,
+    prior_informative_rows,
+    reference_prior,
+)
 from predictor.cost import summary_features
 from predictor.network import Ensemble, safe_std
 from predictor.pretraining import ProgressCallback, TrainConfig, train_ensemble
@@ -300,22 +307,26 @@ class LatencyPredictor:
         return adapted
 
     def most_informative(self, keys: Sequence[str], n: int) -> list[str]:
-        """Of `keys`, up to `n` to measure next on the target device: one key per network (per key
-        for a device that timed keys as written) that no sample measured yet, picked greedily
-        for how much the measurement would cut the posterior variance over those networks
-        (`predictor.adaptation.informative_rows`)."""
-        if self.target is None:
-            raise ValueError("only an adapted predictor knows what it is unsure of")
-        per_network = self.target.per_network
+        """Of `keys`, up to `n` to measure next: one key per network (per key for a target that
+        timed keys as written) that no sample measured yet, picked greedily for how much the
+        measurement would cut the uncertainty over those networks. An adapted predictor reads
+        its posterior (`predictor.adaptation.informative_rows`); a base predictor, the prior a
+        new device starts from (`predictor.adaptation.prior_informative_rows`)."""
+        per_network = self.target.per_network if self.target is not None else True
+        measured = self.target.samples if self.target is not None else {}
         first: dict[str, str] = {}
         for key, normalised in zip(keys, self._keys(keys, per_network)):
-            if normalised not in self.target.samples:
+            if normalised not in measured:
                 first.setdefault(normalised, key)
         unmeasured = list(first)
         if not unmeasured or n < 1:
             return []
         design, _ = self.design(unmeasured, per_network)
-        return [first[unmeasured[i]] for i in informative_rows(self.target, design, n)]
+        if self.target is None:
+            rows = prior_informative_rows(self.prior, design, len(self.reference_devices), n)
+        else:
+            rows = informative_rows(self.target, design, n)
+        return [first[unmeasured[i]] for i in rows]
 
     # ---- persistence ------------------------------------------------------------------------
 

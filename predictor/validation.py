@@ -1,8 +1,8 @@
 """Choosing a base predictor's default sampler by validation on its own reference devices.
 
 Which sampler's few samples adapt the predictor best depends on the space and on the reference
-devices (in the bench, stratified samples won on NAS-Bench-201 folds and random ones on FBNet
-folds, see docs/bench/predictor.md). So pre-training settles it the way one would settle any
+devices (on the twelve tasks' train devices each candidate leads some folds at some k, see
+docs/bench/predictor.md). So pre-training settles it the way one would settle any
 hyper-parameter without a test device: leave-one-reference-device-out. For each of a few
 reference devices in turn (all of them when there are at most `TrainConfig.sampler_folds`, else a
 seeded subset), it pre-trains a fold predictor on the other reference devices with the same
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from predictor.adaptation import prior_informative_rows
 from predictor.metrics import spearman
 from predictor.reference import LatencyTable
 from predictor.samplers import get_sampler
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 #: the samplers validated, in tie-break order; k-means medoids never led a validation fold's
 #: mean at k=20 and cost seconds per pick on a 15k-architecture space, so they are left out
-SAMPLER_CANDIDATES = ("stratified", "random")
+SAMPLER_CANDIDATES = ("design", "stratified", "random")
 VALIDATION_KS = (5, 10, 20)
 VALIDATION_SEEDS = (0, 1, 2)
 
@@ -102,7 +103,7 @@ def validate_samplers(
 
 class _Designed:
     """A fold predictor with the adaptation's design of every candidate computed once: the
-    samplers read `descriptors`/`embed` of the same keys many times over."""
+    samplers read `descriptors`/`embed`/`most_informative` of the same keys many times over."""
 
     def __init__(self, predictor: LatencyPredictor, keys: list[str]) -> None:
         self.predictor = predictor
@@ -116,6 +117,11 @@ class _Designed:
 
     def embed(self, keys: Sequence[str]) -> np.ndarray:
         return self.descriptors(keys)[:, : self.n_reference]
+
+    def most_informative(self, keys: Sequence[str], n: int) -> list[str]:
+        """`LatencyPredictor.most_informative` of a base predictor, for distinct networks."""
+        rows = prior_informative_rows(self.predictor.prior, self.descriptors(keys), self.n_reference, n)
+        return [keys[i] for i in rows]
 
 
 def preferred_samplers(scores: dict[str, dict[int, float]]) -> dict[int, str]:

@@ -203,12 +203,14 @@ def test_measure_in_child_process(model_path: Path) -> None:
 
 
 def test_measure_warm_up_cap_and_minimum(model_path: Path) -> None:
-    # A tolerance no two windows can meet: the warm-up runs to its cap.
     capped = FAST.model_copy(update={"warmup_runs": 0, "warmup_window": 4, "warmup_tolerance": 1e-12,
                                      "warmup_max_runs": 30})
+    # The protocol reaches the child's warm-up: at least two windows to compare, never past the
+    # cap (not exactly the cap: two windows' medians of a real model can be equal to the
+    # nanosecond, which meets any tolerance; `test_warm_up_minimum_and_cap` checks the rule).
     outcome = measure(model_path, capped, threads=1, cpus=None)
     assert outcome.ok, outcome.error
-    assert outcome.warmup_runs == 30
+    assert 8 <= outcome.warmup_runs <= 30
     none = FAST.model_copy(update={"warmup_runs": 0, "warmup_max_runs": 0})
     assert measure(model_path, none, threads=1, cpus=None).warmup_runs == 0
 

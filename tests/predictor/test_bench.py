@@ -191,7 +191,8 @@ def test_harness_keeps_test_devices_out_of_pretraining_and_sampling(
     assert fitted_devices == [set(TRAIN), *(set(TRAIN) - {device} for device in TRAIN)]
     diagnostics = list(csv.DictReader(open(tmp_path / "diagnostics.csv")))
     validation = {(r["metric"], r["k"]) for r in diagnostics if r["metric"].startswith("validation_rho_")}
-    assert validation == {(f"validation_rho_{s}", str(k)) for s in ("stratified", "random") for k in (5, 10, 20)}
+    candidates = ("design", "stratified", "random")
+    assert validation == {(f"validation_rho_{s}", str(k)) for s in candidates for k in (5, 10, 20)}
     device_keys = set(load_space_table(datasets, "fbnet").keys)
     assert len(seen) == 2 * len(TEST)  # default (ours) and random (spy) sampler per device
     for call in seen:

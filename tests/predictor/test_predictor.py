@@ -11,10 +11,11 @@ import torch
 from scipy.stats import spearmanr
 
 from predictor import LatencyPredictor, TrainConfig, get_sampler, get_space
+from predictor.adaptation import prior_design
 from predictor.cost import analytic_cost
 from predictor.metrics import spearman
 from predictor.reference import LatencyTable
-from predictor.samplers import SAMPLERS, DefaultSampler, sampler_for
+from predictor.samplers import DESIGN_POOL, FALLBACK_SAMPLER, SAMPLERS, DefaultSampler, sampler_for
 from predictor.spaces import SearchSpace
 from predictor.validation import held_out_devices
 
@@ -106,7 +107,8 @@ def test_checkpoint_round_trip_with_weights_only(base: LatencyPredictor) -> None
 @pytest.mark.parametrize("name", [*sorted(SAMPLERS), "default"])
 def test_samplers_are_deterministic_distinct_and_valid(name: str, base: LatencyPredictor) -> None:
     sampler = get_sampler(name)
-    candidates = SPACE.sample(600, seed=4)
+    # the design sampler's seed draws its pool, so the candidates' networks must outnumber it
+    candidates = SPACE.sample(2 * DESIGN_POOL if name in ("design", "default") else 600, seed=4)
     first = sampler.select(SPACE, 20, seed=11, predictor=base, candidates=candidates)
     again = sampler.select(SPACE, 20, seed=11, predictor=base, candidates=candidates)
     other = sampler.select(SPACE, 20, seed=12, predictor=base, candidates=candidates)
@@ -114,7 +116,7 @@ def test_samplers_are_deterministic_distinct_and_valid(name: str, base: LatencyP
     assert first != other
     assert len(set(first)) == 20 and set(first) <= set(candidates)
     with pytest.raises(ValueError, match="k must be"):
-        sampler.select(SPACE, 601, seed=0, predictor=base, candidates=candidates)
+        sampler.select(SPACE, len(candidates) + 1, seed=0, predictor=base, candidates=candidates)
 
 
 def test_default_sampler_is_known() -> None:
@@ -225,7 +227,7 @@ def test_older_checkpoints_load_without_a_preference(base: LatencyPredictor) -> 
     del state["config"]["sampler_folds"]
     loaded = LatencyPredictor.load(_saved(state))
     assert loaded.preferred_samplers == {} and loaded.sampler_scores == {}
-    assert DefaultSampler().resolve(20, loaded) == "stratified"
+    assert DefaultSampler().resolve(20, loaded) == FALLBACK_SAMPLER
     assert loaded.measured is None  # the networks answer for every reference latency
     keys = SPACE.sample(30, seed=8)
     assert loaded.prediction(keys, device="ref0").measured_share.max() == 0
@@ -371,7 +373,28 @@ def test_active_learning_picks_unmeasured_networks_that_cut_the_uncertainty_most
     assert variance_left(picks) < variance_left(random_picks)
 
 
-@pytest.mark.parametrize("name", ["random", "stratified", "kmeans", "default"])
+def test_design_sampler_picks_what_cuts_a_new_devices_uncertainty_most(base: LatencyPredictor) -> None:
+    """The design sampler's picks (a base predictor's `most_informative`, before any sample)
+    leave less of the prior's uncertainty over its pool than the stratified sampler's or random
+    picks of the same count do."""
+    pool = list(dict.fromkeys(map(SPACE.network_key, SPACE.sample(1500, seed=9))))  # under DESIGN_POOL
+    z, cov, noise = prior_design(base.prior, base.design(pool, per_network=True)[0], len(base.reference_devices))
+
+    def variance_left(chosen: list[str]) -> float:
+        """Summed variance over the pool once `chosen` are measured (information form)."""
+        rows = z[[pool.index(SPACE.network_key(key)) for key in chosen]]
+        left = np.linalg.inv(np.linalg.pinv(cov) + rows.T @ (rows / noise[0]))
+        return float(((z @ left) * z).sum())
+
+    designed = get_sampler("design").select(SPACE, 8, seed=0, predictor=base, candidates=pool)
+    assert designed == base.most_informative(pool, 8)
+    for other in ("stratified", "random"):
+        for seed in range(3):
+            picks = get_sampler(other).select(SPACE, 8, seed=seed, predictor=base, candidates=pool)
+            assert variance_left(designed) < variance_left(picks)
+
+
+@pytest.mark.parametrize("name", ["random", "stratified", "kmeans", "design", "default"])
 def test_samplers_never_spend_two_samples_on_one_network(base: LatencyPredictor, name: str) -> None:
     keys = list(SPACE.enumerate())
     k = 30 if name == "kmeans" else 200

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     train_on_flagged: bool = False
     #: reference devices held out in turn at pre-training to choose the default sampler, each
     #: costing one more fit of the ensemble; 0 leaves the default sampler unvalidated
-    pretrain_sampler_folds: int = Field(default=5, ge=0)
+    pretrain_sampler_folds: int = Field(default=0, ge=0)
     #: torch threads for training and prediction; with more than one, a busy 2-core host (an agent
     #: measuring beside the server) slowed pre-training 24-fold, while one thread lost nothing
     torch_threads: int = Field(default=1, ge=1)

@@ -4,7 +4,6 @@ uvicorn server on a free port in front of it."""
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 
 import httpx
@@ -14,11 +13,6 @@ from server.cli.local import running_server, temporary_postgres_database, worker
 from server.db import upgrade
 from server.settings import Settings
 from tests.helpers import ADMIN_TOKEN, DATASETS, POSTGRES_ADMIN_URL
-
-# Every server these tests start (in this process or as a child) pre-trains without choosing its
-# default sampler by validation folds: a fold is a whole further pre-training, and the choice is
-# tested on the predictor itself (tests/predictor/test_predictor.py)
-os.environ.setdefault("LATFARM_PRETRAIN_SAMPLER_FOLDS", "0")
 
 
 class _ServerErrors(logging.Handler):

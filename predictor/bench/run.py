@@ -41,7 +41,7 @@ DEFAULT_SEEDS = 3
 QUICK_TASKS = ("N0",)
 QUICK_KS = (5, 20)
 QUICK_SEEDS = 1
-QUICK_CONFIG = TrainConfig(members=1, epochs=6, sampler_folds=2)
+QUICK_CONFIG = TrainConfig(members=1, epochs=6)
 
 #: progress(done, total, description), counted in raw rows
 Progress = Callable[[int, int, str], None]

@@ -8,7 +8,10 @@ held-out space H and each of H's devices D:
   device, D included where another space measured it), adapt it to D from k of H's samples.
 - `both_unseen`: the same with D's column dropped from the other spaces' tables too.
 
-Methods, all given the same k samples (drawn uniformly) and scored on the rest of H's sample:
+Methods, all given the same k samples and scored on the rest of H's sample. The samples are the
+ones a user's device gets: the default (design) sampler of the scenario's onnx predictor, from
+the graphs alone; with fewer candidates than `predictor.samplers.DESIGN_POOL` every seed gets
+the same picks. The methods:
 `ours` (the graph-level predictor), `flops_ridge` (ridge on log MACs, weight bytes, activation
 bytes of the k samples) and `in_space` (H's own predictor pre-trained on H's whole table for
 H's other devices, in three folds of devices: the upper reference). Rows are appended to
@@ -33,6 +36,7 @@ from predictor.graph.exports import encode_exports, table_sample
 from predictor.graph.space import OnnxSpace
 from predictor.model import LatencyPredictor, TrainConfig
 from predictor.reference import Row
+from predictor.samplers import get_sampler
 from predictor.spaces import get_space, reference_spaces
 
 RAW_FILE = "cross_space.csv"
@@ -136,10 +140,15 @@ def run_cross_space(out_dir: str | Path = "docs/bench", *, held_out: Sequence[st
                 truth = pool.latencies[device]
                 keys = [key for key in pool.keys if key in truth]
                 rows_out = []
+                key_of = {pool.sha[key]: key for key in keys}
                 for method, k, seed in cells:
-                    picks = set(np.random.default_rng(seed).choice(len(keys), size=k, replace=False).tolist())
-                    sampled = [keys[i] for i in sorted(picks)]
-                    rest = [key for i, key in enumerate(keys) if i not in picks]
+                    # what a user's device gets: the base's default sampler (the design sampler:
+                    # the onnx predictor validates none), from the keys' graphs only
+                    picked = get_sampler("default").select(onnx_space, k, seed=seed, predictor=base,
+                                                           candidates=list(key_of))
+                    chosen = {key_of[sha] for sha in picked}
+                    sampled = [key for key in keys if key in chosen]
+                    rest = [key for key in keys if key not in chosen]
                     if method == "ours":
                         adapted = base.adapt({pool.sha[key]: truth[key] for key in sampled}, name=device)
                         predicted, _ = adapted.predict([pool.sha[key] for key in rest])
@@ -219,7 +228,9 @@ def write_report(out_dir: str | Path) -> str:
              "device, method, k and seed). Means over devices and seeds; rho = Spearman, tau = Kendall, "
              "MAPE in %. Each space contributes the same seeded sample of its published table (the "
              "`--archs-per-space` option), exported to ONNX and encoded from the graph; each method gets the same k "
-             "samples of the target device (drawn uniformly per seed) and is scored on the rest of the sample. "
+             "samples of the target device (the scenario's onnx predictor's default sampler, the design sampler, picks "
+             "them from the graphs alone: with fewer than 2,000 candidates every seed gets the same picks) and is "
+             "scored on the rest of the sample. "
              "`rows` counts (device, seed) pairs: a partial run has fewer seeds or devices.", "",
              "| scenario | held out | method | k | devices | rows | rho | tau | MAPE |",
              "|---|---|---|---|---|---|---|---|---|"]

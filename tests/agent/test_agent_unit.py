@@ -210,7 +210,7 @@ def test_measure_warm_up_cap_and_minimum(model_path: Path) -> None:
     # nanosecond, which meets any tolerance; `test_warm_up_minimum_and_cap` checks the rule).
     outcome = measure(model_path, capped, threads=1, cpus=None)
     assert outcome.ok, outcome.error
-    assert 8 <= outcome.warmup_runs <= 30
+    assert outcome.warmup_runs is not None and 8 <= outcome.warmup_runs <= 30
     none = FAST.model_copy(update={"warmup_runs": 0, "warmup_max_runs": 0})
     assert measure(model_path, none, threads=1, cpus=None).warmup_runs == 0
 

@@ -12,6 +12,7 @@ import gzip
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,8 @@ def test_harness_keeps_test_devices_out_of_pretraining_and_sampling(
             return self.inner.select(space, k, seed=seed, predictor=predictor, candidates=candidates)
 
     spy = _Spy()
-    run_bench(["F0"], (5,), 1, ["ours", spy], tmp_path, config=TINY, datasets=datasets,
+    validated = replace(TINY, sampler_folds=len(TRAIN))  # the choice among samplers, when asked for
+    run_bench(["F0"], (5,), 1, ["ours", spy], tmp_path, config=validated, datasets=datasets,
               sampler_lookup=SpySampler, report=False)
 
     assert pretrained_devices == [set(TRAIN)]

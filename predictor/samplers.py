@@ -140,9 +140,9 @@ class DesignSampler(Sampler):
     """The k candidates whose measurements most cut the uncertainty of the adaptation's prior:
     a Bayesian experimental design over the rows the adaptation regresses on
     (`LatencyPredictor.most_informative` of a base predictor), from a seeded pool of
-    `DESIGN_POOL` candidates. The picks cover the directions in which the reference devices and
-    the descriptors vary, weighted by how much a new device's latency is likely to follow them,
-    and not only the main axis that stratified samples spread along.
+    `DESIGN_POOL` candidates (k, if more). The picks cover the directions in which the reference
+    devices and the descriptors vary, weighted by how much a new device's latency is likely to
+    follow them, and not only the main axis that stratified samples spread along.
 
     Chosen on the leave-one-device-out bench (all 40 NB201 and 27 FBNet devices, 3 seeds; every
     method scored on the same samples): against stratified samples, our mean rho at k = 5 / 10
@@ -173,8 +173,9 @@ class DesignSampler(Sampler):
             raise ValueError("the design sampler needs a base predictor: its prior says what to measure")
         pool = candidate_keys(space, seed, candidates)
         _check_k(k, len(pool))
-        if len(pool) > DESIGN_POOL:
-            picks = np.random.default_rng(seed).choice(len(pool), size=DESIGN_POOL, replace=False)
+        size = max(DESIGN_POOL, k)
+        if len(pool) > size:
+            picks = np.random.default_rng(seed).choice(len(pool), size=size, replace=False)
             pool = [pool[i] for i in np.sort(picks)]
         return predictor.most_informative(pool, k)
 

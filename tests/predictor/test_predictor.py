@@ -117,6 +117,9 @@ def test_samplers_are_deterministic_distinct_and_valid(name: str, base: LatencyP
     assert len(set(first)) == 20 and set(first) <= set(candidates)
     with pytest.raises(ValueError, match="k must be"):
         sampler.select(SPACE, len(candidates) + 1, seed=0, predictor=base, candidates=candidates)
+    if name == "design":  # more picks than its pool holds: the pool grows to k
+        assert len(set(sampler.select(SPACE, DESIGN_POOL + 5, seed=0, predictor=base, candidates=candidates))) == \
+            DESIGN_POOL + 5
 
 
 def test_default_sampler_is_known() -> None:

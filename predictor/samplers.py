@@ -155,8 +155,9 @@ class DesignSampler(Sampler):
     std against |error| at k=20 fell from 0.385 to 0.223 on NB201 (0.115 to 0.103 on FBNet), and
     the 90 % interval holds 92.4 % (NB201) and 96.3 % (FBNet) of the held-out truths.
 
-    How the prior weighs the blocks was settled on the LODO subset of `predictor.adaptation`
-    (NB201 / FBNet mean rho at k = 5 / 10 / 20): equal prior variance from the reference and the
+    How the prior weighs the blocks was settled on a LODO subset (every 4th name of the two
+    spaces' pooled, sorted device names, as a target in each space that has it: 9 NB201 and 8
+    FBNet devices, 3 seeds; NB201 / FBNet mean rho at k = 5 / 10 / 20): equal prior variance from the reference and the
     descriptor blocks, noise from `prior.unexplained`: 0.946 / 0.964 / 0.964 and 0.955 / 0.963 /
     0.972 (chosen: the only one with no constant of its own); noise at a quarter of the signal,
     0.950 / 0.965 / 0.977 and 0.956 / 0.967 / 0.973; the descriptors at five times the reference
@@ -201,12 +202,14 @@ def _check_k(k: int, pool_size: int) -> None:
 
 
 class DefaultSampler(Sampler):
-    """The sampler the predictor's pre-training validated best at the nearest sample count.
+    """The design sampler, or the one the predictor's pre-training validated best at the nearest
+    sample count if it validated any.
 
-    Pre-training holds out reference devices in turn and compares the candidate samplers' k-shot
-    adaptations on them (`predictor.validation`); the winners travel in the checkpoint as
-    `preferred_samplers`. Without a predictor, or with one that made no choice (too few reference
-    devices, an older checkpoint), this is `FALLBACK_SAMPLER`.
+    Pre-training, when asked to (`TrainConfig.sampler_folds`), holds out reference devices in
+    turn and compares the candidate samplers' k-shot adaptations on them
+    (`predictor.validation`); the winners travel in the checkpoint as `preferred_samplers`. With
+    a predictor that made no choice (the default, too few reference devices, an older
+    checkpoint) this is `FALLBACK_SAMPLER`; without a predictor, `NO_PREDICTOR_SAMPLER`.
     """
 
     name = "default"

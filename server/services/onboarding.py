@@ -58,7 +58,7 @@ def start(session: Session, settings: Settings, cache: PredictorCache, device: D
         raise Invalid(str(exc), "sampler") from exc
     model = cache.get(base)
     keys = sampler.select(space, samples, seed=seed, predictor=model, candidates=candidates)
-    # "default" is the sampler the base's pre-training validated best: record which one that was
+    # "default" resolves to a named sampler (design, or what pre-training validated): record it
     name = sampler.resolve(samples, model) if isinstance(sampler, DefaultSampler) else sampler.name
     onboarding = Onboarding(device_id=device.id, space_id=space_row(session, space).id, sampler=name,
                             samples=samples, preset=preset.value, budget=budget,

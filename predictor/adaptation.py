@@ -348,9 +348,10 @@ def prior_design(prior: ReferencePrior, design: np.ndarray,
     cov[:n_reference, :n_reference] = prior.cov
     reference_signal = float(np.mean(((reference @ prior.cov) * reference).sum(axis=1)))
     descriptor_signal = float(np.mean((descriptors**2).sum(axis=1)))
+    signal = reference_signal
     if descriptor_signal > 0:
         cov[n_reference:, n_reference:] = reference_signal / descriptor_signal * np.eye(z.shape[1] - n_reference)
-    signal = float(np.mean(((z @ cov) * z).sum(axis=1)))
+        signal += reference_signal  # the descriptors' block, scaled to match
     # bounded away from 0 (a row measured once must not leave nothing to learn) and from 1
     unexplained = float(np.clip(prior.unexplained, 1e-3, 0.5))
     return z, cov, np.full(len(z), signal * unexplained / (1 - unexplained))

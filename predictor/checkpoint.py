@@ -8,7 +8,8 @@ networks and sampler choices as they were, no measured table (the networks fill 
 latency), the prior learned again from the networks on first use, and an adapted target's
 bootstrap fits turned into the Gaussian they sample (mean and covariance of the fits, no extra
 noise). A target fit saved before its noise was shaped by the reference devices' disagreement
-(no `similarity`) keeps one noise for every architecture.
+(no `similarity`) keeps one noise for every architecture; a prior saved with one unexplained
+share for all reference devices gives each that share.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def save(parts: Parts, file: str | PathLike[str] | BinaryIO) -> None:
             "network_of_row": _tensor(reference.network_of_row.astype(np.int32)), "dead": _tensor(reference.dead),
         },
         "prior": None if parts.prior is None else {"cov": _tensor(parts.prior.cov),
-                                                   "unexplained": parts.prior.unexplained},
+                                                   "unexplained": _tensor(parts.prior.unexplained_each)},
         "target": None if target is None else {
             "name": target.name, "coef": _tensor(target.coef), "cov": _tensor(target.cov), "noise": target.noise,
             "scales": list(target.scales), "samples": target.samples, "per_network": target.per_network,
@@ -111,7 +112,7 @@ def load(file: str | PathLike[str] | BinaryIO | bytes) -> Parts:
         if state["measured"] is not None:
             reference = _reference(state["space"], state["measured"], version)
         if state["prior"] is not None:
-            prior = ReferencePrior(state["prior"]["cov"].numpy(), float(state["prior"]["unexplained"]))
+            prior = _prior(state["prior"], len(devices))
     return Parts(state["space"], devices, ensemble, state["descriptor_mean"].numpy(), state["descriptor_std"].numpy(),
                  config, reference, _target(state["target"], version), dict(state.get("preferred_samplers") or {}),
                  dict(state.get("sampler_scores") or {}), prior)
@@ -132,6 +133,14 @@ def _reference(space_name: str, measured: dict[str, Any], version: str) -> Measu
     table = LatencyTable(measured["keys"].split("\n"), list(measured["devices"]), measured["log_ms"].numpy())
     return MeasuredReference(space, table, measured["network_keys"].split("\n"),
                              measured["network_of_row"].numpy().astype(np.int64), measured["dead"].numpy())
+
+
+def _prior(prior: dict[str, Any], n_reference: int) -> ReferencePrior:
+    unexplained = prior["unexplained"]
+    if isinstance(unexplained, torch.Tensor):
+        return ReferencePrior(prior["cov"].numpy(), unexplained.numpy())
+    # saved before the share was kept per reference device: their mean stands for each
+    return ReferencePrior(prior["cov"].numpy(), np.full(n_reference, float(unexplained)))
 
 
 def _target(target: dict[str, Any] | None, version: str) -> DeviceFit | None:

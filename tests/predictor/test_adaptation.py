@@ -33,7 +33,7 @@ def test_the_noise_floor_widens_the_uncertainty_without_blurring_the_fit() -> No
     weights = np.asarray([0.6, -0.4, 0.3])
     truth = 1.0 + design[:, n_reference:] @ weights
     y = truth[:n] + rng.normal(scale=0.01, size=n)
-    prior = ReferencePrior(np.eye(n_reference), unexplained=0.5)
+    prior = ReferencePrior(np.eye(n_reference), unexplained_each=np.full(n_reference, 0.5))
     fit = fit_device("target", design[:n], y, n_reference, prior, {})
     floor = prior.unexplained * np.var(y, ddof=1)
     assert fit.scales[2] < floor / 100  # chosen below the floor
@@ -53,11 +53,29 @@ def test_a_device_unlike_every_reference_is_not_pulled_to_the_best_correlated_on
     after)."""
     rng = np.random.default_rng(3)
     n_reference, n_descriptors, k, n_test = 20, 2, 5, 400
+    prior = ReferencePrior(np.eye(n_reference), np.full(n_reference, 0.1))
     scores = []
     for _ in range(30):
         design = rng.normal(size=(k + n_test, n_reference + n_descriptors))
         truth = 2.0 + design[:, n_reference:] @ np.asarray([0.5, -0.3])
         y = truth[:k] + rng.normal(scale=0.05, size=k)
-        fit = fit_device("target", design[:k], y, n_reference, ReferencePrior(np.eye(n_reference), 0.1), {})
+        fit = fit_device("target", design[:k], y, n_reference, prior, {})
         scores.append(spearmanr(fit.log_ms(design[k:])[0], truth[k:]).statistic)
     assert np.mean(scores) > 0.9
+
+
+def test_the_floor_is_that_of_the_reference_devices_like_the_target() -> None:
+    """Two reference devices the others explain to 1 % and one they explain to 60 %: a device
+    that follows the well-explained ones gets their floor, not the average's (an interval that
+    wide held 0.98 of FBNet's held-out truths where 0.90 was asked for)."""
+    rng = np.random.default_rng(5)
+    n_reference, n = 3, 30
+    design = rng.normal(size=(n, n_reference + 1))
+    y = 1.0 + 0.5 * design[:, 0] + rng.normal(scale=0.01, size=n)
+    shares = np.asarray([0.01, 0.01, 0.6])
+    fit = fit_device("target", design, y, n_reference, ReferencePrior(np.eye(n_reference), shares), {})
+    assert fit.similarity is not None and fit.similarity[0] > 0.99
+    like = ReferencePrior(np.eye(n_reference), shares).unexplained_like(fit.similarity)
+    assert like < 0.02
+    assert fit.noise < 0.05 * np.mean(shares) * np.var(y, ddof=1)
+    assert fit.noise >= like * np.var(y, ddof=1) * (1 - 1e-9)

@@ -291,6 +291,20 @@ def test_a_fit_saved_before_the_noise_was_shaped_keeps_one_noise(base: LatencyPr
     assert not np.allclose(older_std, std, rtol=1e-3)
 
 
+def test_a_prior_saved_with_one_unexplained_share_gives_it_to_every_reference(base: LatencyPredictor) -> None:
+    """Checkpoints kept one share of unexplained variance for all reference devices; they load
+    with that share for each, and adapt as before."""
+    state = torch.load(io.BytesIO(base.to_bytes()), weights_only=True)
+    each = state["prior"]["unexplained"].numpy()
+    assert each.shape == (len(base.reference_devices),)
+    state["prior"]["unexplained"] = float(each.mean())
+    older = LatencyPredictor.load(_saved(state))
+    np.testing.assert_allclose(older.prior.unexplained_each, np.full(len(each), each.mean()), rtol=1e-6)
+    samples = dict(zip(SPACE.sample(12, seed=6), np.linspace(1, 3, 12)))
+    keys = SPACE.sample(200, seed=7)
+    np.testing.assert_allclose(older.adapt(samples).predict(keys)[0], base.adapt(samples).predict(keys)[0], rtol=1e-6)
+
+
 def test_reference_devices_answer_with_their_measurements(base: LatencyPredictor, reference: Reference) -> None:
     keys, rows = reference
     truth = {key: ms for key, device, ms in rows if device == "ref1"}

@@ -153,7 +153,8 @@ class DesignSampler(Sampler):
     from 0.826 / 0.901 / 0.917 / 0.925 to 0.884 / 0.929 / 0.940 / 0.956 for GPUs adapted from
     other devices and the reverse. The price is in the uncertainty: Spearman of the predicted
     std against |error| at k=20 fell from 0.385 to 0.223 on NB201 (0.115 to 0.103 on FBNet), and
-    the 90 % interval holds 92.4 % (NB201) and 96.3 % (FBNet) of the held-out truths.
+    the 90 % interval holds 92.4 % (NB201) and 96.3 % (FBNet) of the held-out truths (94.3 % on
+    FBNet since the noise floor follows the reference devices like the target).
 
     How the prior weighs the blocks was settled on a LODO subset (every 4th name of the two
     spaces' pooled, sorted device names, as a target in each space that has it: 9 NB201 and 8

@@ -79,3 +79,21 @@ def test_the_floor_is_that_of_the_reference_devices_like_the_target() -> None:
     assert like < 0.02
     assert fit.noise < 0.05 * np.mean(shares) * np.var(y, ddof=1)
     assert fit.noise >= like * np.var(y, ddof=1) * (1 - 1e-9)
+
+
+def test_with_many_unrelated_references_the_descriptors_alone_are_weighed_in() -> None:
+    """Five samples of a device two descriptors explain, and 40 reference devices of noise: with
+    that many, some combination of the references fits five samples as well as the descriptors
+    do, so "unlike every reference" with the reference block still in ranked the rest at 0.909
+    mean rho; the hypothesis that the references explain nothing (`HYPOTHESES`) brings 0.947."""
+    rng = np.random.default_rng(3)
+    n_reference, k, n_test = 40, 5, 400
+    prior = ReferencePrior(np.eye(n_reference), np.full(n_reference, 0.1))
+    scores = []
+    for _ in range(40):
+        design = rng.normal(size=(k + n_test, n_reference + 2))
+        truth = 2.0 + design[:, n_reference:] @ np.asarray([0.5, -0.3])
+        y = truth[:k] + rng.normal(scale=0.05, size=k)
+        fit = fit_device("target", design[:k], y, n_reference, prior, {})
+        scores.append(spearmanr(fit.log_ms(design[k:])[0], truth[k:]).statistic)
+    assert np.mean(scores) > 0.935

@@ -111,7 +111,7 @@ share (coverage 0.906 FBNet, 0.924 NB201, 0.955 and 0.920 unlike); averaging the
 the whole scale grid by evidence instead of the likeliest point, evenly over the grid (NB201
 rho at k=5 0.953 against 0.946, GPUs unlike references 0.907 against 0.884, but dead-code
 targets at k=10 0.870 against 0.872, and the synthetic unlike-every-reference test of
-tests/predictor/test_adaptation.py fell from 0.99 to 0.83 mean rho) or with even odds on
+tests/predictor/test_adaptation.py fell from 0.98 to 0.83 mean rho) or with even odds on
 leaving each block out (0.952 and 0.903 at k=5, the synthetic test 0.89, dead-code targets at
 k=10 0.860); a prior on the descriptor weights learned from the reference devices' own
 descriptor regressions (dead-code targets 0.753/0.850/0.883/0.922 against

@@ -82,7 +82,7 @@ def save(parts: Parts, file: str | PathLike[str] | BinaryIO) -> None:
             "name": target.name, "coef": _tensor(target.coef), "cov": _tensor(target.cov), "noise": target.noise,
             "scales": list(target.scales), "samples": target.samples, "per_network": target.per_network,
             "similarity": None if target.similarity is None else _tensor(target.similarity),
-            "noise_scale": target.noise_scale,
+            "noise_scale": target.noise_scale, "log_evidence": target.log_evidence,
         },
         "preferred_samplers": dict(parts.preferred_samplers),
         "sampler_scores": {name: dict(per_k) for name, per_k in parts.sampler_scores.items()},
@@ -152,7 +152,7 @@ def _target(target: dict[str, Any] | None, version: str) -> DeviceFit | None:
         return DeviceFit(target["name"], target["coef"].numpy(), target["cov"].numpy(), float(target["noise"]),
                          tuple(target["scales"]), dict(target["samples"]), bool(target["per_network"]),
                          None if similarity is None else similarity.numpy().astype(np.float64),
-                         float(target.get("noise_scale", 1.0)))
+                         float(target.get("noise_scale", 1.0)), float(target.get("log_evidence", float("nan"))))
     # bootstrap fits (n_boot, n_design) and intercepts (n_boot,): the Gaussian they sample
     fits = np.hstack([target["intercept"].numpy()[:, None], target["coef"].numpy()]).astype(np.float64)
     return DeviceFit(target["name"], fits.mean(axis=0), np.cov(fits, rowvar=False), 0.0,

@@ -11,7 +11,8 @@ captures). The fit itself is `predictor.adaptation`; the networks `predictor.net
 One network, one latency: a device onboarded through the farm runs the network its export
 builds, so keys that build the same network (`SearchSpace.network_key`) get one prediction
 and their samples count once. Devices that timed every key as written (the reference tables)
-are adapted with `per_network=False`.
+are adapted with `per_network=None`: whether their dead code cost anything is for the samples
+to say (`LatencyPredictor.adapt`).
 
 Pre-training also settles which sampler should pick a new device's samples, by validation on
 the reference devices alone (`predictor.validation`); the winner per sample count is stored as
@@ -30,6 +31,7 @@ import numpy as np
 
 from predictor import checkpoint
 from predictor.adaptation import (
+    BUILT_NETWORK_LOG_ODDS,
     DeviceFit,
     ReferencePrior,
     fit_device,
@@ -280,13 +282,29 @@ class LatencyPredictor:
     # ---- few-shot adaptation ----------------------------------------------------------------
 
     def adapt(self, samples: Mapping[str, float], name: str = "target", *,
-              per_network: bool = True) -> LatencyPredictor:
+              per_network: bool | None = True) -> LatencyPredictor:
         """A predictor for a new device from a few measured {arch key: ms} samples.
 
-        `per_network`: the device ran the networks the keys build (as the farm's exports do), so
-        samples of keys building one network are one measurement of it (their log-mean); pass
-        False for a device that timed each key as written, dead code included.
+        `per_network`: True, the device ran the networks the keys build (as the farm's exports
+        do), so samples of keys building one network are one measurement of it (their
+        log-mean); False, it timed each key as written and its dead code cost what the reference
+        devices' did; None, it timed each key as written and whether its dead code cost anything
+        is tested: the fit on the reference devices' per-network latencies is kept when the
+        samples' evidence for it, at the prior odds `BUILT_NETWORK_LOG_ODDS`, beats the
+        as-written fit's. The test needs samples of distinct networks (what samplers draw);
+        others are read as written.
         """
+        if per_network is not None:
+            return self._adapt(samples, name, per_network)
+        as_written = self._adapt(samples, name, per_network=False)
+        if len(set(self._keys(list(samples), per_network=True))) < len(samples):
+            return as_written
+        built = self._adapt(samples, name, per_network=True)
+        assert built.target is not None and as_written.target is not None  # _adapt always fits
+        ran_built_networks = built.target.log_evidence + BUILT_NETWORK_LOG_ODDS > as_written.target.log_evidence
+        return built if ran_built_networks else as_written
+
+    def _adapt(self, samples: Mapping[str, float], name: str, per_network: bool) -> LatencyPredictor:
         grouped: dict[str, list[float]] = {}
         for key, ms in samples.items():
             if not (np.isfinite(ms) and ms > 0):

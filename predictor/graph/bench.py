@@ -193,7 +193,7 @@ class _InSpace:
             self.models[fold] = LatencyPredictor.pretrain(self.space, list(self.table.rows(train)),
                                                           config=IN_SPACE_CONFIG)
         # the tables timed each key as written, dead code included
-        return self.models[fold].adapt(samples, name=device, per_network=False).predict(keys)[0]
+        return self.models[fold].adapt(samples, name=device, per_network=None).predict(keys)[0]
 
 
 def _done(path: Path) -> set[tuple[str, ...]]:

@@ -20,6 +20,7 @@ from predictor.spaces import SearchSpace
 from predictor.validation import held_out_devices
 
 TINY = TrainConfig(members=2, hidden=64, depth=2, epochs=20, sampler_folds=3)
+TinyNoValidation = TrainConfig(members=1, hidden=64, depth=2, epochs=20, sampler_folds=0)
 SPACE = get_space("nb201")
 
 
@@ -355,6 +356,38 @@ def test_one_network_gets_one_latency_on_a_farm_device(base: LatencyPredictor) -
     assert doubled.predict(keys[:500])[0] == pytest.approx(device.predict(keys[:500])[0])
     assert doubled.target is not None and device.target is not None
     assert len(doubled.target.samples) == len(device.target.samples)
+
+
+def test_the_samples_tell_whether_a_device_that_timed_keys_as_written_charged_for_dead_code() -> None:
+    """`adapt(per_network=None)`, on reference devices that charge for dead operations (they
+    count every op as written, and their table holds each key's dead-code-free twin, so the
+    charge shows): a device timed the same way is read as written; one that ran only the built
+    networks is read per network, so the keys building one network share its latency."""
+    twins = [key for key in SPACE.sample(800, seed=21) if SPACE.is_connected(key)]
+    keys = list(dict.fromkeys(twins + [SPACE.live_key(key) for key in twins]))
+    rng = np.random.default_rng(1)
+    rows = [(key, f"ref{d}", float(ms)) for d in range(4)
+            for key, ms in zip(keys, synthetic_ms(keys, np.r_[0.0, rng.uniform(1.0, 3.0, 4)], 1.0))]
+    torch.manual_seed(0)
+    charging_base = LatencyPredictor.pretrain(SPACE, rows, config=TinyNoValidation)
+    cost = np.array([0.0, 0.5, 1.8, 2.7, 0.9])
+    networks: dict[str, str] = {}
+    for key in SPACE.sample(3000, seed=11):  # distinct networks, half of them with dead code
+        if SPACE.is_connected(key) and (SPACE.live_key(key) != key) == (len(networks) % 2 == 0):
+            networks.setdefault(SPACE.network_key(key), key)
+    samples = list(networks.values())[:20]
+    as_written = dict(zip(samples, synthetic_ms(samples, cost, 0.8)))
+    built = dict(zip(samples, synthetic_ms([SPACE.live_key(key) for key in samples], cost, 0.8)))
+    charging = charging_base.adapt(as_written, per_network=None)
+    running_networks = charging_base.adapt(built, per_network=None)
+    assert charging.target is not None and not charging.target.per_network
+    assert running_networks.target is not None and running_networks.target.per_network
+    dead = next(key for key in twins if SPACE.live_key(key) != key)
+    answers = running_networks.predict([dead, SPACE.live_key(dead)])[0]
+    assert answers[0] == answers[1]
+    # told how the device timed, the predictor takes it at its word
+    told = charging_base.adapt(built, per_network=False).target
+    assert told is not None and not told.per_network
 
 
 def test_active_learning_picks_unmeasured_networks_that_cut_the_uncertainty_most(base: LatencyPredictor) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, event, select
 from sqlalchemy.orm import Session
 
 from server.db import make_engine
@@ -186,3 +187,30 @@ def test_spaces_lists_every_installed_space_with_what_it_offers(api: httpx.Clien
     assert onnx["graph_encoded"] and not onnx["builds_networks"] and not onnx["has_reference_tables"]
     # a graph-encoded space pre-trains on the reference spaces' devices
     assert "spaces-ref-dev" in onnx["reference_devices"]
+
+
+def test_a_page_of_devices_reads_their_agents_in_the_query_that_loads_them(
+        api: httpx.Client, anonymous: httpx.Client, connection: Connection) -> None:
+    """Listing devices loads each device's agents with the devices, not one query per device
+    inside the response's validation (where a database that went away answered 500, not 503)."""
+    capabilities = {"hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",
+                    "python": "3", "agent_version": "0"}
+    for i in range(6):
+        token = api.post("/agents/registration-tokens").json()["token"]
+        body = {"name": f"lister-{i}", "devices": [{"name": f"listed-{i}"}], "capabilities": capabilities}
+        assert anonymous.post("/agents/register", json=body,
+                              headers={"Authorization": f"Bearer {token}"}).status_code == 201
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(connection, "before_cursor_execute", count)
+    try:
+        listed = api.get("/devices").json()["items"]
+    finally:
+        event.remove(connection, "before_cursor_execute", count)
+    assert {device["name"] for device in listed} >= {f"listed-{i}" for i in range(6)}
+    assert all(device["agents"] for device in listed if device["name"].startswith("listed-"))
+    agent_reads = [s for s in statements if "agents" in s and "agent_devices" in s]
+    assert len(agent_reads) == 1, agent_reads

@@ -6,8 +6,8 @@ adaptation falls short, on reference devices only (no 12-task test device takes 
     python benchmarks/unlike_references.py --space fbnet           # gpu and random (FBNet)
 
 Each target device (every `--every`-th of those the split allows) gets a base predictor
-pre-trained on `--references` devices drawn at random from those the split allows, then k samples drawn
-by the base's default sampler; our adaptation and `scratch` (a ridge on the space's features
+pre-trained on `--references` devices drawn at random from those the split allows, then k
+samples drawn by the base's default sampler; our adaptation and `scratch` (a ridge on the space's features
 fitted to the same samples alone, the 12-task bench's baseline) predict the rest. Splits:
 
 - `dead-code` (NB201 only: FBNet's keys hold no dead code): targets are the NB201 devices whose tables
@@ -35,7 +35,7 @@ import torch
 
 from predictor import LatencyPredictor, get_sampler, metrics
 from predictor.bench.data import load_space_table, memoised_space
-from predictor.bench.lodo import CONFIG
+from predictor.bench.lodo import CONFIG, SPACES
 from predictor.bench.methods import Scratch, TaskContext
 from predictor.datasets import find_datasets
 from predictor.reference import LatencyTable, MeasuredReference
@@ -60,7 +60,7 @@ def split_rules(split: str, charges: dict[str, bool]) -> tuple[Callable[[str], b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--space", choices=("nb201", "fbnet"), default="nb201")
+    parser.add_argument("--space", choices=SPACES, default="nb201")
     parser.add_argument("--split", choices=SPLITS, nargs="+",
                         help="default: every split the space has")
     parser.add_argument("--k", type=int, nargs="+", default=[5, 10, 20, 50])

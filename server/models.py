@@ -197,10 +197,7 @@ class Device(Base):
     jobs_since_canary: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    # loaded with the device, in the query that loads it: a lazy load would run inside the
-    # response's validation, where a database that went away surfaces as a 500, not a 503 (and a
-    # page of devices would cost a query per device)
-    agents: Mapped[list[Agent]] = relationship(secondary="agent_devices", order_by="Agent.id", lazy="selectin")
+    agents: Mapped[list[Agent]] = relationship(secondary="agent_devices", order_by="Agent.id")
 
 
 class AgentDevice(Base):

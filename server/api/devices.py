@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 from sqlalchemy import exists, select
+from sqlalchemy.orm import selectinload
 
 from server.api.deps import Db, ServicesDep
 from server.api.onboardings import onboarding_out
@@ -22,7 +23,9 @@ router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 @router.get("", dependencies=[READ])
 def list_devices(session: Db, space: str | None = Query(None, description="only devices measured in this space"),
                  cursor: Cursor = 0, limit: int = Query(1000, ge=1, le=10_000)) -> Page[DeviceOut]:
-    query = select(Device)
+    # the agents load with the devices: a lazy load per device would run inside the answer's
+    # validation, where a database that went away surfaces as a 500, not a 503
+    query = select(Device).options(selectinload(Device.agents))
     if space is not None:
         space_id = space_row(session, resolve_space(space)).id
         query = query.where(
@@ -37,7 +40,7 @@ def list_devices(session: Db, space: str | None = Query(None, description="only 
 def create_device(body: DeviceIn, session: Db) -> DeviceOut:
     if session.scalar(select(Device).where(Device.name == body.name)) is not None:
         raise Conflict(f"device {body.name!r} already exists", "name")
-    device = Device(**body.model_dump(), source="user")
+    device = Device(**body.model_dump(), source="user", agents=[])
     session.add(device)
     session.flush()
     return DeviceOut.model_validate(device)
@@ -67,12 +70,12 @@ def explain_device(name: str, session: Db, services: ServicesDep, space: str = "
 
 @router.get("/{name:path}", dependencies=[READ])
 def read_device(name: str, session: Db) -> DeviceOut:
-    return DeviceOut.model_validate(get_device(session, name, "name"))
+    return DeviceOut.model_validate(get_device(session, name, "name", with_agents=True))
 
 
 @router.patch("/{name:path}", dependencies=[ADMIN])
 def update_device(name: str, body: DevicePatch, session: Db) -> DeviceOut:
-    device = get_device(session, name, "name")
+    device = get_device(session, name, "name", with_agents=True)
     # a null leaves the field as it is: none of them may be empty
     for field, value in body.model_dump(exclude_unset=True, exclude_none=True).items():
         setattr(device, field, value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from predictor.spaces import InvalidArchitecture, SearchSpace, UnknownSpace, get_space
 from server.db import insert_missing
@@ -48,8 +48,11 @@ def ensure_architecture(session: Session, space: SearchSpace, key: str) -> Archi
     return arch
 
 
-def get_device(session: Session, name: str, field: str = "device") -> Device:
-    device = session.scalar(select(Device).where(Device.name == name))
+def get_device(session: Session, name: str, field: str = "device", *, with_agents: bool = False) -> Device:
+    """The device named `name` (404 naming `field` if none); `with_agents` loads its agents in
+    the same round of queries, for an answer that lists them (`DeviceOut`)."""
+    query = select(Device).where(Device.name == name)
+    device = session.scalar(query.options(selectinload(Device.agents)) if with_agents else query)
     if device is None:
         raise NotFound(f"unknown device {name!r}", field)
     return device

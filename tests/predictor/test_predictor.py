@@ -20,7 +20,7 @@ from predictor.spaces import SearchSpace
 from predictor.validation import held_out_devices
 
 TINY = TrainConfig(members=2, hidden=64, depth=2, epochs=20, sampler_folds=3)
-TinyNoValidation = TrainConfig(members=1, hidden=64, depth=2, epochs=20, sampler_folds=0)
+TINY_UNVALIDATED = TrainConfig(members=1, hidden=64, depth=2, epochs=20, sampler_folds=0)
 SPACE = get_space("nb201")
 
 
@@ -369,7 +369,7 @@ def test_the_samples_tell_whether_a_device_that_timed_keys_as_written_charged_fo
     rows = [(key, f"ref{d}", float(ms)) for d in range(4)
             for key, ms in zip(keys, synthetic_ms(keys, np.r_[0.0, rng.uniform(1.0, 3.0, 4)], 1.0))]
     torch.manual_seed(0)
-    charging_base = LatencyPredictor.pretrain(SPACE, rows, config=TinyNoValidation)
+    charging_base = LatencyPredictor.pretrain(SPACE, rows, config=TINY_UNVALIDATED)
     cost = np.array([0.0, 0.5, 1.8, 2.7, 0.9])
     networks: dict[str, str] = {}
     for key in SPACE.sample(3000, seed=11):  # distinct networks, half of them with dead code

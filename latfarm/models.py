@@ -87,6 +87,8 @@ class Job(Answer):
     #: the median of the measured runs, once done
     latency_ms: float | None
     flags: list[str] | None
+    #: the measurement is trained on and reused (no flag puts its median in doubt)
+    valid: bool | None = None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -277,7 +277,8 @@ class Measurement(Base):
     stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     samples_ms: Mapped[list[Any] | None] = mapped_column(JSON)
     flags: Mapped[list[Any] | None] = mapped_column(JSON)
-    #: no quality flags: used for training and reused instead of measuring again
+    #: no flag puts the median in doubt (`agent.quality.trusted`): trained on and reused instead of
+    #: measuring again
     valid: Mapped[bool] = mapped_column(default=True)
     preset: Mapped[str | None] = mapped_column(String(16))
     protocol_version: Mapped[int | None]

@@ -172,6 +172,7 @@ class MeasurementOut(BaseModel):
     source: str
     stats: dict[str, Any] | None
     flags: list[Any] | None
+    valid: bool = Field(description="trained on and reused: no flag puts the median in doubt (`short` does not)")
     provenance: dict[str, Any] | None
     job_id: int | None
     created_at: Timestamp | None
@@ -224,6 +225,8 @@ class JobOut(BaseModel):
     reused: bool = Field(description="the measurement is an earlier valid one, not measured for this job")
     latency_ms: float | None
     flags: list[str] | None
+    valid: bool | None = Field(description="the measurement is trained on and reused (no flag puts its median in "
+                               "doubt; `short` does not); null without a measurement")
     created_at: Timestamp
     started_at: Timestamp | None
     finished_at: Timestamp | None

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     canary_drift: float = Field(default=0.10, gt=0)
     #: a degraded device gets a re-check canary this often until one passes
     canary_recheck_s: float = Field(default=300.0, gt=0)
-    #: also train predictors on measurements flagged unstable, drift or short
+    #: also train predictors on measurements whose flags put their median in doubt (unstable, drift)
     train_on_flagged: bool = False
     #: reference devices held out in turn at pre-training to choose the default sampler, each
     #: costing one more fit of the ensemble; 0 leaves the default sampler unvalidated

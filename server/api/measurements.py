@@ -47,7 +47,8 @@ def _out(measurement: Measurement, device: str, space: str | None, key: str | No
     return MeasurementOut(
         id=measurement.id, device=device, space=space, architecture=key, artifact_sha256=measurement.artifact_sha256,
         latency_ms=measurement.latency_ms, source=measurement.source, stats=measurement.stats, flags=measurement.flags,
-        provenance=measurement.provenance, job_id=measurement.job_id, created_at=measurement.created_at,
+        valid=measurement.valid, provenance=measurement.provenance, job_id=measurement.job_id,
+        created_at=measurement.created_at,
     )
 
 

@@ -62,9 +62,9 @@ def _onboarding_active(session: Session, task: TrainingTask) -> bool:
 
 
 def _onboarding_samples(session: Session, onboarding: Onboarding, train_on_flagged: bool) -> list[Sample]:
-    """The onboarding's measurements in the order they were chosen; flagged ones (unstable, drift,
-    short) only if `train_on_flagged`, or when too few are left without them: a noisy host flags
-    most runs, and adapting on them beats failing."""
+    """The onboarding's measurements in the order they were chosen; those whose flags put their
+    median in doubt (unstable, drift) only if `train_on_flagged`, or when too few are left without
+    them: a noisy host flags most runs, and adapting on them beats failing."""
     measured = session.execute(
         select(Architecture.key, Measurement.latency_ms, Measurement.valid, Measurement.created_at)
         .join(Job, Job.measurement_id == Measurement.id)

@@ -70,6 +70,7 @@ def describe_job(session: Session, job: Job) -> JobOut:
         "queue_position": queue_position(session, job),
         "latency_ms": measurement.latency_ms if measurement else None,
         "flags": measurement.flags if measurement else None,
+        "valid": measurement.valid if measurement else None,
     })
 
 

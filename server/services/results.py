@@ -22,7 +22,7 @@ from agent.protocol import (
     Preset,
     ResultStatus,
 )
-from agent.quality import quality_flags
+from agent.quality import quality_flags, trusted
 from server import metrics
 from server.background.wakeup import jobs_changed
 from server.db import AnyRow, session_scope
@@ -58,7 +58,8 @@ _LOCKED_JOB = (
            Job.status, Job.agent_id, Job.lease_id, Job.device_id, Job.attempts, Job.error, Job.failure_class,
            Job.measurement_id, Job.reused, Job.onboarding_id, Job.created_at, Job.started_at, Job.finished_at,
            Device.name.label("device"), Architecture.space_id, Architecture.key.label("architecture"),
-           SearchSpaceRow.name.label("space"), Measurement.latency_ms, Measurement.flags)
+           SearchSpaceRow.name.label("space"), Measurement.latency_ms, Measurement.flags,
+           Measurement.valid)
     .outerjoin(Device, Device.id == Job.device_id)
     .outerjoin(Architecture, Architecture.id == Job.architecture_id)
     .outerjoin(SearchSpaceRow, SearchSpaceRow.id == Architecture.space_id)
@@ -143,7 +144,8 @@ def record_result(session: Session, agent_id: int, job_id: int, result: JobResul
     jobs_changed(session, job.device_id)
     return _recorded(job, status=status, error=error, failure_class=failure_class, finished_at=now,
                      measurement_id=measurement_id, latency_ms=measurement["latency_ms"] if measurement else None,
-                     flags=measurement["flags"] if measurement else None)
+                     flags=measurement["flags"] if measurement else None,
+                     valid=measurement["valid"] if measurement else None)
 
 
 def _after_job(session: Session, conn: Connection, job: AnyRow, measurement: dict[str, Any] | None,
@@ -178,7 +180,8 @@ def _recorded(job: AnyRow, **changes: Any) -> Recorded:
 
 def _measurement(job: AnyRow, result: JobResult) -> dict[str, Any]:
     assert result.stats is not None
-    flags = quality_flags(result.samples_ms, PRESETS[Preset(job.preset)])
+    protocol = PRESETS[Preset(job.preset)]
+    flags = quality_flags(result.samples_ms, protocol)
     provenance = {**result.provenance, "artifact_sha256": job.artifact_sha256, "preset": job.preset,
                   "protocol_version": result.protocol_version}
     for field in ("load_ms", "first_inference_ms", "warmup_runs"):
@@ -186,6 +189,7 @@ def _measurement(job: AnyRow, result: JobResult) -> dict[str, Any]:
             provenance[field] = getattr(result, field)
     return {"device_id": job.device_id, "architecture_id": job.architecture_id,
             "artifact_sha256": job.artifact_sha256, "job_id": job.id, "latency_ms": result.stats.median_ms,
-            "stats": result.stats.model_dump(), "samples_ms": result.samples_ms, "flags": flags, "valid": not flags,
+            "stats": result.stats.model_dump(), "samples_ms": result.samples_ms, "flags": flags,
+            "valid": trusted(result.samples_ms, protocol, flags),
             "preset": job.preset, "protocol_version": result.protocol_version, "provenance": provenance,
             "source": "measured"}

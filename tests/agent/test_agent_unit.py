@@ -27,7 +27,17 @@ from agent.capabilities import default_device_name, detect_capabilities, device_
 from agent.cli import build_parser, settings_from_args
 from agent.cli import main as cli_main
 from agent.client import ServerClient
-from agent.protocol import PROTOCOL_VERSION, ArtifactFormat, ArtifactRef, JobResult, Runtime, TimingProtocol
+from agent.protocol import (
+    PRESETS,
+    PROTOCOL_VERSION,
+    ArtifactFormat,
+    ArtifactRef,
+    JobResult,
+    Preset,
+    Runtime,
+    TimingProtocol,
+)
+from agent.quality import quality_flags, trusted
 from agent.settings import ENV_VARS, MB, AgentSettings
 from agent.timing import classify_failure, compute_stats, measure, warm_up
 from agent.worker import Worker
@@ -162,6 +172,18 @@ def test_warm_up_minimum_and_cap() -> None:
     # No warm-up at all.
     run_ns, given = _scripted([])
     assert warm_up(run_ns, TimingProtocol(warmup_runs=0, warmup_max_runs=0)) == 0 and given == []
+
+
+def test_a_fast_model_is_flagged_short_and_still_trusted_where_noise_is_not() -> None:
+    quick = PRESETS[Preset.quick]
+    fast = [0.018] * quick.max_runs  # the run cap came first: 0.09 s of 0.2 s timed
+    assert quality_flags(fast, quick) == ["short"] and trusted(fast, quick, ["short"])
+    too_few = [5.0] * (quick.min_runs - 1)
+    assert "short" in quality_flags(too_few, quick) and not trusted(too_few, quick, quality_flags(too_few, quick))
+    noisy = [1.0, 1.2, 1.4] * 200
+    assert quality_flags(noisy, quick) == ["unstable"] and not trusted(noisy, quick, ["unstable"])
+    drifting = np.linspace(1.0, 1.09, 400).tolist()  # the median crept up 6 %, the spread stayed small
+    assert quality_flags(drifting, quick) == ["drift"] and not trusted(drifting, quick, ["drift"])
 
 
 def test_classify_failure() -> None:

@@ -66,9 +66,9 @@ def test_onboarding_adapts_a_predictor_from_real_measurements(imported, server_u
     predictors = api.get("/predictors", params={"space": "nb201"}).json()["items"]
     adapted = next(p for p in predictors if p["id"] == final["predictor_id"])
     assert adapted["kind"] == "adapted" and adapted["device"] == device and adapted["parent_id"] is not None
-    # flagged (unstable, drift, short) measurements are kept but not trained on
+    # measurements flagged unstable or drift are kept but not trained on
     jobs = api.get("/jobs", params={"onboarding": onboarding_id}).json()["items"]
-    clean = [job for job in jobs if job["status"] == "done" and not job["flags"]]
+    clean = [job for job in jobs if job["status"] == "done" and job["valid"]]
     usable = len(clean) if len(clean) >= 2 else sum(job["status"] == "done" for job in jobs)
     assert adapted["metrics"]["samples"] == usable >= 2, [job["flags"] for job in jobs]
     prediction = api.post("/predict", json={"device": device, "space": "nb201", "architectures": [NB201_KEY]}).json()

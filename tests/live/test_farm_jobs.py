@@ -68,10 +68,11 @@ class ScriptedAgent:
         assert reply.status_code == 200, f"no lease within {wait} s: {reply.status_code} {reply.text}"
         return reply.json()
 
-    def finish(self, lease: dict, median_ms: float = 10.0) -> dict:
-        samples = [median_ms] * 60  # steady and long enough for every preset's flags
-        stats = {"n": len(samples), "median_ms": median_ms, "mean_ms": median_ms, "min_ms": median_ms,
-                 "max_ms": median_ms, "p90_ms": median_ms, "iqr_ms": 0.0, "cv": 0.0}
+    def finish(self, lease: dict, median_ms: float = 10.0, samples: list[float] | None = None) -> dict:
+        """Post `samples` (default: steady and long enough for every preset's flags) as the timing."""
+        samples = [median_ms] * 60 if samples is None else samples
+        stats = {"n": len(samples), "median_ms": median_ms, "mean_ms": median_ms, "min_ms": min(samples),
+                 "max_ms": max(samples), "p90_ms": median_ms, "iqr_ms": 0.0, "cv": 0.0}
         return self.post(lease, {"status": "ok", "stats": stats, "samples_ms": samples})
 
     def fail(self, lease: dict, failure_class: str) -> dict:
@@ -104,6 +105,27 @@ def test_registration_hands_out_server_intervals_and_one_time_tokens_work_once(a
         assert {key: first.json()[key] for key in ("poll_wait_s", "heartbeat_s", "lease_ttl_s")} == {
             "poll_wait_s": 1, "heartbeat_s": 0.5, "lease_ttl_s": 3}
         assert holder.post("/agents/register", json=body).status_code == 401
+
+
+def test_a_fast_models_short_measurement_is_valid_and_reused_and_an_unstable_one_is_neither(
+        admin: httpx.Client, tmp_path: Path) -> None:
+    device = unique("flags", tmp_path)
+    agent = ScriptedAgent(admin, "flagger", {device: {}})
+    agent.pass_canary()
+    submit(admin, device=device)
+    fast = agent.finish(agent.claim(wait=5), 0.02, [0.02] * 5000)  # the quick preset's run cap in 0.1 s
+    assert fast["flags"] == ["short"] and fast["valid"] is True
+    again = submit(admin, device=device).json()
+    assert again["reused"] and again["measurement_id"] == fast["measurement_id"] and again["valid"] is True
+    measurement = admin.get("/measurements", params={"device": device}).json()["items"]
+    assert [(m["flags"], m["valid"]) for m in measurement if m["job_id"] == fast["id"]] == [(["short"], True)]
+
+    submit(admin, device=device, force=True)
+    noisy = agent.finish(agent.claim(wait=5), 1.2, [1.0, 1.2, 1.4] * 100)
+    assert noisy["flags"] == ["unstable"] and noisy["valid"] is False
+    # the newer measurement is not reused: the older valid one is
+    reused = submit(admin, device=device).json()
+    assert reused["reused"] and reused["measurement_id"] == fast["measurement_id"] != noisy["measurement_id"]
 
 
 def test_selector_picks_a_matching_device_and_422_when_none_can(admin: httpx.Client, tmp_path: Path) -> None:

@@ -8,11 +8,12 @@ from typing import Any
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
+from sqlalchemy.orm import Session
 
 from server.cli.local import temporary_postgres_database
 from server.db import alembic_config, make_engine, upgrade
-from server.models import Base
+from server.models import Base, Device, Measurement
 from tests.helpers import POSTGRES_ADMIN_URL
 
 
@@ -56,3 +57,35 @@ def test_migrations_round_trip_on_postgres() -> None:
     with temporary_postgres_database(POSTGRES_ADMIN_URL, "latfarm_migrations") as url:
         command.downgrade(alembic_config(url), "base")  # the helper hands it over migrated
         _round_trip(url)
+
+
+def test_short_measurements_stored_before_become_valid_and_return_on_downgrade(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'short.db'}"
+    config = alembic_config(url)
+    command.upgrade(config, "0006_collections")
+    engine = make_engine(url)
+    try:
+        with Session(engine) as session:
+            device = Device(name="phone")
+            session.add(device)
+            session.flush()
+            stored = [  # as stored before: every flagged measurement invalid
+                (["short"], 5000, "quick"),  # a fast model: the run cap came first
+                (["short"], 3, "quick"),  # too few runs
+                (["unstable", "short"], 5000, "quick"),
+                (["short"], 100, "rigorous"),  # under the rigorous preset's 200 runs
+            ]
+            session.add_all(Measurement(device_id=device.id, latency_ms=0.02, flags=flags, stats={"n": n},
+                                        preset=preset, valid=False) for flags, n, preset in stored)
+            session.commit()
+
+        def valid() -> list[bool]:
+            with Session(engine) as session:
+                return list(session.scalars(select(Measurement.valid).order_by(Measurement.id)))
+
+        command.upgrade(config, "head")
+        assert valid() == [True, False, False, False]
+        command.downgrade(config, "0006_collections")
+        assert valid() == [False, False, False, False]
+    finally:
+        engine.dispose()

@@ -59,8 +59,9 @@ def test_migrations_round_trip_on_postgres() -> None:
         _round_trip(url)
 
 
-def test_short_measurements_stored_before_become_valid_and_return_on_downgrade(tmp_path: Any) -> None:
-    url = f"sqlite:///{tmp_path / 'short.db'}"
+def _short_measurements_revalidated(url: str) -> None:
+    """Migration 0007 on measurements stored before it: `short` alone, with the preset's minimum
+    runs, becomes valid; the downgrade restores them."""
     config = alembic_config(url)
     command.upgrade(config, "0006_collections")
     engine = make_engine(url)
@@ -89,3 +90,13 @@ def test_short_measurements_stored_before_become_valid_and_return_on_downgrade(t
         assert valid() == [False, False, False, False]
     finally:
         engine.dispose()
+
+
+def test_short_measurements_stored_before_become_valid_on_sqlite(tmp_path: Any) -> None:
+    _short_measurements_revalidated(f"sqlite:///{tmp_path / 'short.db'}")
+
+
+def test_short_measurements_stored_before_become_valid_on_postgres() -> None:
+    with temporary_postgres_database(POSTGRES_ADMIN_URL, "latfarm_short") as url:
+        command.downgrade(alembic_config(url), "base")  # the helper hands it over migrated
+        _short_measurements_revalidated(url)

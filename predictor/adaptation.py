@@ -173,6 +173,22 @@ the same benches:
 - log MACs counting the dead convolutions too, as one more descriptor: no-dead-code
   .834/.895/.928/.944, dead-code .801/.891/.924/.937, random references .888/.924/.947/.946,
   but LODO NB201 with every device .944/.952/.957/.975 and the 90 % coverage at k=20 .907.
+
+Shaping the uncertainty further was tried on the full LODO bench and rejected: Spearman of the
+std against |error| at k = 5/10/20/50 is .266/.255/.205/.189 on NB201 and .109/.116/.103/.063 on
+FBNet as it stands, and no signal added more than .03 at k=20:
+- the noise growing as the predicted latency falls (times exp(-z/4), z the prediction
+  standardised over the space): .222 and .106 at k=20; the disagreement to the power 1: .209
+  and .109;
+- the samples' leave-one-out residuals, kernel-smoothed over the reference block (LODO subset,
+  9 NB201 and 8 FBNet targets): .186 against .169 and .119 against .092 at k=20;
+- where the dead-code reading is tested, the other reading's spread weighted by its probability:
+  NB201 .292/.278/.227/.203, coverage at k=20 .933; a farm device has no such reading, so it
+  would move the bench alone.
+`benchmarks/calibration_ceiling.py` says why: each architecture's error on the other held-out
+devices ranks a device's errors no better than this std does (NB201 .213, FBNet .072 at k=20),
+while the device's own errors under other samples do (.522 and .590): what is left is the
+device's, not the architectures'.
 """
 
 from __future__ import annotations

@@ -189,6 +189,12 @@ FBNet as it stands, and no signal added more than .03 at k=20:
 devices ranks a device's errors no better than this std does (NB201 .213, FBNet .072 at k=20),
 while the device's own errors under other samples do (.522 and .590): what is left is the
 device's, not the architectures'.
+
+Richer descriptor blocks, tried on the FBNet GPUs split of `benchmarks/unlike_references.py`
+(.662/.763/.877/.906 at k = 5/10/20/50 with the summary descriptors) and rejected: the pre-trained
+trunk's hidden features, their top 16 principal components over the table's keys (networks
+trained with the full configuration), .475/.672/.744/.886, or the top 4, .548/.708/.862/.884;
+the space's standardised one-hot op encoding in the same block, .443/.499/.586/.632.
 """
 
 from __future__ import annotations

@@ -8,14 +8,16 @@ on the others, k samples from the default sampler), scored three ways per (devic
   k and seed) in place of our std: what an uncertainty that an architecture carries on every
   device could reach at best, an oracle no method has;
 - `other seeds`: with the same device's |log error| under its other seeds' samples: how much of
-  the error belongs to the device rather than to the draw.
+  the error belongs to the device rather than to the draw;
+- `pooled`: our std against |log error| over every (device, architecture) of a seed at once, the
+  mean over seeds: does the uncertainty tell the devices it predicts well from the others?
 
     python benchmarks/calibration_ceiling.py                  # NB201 and FBNet, every device
     python benchmarks/calibration_ceiling.py --space fbnet --every 3
 
 Prints one line per space and k:
 
-    calibration nb201 k=20: ours=X other-devices=Y other-seeds=Z (devices=N, seeds=S)
+    calibration nb201 k=20: ours=X other-devices=Y other-seeds=Z pooled=P (devices=N, seeds=S)
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Ceiling(NamedTuple):
     ours: float
     other_devices: float
     other_seeds: float
+    pooled: float
     devices: int
     seeds: int
 
@@ -94,8 +97,13 @@ def ceiling(cells: dict[tuple[str, int, int], np.ndarray], k: int) -> Ceiling:
                 scores[name].append(metrics.spearman(oracle[usable], error[usable]))
     ours, other_devices, other_seeds = (float(np.nanmean(scores[name])) if scores[name] else float("nan")
                                         for name in ("ours", "devices", "seeds"))
-    return Ceiling(ours, other_devices, other_seeds, len({device for device, _ in at_k}),
-                   len({seed for _, seed in at_k}))
+    seeds = sorted({seed for _, seed in at_k})
+    pooled = []
+    for seed in seeds:
+        error, std = np.hstack([rows[:, np.isfinite(rows[0])] for (_, s), rows in at_k.items() if s == seed])
+        pooled.append(metrics.spearman(std, error))
+    return Ceiling(ours, other_devices, other_seeds, float(np.mean(pooled)), len({device for device, _ in at_k}),
+                   len(seeds))
 
 
 def main() -> None:
@@ -111,7 +119,8 @@ def main() -> None:
         for k in args.k:
             score = ceiling(cells, k)
             print(f"calibration {space_name} k={k}: ours={score.ours:.3f} other-devices={score.other_devices:.3f} "
-                  f"other-seeds={score.other_seeds:.3f} (devices={score.devices}, seeds={score.seeds})", flush=True)
+                  f"other-seeds={score.other_seeds:.3f} pooled={score.pooled:.3f} (devices={score.devices}, "
+                  f"seeds={score.seeds})", flush=True)
 
 
 if __name__ == "__main__":

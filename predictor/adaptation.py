@@ -195,6 +195,18 @@ Richer descriptor blocks, tried on the FBNet GPUs split of `benchmarks/unlike_re
 trunk's hidden features, their top 16 principal components over the table's keys (networks
 trained with the full configuration), .475/.672/.744/.886, or the top 4, .548/.708/.862/.884;
 the space's standardised one-hot op encoding in the same block, .443/.499/.586/.632.
+
+A sample the device mis-measured weighs as much as any other. One sample of k scaled by 1.5 / 2 /
+0.5 (every 4th device of the LODO bench, 3 seeds) moves FBNet's mean rho at k=20 from .972 to
+.939 / .875 / .866 and at k=10 from .970 to .757 / .696 / .636 (NB201 k=20: .956 to .946 / .932 /
+.913): FBNet's latencies span little, so one bad sample bends the fit. Setting aside the samples
+whose leave-one-out residual makes them likelier outliers than not (prior 1 in 20, outliers
+spread with a log-latency variance of 1; only from 10 samples up: at k=5 it flagged good samples,
+NB201 .931 to .906) recovered most of it (FBNet k=20 .943 / .919 / .915, k=10 .839 / .902 / .920)
+at no cost on clean samples there, but on `benchmarks/unlike_references.py`, where the model is
+further from every device, it set good samples aside: FBNet GPUs at k=10 .763 to .706, NB201
+dead-code targets .875 to .852. Rejected. The agent keeps out measurements whose runs drift or
+scatter (`agent.quality`); a slowdown steady over a whole measurement passes both checks.
 """
 
 from __future__ import annotations

@@ -11,13 +11,18 @@ on the others, k samples from the default sampler), scored three ways per (devic
   the error belongs to the device rather than to the draw;
 - `pooled`: our std against |log error| over every (device, architecture) of a seed at once, the
   mean over seeds: does the uncertainty tell the devices it predicts well from the others?
+- `across devices`: per device, the mean relative std (what an onboarding's `target_uncertainty` is
+  compared with) against the mean |log error|, Spearman over the devices of a seed; and `std/error`,
+  the ratio of the two means with the std turned into the mean |error| it implies (x sqrt(2/pi)),
+  above 1 where the std overstates the typical error.
 
     python benchmarks/calibration_ceiling.py                  # NB201 and FBNet, every device
     python benchmarks/calibration_ceiling.py --space fbnet --every 3
 
 Prints one line per space and k:
 
-    calibration nb201 k=20: ours=X other-devices=Y other-seeds=Z pooled=P (devices=N, seeds=S)
+    calibration nb201 k=20: ours=X other-devices=Y other-seeds=Z pooled=P across-devices=D
+        std/error=R (devices=N, seeds=S)
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ class Ceiling(NamedTuple):
     other_devices: float
     other_seeds: float
     pooled: float
+    across_devices: float
+    std_over_error: float
     devices: int
     seeds: int
 
@@ -98,12 +105,16 @@ def ceiling(cells: dict[tuple[str, int, int], np.ndarray], k: int) -> Ceiling:
     ours, other_devices, other_seeds = (float(np.nanmean(scores[name])) if scores[name] else float("nan")
                                         for name in ("ours", "devices", "seeds"))
     seeds = sorted({seed for _, seed in at_k})
-    pooled = []
+    pooled, across_devices, std_over_error = [], [], []
     for seed in seeds:
-        error, std = np.hstack([rows[:, np.isfinite(rows[0])] for (_, s), rows in at_k.items() if s == seed])
+        held = [rows[:, np.isfinite(rows[0])] for (_, s), rows in at_k.items() if s == seed]
+        error, std = np.hstack(held)
         pooled.append(metrics.spearman(std, error))
-    return Ceiling(ours, other_devices, other_seeds, float(np.mean(pooled)), len({device for device, _ in at_k}),
-                   len(seeds))
+        device_error, device_std = np.asarray([cell.mean(axis=1) for cell in held]).T
+        across_devices.append(metrics.spearman(device_std, device_error))
+        std_over_error.append(float(np.mean(device_std * np.sqrt(2 / np.pi) / device_error)))
+    return Ceiling(ours, other_devices, other_seeds, float(np.mean(pooled)), float(np.mean(across_devices)),
+                   float(np.mean(std_over_error)), len({device for device, _ in at_k}), len(seeds))
 
 
 def main() -> None:
@@ -119,8 +130,9 @@ def main() -> None:
         for k in args.k:
             score = ceiling(cells, k)
             print(f"calibration {space_name} k={k}: ours={score.ours:.3f} other-devices={score.other_devices:.3f} "
-                  f"other-seeds={score.other_seeds:.3f} pooled={score.pooled:.3f} (devices={score.devices}, "
-                  f"seeds={score.seeds})", flush=True)
+                  f"other-seeds={score.other_seeds:.3f} pooled={score.pooled:.3f} "
+                  f"across-devices={score.across_devices:.3f} std/error={score.std_over_error:.2f} "
+                  f"(devices={score.devices}, seeds={score.seeds})", flush=True)
 
 
 if __name__ == "__main__":

@@ -206,7 +206,8 @@ NB201 .931 to .906) recovered most of it (FBNet k=20 .943 / .919 / .915, k=10 .8
 at no cost on clean samples there, but on `benchmarks/unlike_references.py`, where the model is
 further from every device, it set good samples aside: FBNet GPUs at k=10 .763 to .706, NB201
 dead-code targets .875 to .852. Rejected. The agent keeps out measurements whose runs drift or
-scatter (`agent.quality`); a slowdown steady over a whole measurement passes both checks.
+scatter (`agent.quality`); a slowdown steady over a whole measurement passes both checks, and
+only the device's canary (every 50 jobs by default) can catch one that lasts.
 """
 
 from __future__ import annotations

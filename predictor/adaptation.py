@@ -199,7 +199,9 @@ the space's standardised one-hot op encoding in the same block, .443/.499/.586/.
 A sample the device mis-measured weighs as much as any other. One sample of k scaled by 1.5 / 2 /
 0.5 (every 4th device of the LODO bench, 3 seeds) moves FBNet's mean rho at k=20 from .972 to
 .939 / .875 / .866 and at k=10 from .970 to .757 / .696 / .636 (NB201 k=20: .956 to .946 / .932 /
-.913): FBNet's latencies span little, so one bad sample bends the fit. Setting aside the samples
+.913): FBNet's latencies span little, so one bad sample bends the fit, below one proxy device's
+(k=20 .956 clean, .958 / .958 / .932; k=10 .947, .911 / .900 / .816) and, at k=10, the table
+ridge's (.942, .850 / .800 / .791). Setting aside the samples
 whose leave-one-out residual makes them likelier outliers than not (prior 1 in 20, outliers
 spread with a log-latency variance of 1; only from 10 samples up: at k=5 it flagged good samples,
 NB201 .931 to .906) recovered most of it (FBNet k=20 .943 / .919 / .915, k=10 .839 / .902 / .920)

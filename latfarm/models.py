@@ -151,6 +151,7 @@ class OnboardingRound(Answer):
     samples: int
     uncertainty: float
     predictor_id: int
+    remeasuring: list[str] = []
 
 
 class Onboarding(Answer):

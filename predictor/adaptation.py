@@ -209,7 +209,11 @@ at no cost on clean samples there, but on `benchmarks/unlike_references.py`, whe
 further from every device, it set good samples aside: FBNet GPUs at k=10 .763 to .706, NB201
 dead-code targets .875 to .852. Rejected. The agent keeps out measurements whose runs drift or
 scatter (`agent.quality`); a slowdown steady over a whole measurement passes both checks, and
-only the device's canary (every 50 jobs by default) can catch one that lasts.
+only the device's canary (every 50 jobs by default) can catch one that lasts. So onboarding
+measures a suspect sample twice more and keeps the median (`LatencyPredictor.suspect_samples`,
+`server.services.onboarding`): a true surprise costs two runs, never accuracy. The residual
+there is against the fit to the other samples with its scales chosen again; with the fit's own
+scales, a sample twice as slow widened the noise it was judged by and hid.
 """
 
 from __future__ import annotations
@@ -252,6 +256,13 @@ DISAGREEMENT_FLOOR = 1e-4
 #: added to the learned prior covariance's diagonal, as a share of its mean variance, so no
 #: direction of the reference block is ruled out
 PRIOR_FLOOR = 0.1
+#: a sample is suspect (`off_log_odds`, `LatencyPredictor.suspect_samples`) when, at these prior
+#: odds of a measurement being off and this log-latency variance of how far off, its residual
+#: from the fit to the other samples makes it likelier off than not; with fewer samples than the
+#: last, that fit's noise is not known well enough to tell
+OFF_PRIOR = 0.05
+OFF_VARIANCE = 1.0
+SUSPECT_MIN_SAMPLES = 10
 
 
 @dataclass(frozen=True)
@@ -460,6 +471,14 @@ def informative_rows(fit: DeviceFit, design: np.ndarray, n: int) -> list[int]:
     left alone."""
     z = np.hstack([np.ones((len(design), 1)), design])
     return _most_variance_cut(z, fit.cov, fit.noise_of(design), n)
+
+
+def off_log_odds(residual: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """Log-odds that a measurement is off, from its log-latency `residual` against a prediction
+    made without it and that prediction's `variance` (noise included): off by a spread of
+    `OFF_VARIANCE` at prior odds `OFF_PRIOR`, against within the prediction's own spread."""
+    return (np.log(OFF_PRIOR / (1 - OFF_PRIOR)) + 0.5 * np.log(variance / (variance + OFF_VARIANCE))
+            + 0.5 * residual**2 * (1 / variance - 1 / (variance + OFF_VARIANCE)))
 
 
 def prior_informative_rows(prior: ReferencePrior, design: np.ndarray, n_reference: int, n: int) -> list[int]:

@@ -32,10 +32,12 @@ import numpy as np
 from predictor import checkpoint
 from predictor.adaptation import (
     BUILT_NETWORK_LOG_ODDS,
+    SUSPECT_MIN_SAMPLES,
     DeviceFit,
     ReferencePrior,
     fit_device,
     informative_rows,
+    off_log_odds,
     prior_informative_rows,
     reference_prior,
 )
@@ -345,6 +347,25 @@ class LatencyPredictor:
         else:
             rows = informative_rows(self.target, design, n)
         return [first[unmeasured[i]] for i in rows]
+
+    def suspect_samples(self) -> list[str]:
+        """The adapted device's samples (normalised keys, as `target.samples` holds them) likelier
+        mis-measured than not (`predictor.adaptation.off_log_odds`), each against the fit to the
+        others with its scales chosen again: a bad sample cannot hide by widening the noise it is
+        judged by. Worth measuring again, not dropping: where the model is far from the device,
+        good samples can be suspect too. None below `SUSPECT_MIN_SAMPLES` samples."""
+        if self.target is None:
+            raise ValueError("only an adapted predictor has samples")
+        samples, per_network = self.target.samples, self.target.per_network
+        if len(samples) < SUSPECT_MIN_SAMPLES:
+            return []
+        residual, variance = np.zeros(len(samples)), np.zeros(len(samples))
+        for i, key in enumerate(samples):
+            others = self._adapt({k: ms for k, ms in samples.items() if k != key}, self.target.name, per_network)
+            assert others.target is not None  # _adapt always fits
+            mean, std = others.target.log_ms(self.design([key], per_network)[0])
+            residual[i], variance[i] = np.log(samples[key]) - mean[0], std[0] ** 2
+        return [key for key, odds in zip(samples, off_log_odds(residual, variance)) if odds > 0]
 
     # ---- persistence ------------------------------------------------------------------------
 

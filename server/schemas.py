@@ -385,6 +385,10 @@ class OnboardingRound(BaseModel):
     samples: int = Field(description="architectures measured so far (flagged measurements included)")
     uncertainty: float = Field(description="mean relative uncertainty (std / prediction) over the space")
     predictor_id: int
+    remeasuring: list[str] = Field(default_factory=list,
+                                   description="architectures whose sample this round's predictor found likelier "
+                                               "mis-measured than not: each is measured twice more and the median "
+                                               "of the three kept")
 
 
 class OnboardingOut(BaseModel):

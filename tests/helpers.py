@@ -1,5 +1,6 @@
 """What more than one test module uses: constants, waiting, a pre-trained base predictor, error
-and metrics checks, tiny models, and for the agent's tests a fake farm speaking the agent protocol.
+and metrics checks, tiny models, for the agent's tests a fake farm speaking the agent protocol and
+for the server's a scripted agent.
 (Fixtures are in the conftest.py files; no test module imports another.)"""
 
 from __future__ import annotations
@@ -39,6 +40,43 @@ NB201_KEY = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|no
 #: an agent's capability report, for tests that speak the agent protocol themselves
 CAPABILITIES = {"hostname": "h", "cpu_model": "c", "cpu_cores": 1, "memory_bytes": 1, "os": "linux",
                 "python": "3", "agent_version": "0"}
+
+
+class ScriptedAgent:
+    """Speaks the agent protocol over HTTP and posts the timings a test chooses."""
+
+    def __init__(self, admin: httpx.Client, name: str, devices: dict[str, dict[str, object]]) -> None:
+        reply = admin.post("/agents/register", json={
+            "name": name, "capabilities": CAPABILITIES,
+            "devices": [{"name": device, "attributes": attributes} for device, attributes in devices.items()]})
+        assert reply.status_code == 201, reply.text
+        self.registration = reply.json()
+        self.http = httpx.Client(base_url=admin.base_url, timeout=60,
+                                 headers={"Authorization": f"Bearer {self.registration['agent_token']}"})
+
+    def claim(self, wait: float = 0) -> dict:
+        """The next lease; fails the test when none comes within `wait` s."""
+        reply = self.http.get("/agents/me/jobs/next", params={"wait": wait})
+        assert reply.status_code == 200, f"no lease within {wait} s: {reply.status_code} {reply.text}"
+        return reply.json()
+
+    def finish(self, lease: dict, median_ms: float = 10.0, samples: list[float] | None = None) -> dict:
+        """Post `samples` (default: steady and long enough for every preset's flags) as the timing."""
+        samples = [median_ms] * 60 if samples is None else samples
+        stats = {"n": len(samples), "median_ms": median_ms, "mean_ms": median_ms, "min_ms": min(samples),
+                 "max_ms": max(samples), "p90_ms": median_ms, "iqr_ms": 0.0, "cv": 0.0}
+        return self.post(lease, {"status": "ok", "stats": stats, "samples_ms": samples})
+
+    def fail(self, lease: dict, failure_class: str) -> dict:
+        return self.post(lease, {"status": "failed", "failure_class": failure_class, "error": "scripted"})
+
+    def post(self, lease: dict, body: dict) -> dict:
+        reply = self.http.post(f"/jobs/{lease['job_id']}/result", json={"lease_id": lease["lease_id"], **body})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    def pass_canary(self, median_ms: float = 10.0) -> None:
+        assert self.finish(self.claim(wait=5), median_ms)["kind"] == "canary"
 
 
 def write_dist_info(root: Path, distribution: str, spaces: dict[str, str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from datetime import datetime
 from statistics import median
 
@@ -62,9 +63,10 @@ def _onboarding_active(session: Session, task: TrainingTask) -> bool:
 
 
 def _onboarding_samples(session: Session, onboarding: Onboarding, train_on_flagged: bool) -> list[Sample]:
-    """The onboarding's measurements in the order they were chosen; those whose flags put their
-    median in doubt (unstable, drift) only if `train_on_flagged`, or when too few are left without
-    them: a noisy host flags most runs, and adapting on them beats failing."""
+    """The onboarding's measurements in the order they were chosen, one sample per architecture
+    (the median of its measurements: a suspect sample is measured again); those whose flags put
+    their median in doubt (unstable, drift) only if `train_on_flagged`, or when too few are left
+    without them: a noisy host flags most runs, and adapting on them beats failing."""
     measured = session.execute(
         select(Architecture.key, Measurement.latency_ms, Measurement.valid, Measurement.created_at)
         .join(Job, Job.measurement_id == Measurement.id)
@@ -72,11 +74,11 @@ def _onboarding_samples(session: Session, onboarding: Onboarding, train_on_flagg
         .where(Job.onboarding_id == onboarding.id)
         .order_by(Job.id)
     ).all()
-    samples = [Sample(key, ms, at) for key, ms, valid, at in measured if valid or train_on_flagged]
+    samples = _per_architecture([(key, ms, at) for key, ms, valid, at in measured if valid or train_on_flagged])
     if len(samples) < MIN_SAMPLES:
         log.warning("onboarding %s: %d unflagged measurements; using the flagged ones too", onboarding.id, len(samples))
-        samples = [Sample(key, ms, at) for key, ms, _, at in measured]
-    return samples
+        samples = _per_architecture([(key, ms, at) for key, ms, _, at in measured])
+    return list(samples.values())
 
 
 def _device_measurements(session: Session, task: TrainingTask, newest: int | None = None) -> dict[str, Sample]:
@@ -89,8 +91,14 @@ def _device_measurements(session: Session, task: TrainingTask, newest: int | Non
         .order_by(Measurement.id.desc())
         .limit(newest)
     )
+    return _per_architecture(session.execute(query).tuples())
+
+
+def _per_architecture(measured: Iterable[tuple[str, float, datetime]]) -> dict[str, Sample]:
+    """One sample per architecture key, in the order keys first appear: the median of its
+    measurements, as of the newest."""
     grouped: dict[str, list[tuple[float, datetime]]] = defaultdict(list)
-    for key, ms, at in session.execute(query):
+    for key, ms, at in measured:
         grouped[key].append((ms, at))
     return {key: Sample(key, median(ms for ms, _ in values), max(at for _, at in values))
             for key, values in grouped.items()}

@@ -33,6 +33,8 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 #: architectures measured per active-learning round
 ACTIVE_STEP = 5
+#: further measurements of a suspect sample
+REMEASUREMENTS = 2
 
 
 def start(session: Session, settings: Settings, cache: PredictorCache, device: Device, space: SearchSpace,
@@ -138,8 +140,20 @@ def after_adaptation(session: Session, settings: Settings, onboarding: Onboardin
     # a collection whose every member was measured leaves nothing uncertain (and a mean of nothing is NaN)
     uncertainty = float(relative.mean()) if pool else 0.0
     onboarding.predictor_id = row.id
+    recheck = _suspects_measured_once(session, onboarding, model)
     onboarding.rounds = [*onboarding.rounds,
-                         {"samples": len(requested), "uncertainty": round(uncertainty, 4), "predictor_id": row.id}]
+                         {"samples": len(requested), "uncertainty": round(uncertainty, 4), "predictor_id": row.id,
+                          "remeasuring": recheck}]
+    if recheck:
+        # a suspect sample is measured twice more and the median of the three kept: a mis-measured
+        # one is corrected, a true surprise confirmed, and nothing is dropped
+        onboarding.status = OnboardingStatus.measuring
+        for key in recheck:
+            target = jobs.Target(architecture_id=ensure_architecture(session, model.space, key).id)
+            for _ in range(REMEASUREMENTS):
+                jobs.submit(session, settings, target, device=onboarding.device, preset=Preset(onboarding.preset),
+                            force=True, onboarding_id=onboarding.id)
+        return
     room = (onboarding.budget or 0) - len(requested)
     if room > 0 and uncertainty > (onboarding.target_uncertainty or 0.0):
         onboarding.status = OnboardingStatus.measuring
@@ -148,6 +162,19 @@ def after_adaptation(session: Session, settings: Settings, onboarding: Onboardin
         _adapt_if_measured(session, onboarding.id)  # every pick may have been measured before
         return
     onboarding.status, onboarding.finished_at = OnboardingStatus.ready, utcnow()
+
+
+def _suspects_measured_once(session: Session, onboarding: Onboarding, model: LatencyPredictor) -> list[str]:
+    """The onboarding's architectures measured once whose sample the adapted `model` finds likelier
+    mis-measured than not (`LatencyPredictor.suspect_samples`)."""
+    suspects = set(model.suspect_samples())
+    if not suspects:
+        return []
+    jobs_per_key = session.execute(
+        select(Architecture.key, func.count()).join(Job, Job.architecture_id == Architecture.id)
+        .where(Job.onboarding_id == onboarding.id).group_by(Architecture.key)
+    ).all()
+    return sorted(key for key, count in jobs_per_key if count == 1 and model.network_key(key) in suspects)
 
 
 def fail(session: Session, onboarding_id: int, error: str) -> None:

@@ -71,3 +71,25 @@ def test_uncertainty_ranks_the_errors_on_held_out_reference_devices() -> None:
     assert np.mean(shaped) > np.mean(flat)
     assert np.mean(shaped) > 0.3
     assert 0.8 <= np.mean(covered) <= 0.97
+
+
+def test_a_mis_measured_sample_is_suspect_and_measured_right_it_is_not() -> None:
+    """Of 20 design samples of a held-out FBNet device, one measured twice as slow: the fit finds
+    it suspect (`LatencyPredictor.suspect_samples`, what onboarding measures again) and no other;
+    measured right, nothing is suspect. Below 10 samples nothing is: the fit's noise is not
+    known well enough to tell."""
+    table = load_space_table(find_datasets(), "fbnet")
+    space = memoised_space(table.space, table.keys)
+    device = "raspi4"
+    others = [d for d in sorted(table.latencies) if d != device]
+    reference = LatencyTable(table.keys, others, np.log(table.matrix(others)).astype(np.float32))
+    base = LatencyPredictor.fit(space, reference, config=CONFIG)
+    truth = table.device_truth(device)
+    picked = get_sampler("default").select(space, 20, seed=0, predictor=base, candidates=list(truth))
+    samples = {key: truth[key] for key in picked}
+    victim = sorted(picked, key=samples.__getitem__)[len(picked) // 2]
+    mis_measured = {**samples, victim: 2 * samples[victim]}
+    assert base.adapt(mis_measured, name=device).suspect_samples() == [base.network_key(victim)]
+    assert base.adapt(samples, name=device).suspect_samples() == []
+    few = [key for key in picked if key != victim][:8] + [victim]
+    assert base.adapt({key: mis_measured[key] for key in few}, name=device).suspect_samples() == []

@@ -91,7 +91,7 @@ def _device_measurements(session: Session, task: TrainingTask, newest: int | Non
         .order_by(Measurement.id.desc())
         .limit(newest)
     )
-    return _per_architecture(session.execute(query).tuples())
+    return _per_architecture(session.execute(query))
 
 
 def _per_architecture(measured: Iterable[tuple[str, float, datetime]]) -> dict[str, Sample]:

@@ -3,8 +3,10 @@ on SQLite and on Postgres."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -35,7 +37,19 @@ def _is_queue_index(diff: Any) -> bool:
     return isinstance(diff, tuple) and diff[0] in ("add_index", "remove_index") and diff[1].name == "ix_jobs_queue"
 
 
-def _round_trip(url: str) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """The URL of a database with no revision applied, on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'migrations.db'}"
+        return
+    with temporary_postgres_database(POSTGRES_ADMIN_URL, "latfarm_migrations") as url:
+        command.downgrade(alembic_config(url), "base")  # the helper hands it over migrated
+        yield url
+
+
+def test_migrations_round_trip(empty_database: str) -> None:
+    url = empty_database
     config = alembic_config(url)
     upgrade(url)
     assert _differences(url) == []
@@ -49,19 +63,10 @@ def _round_trip(url: str) -> None:
     assert _differences(url) == []
 
 
-def test_migrations_round_trip_on_sqlite(tmp_path: Any) -> None:
-    _round_trip(f"sqlite:///{tmp_path / 'round-trip.db'}")
-
-
-def test_migrations_round_trip_on_postgres() -> None:
-    with temporary_postgres_database(POSTGRES_ADMIN_URL, "latfarm_migrations") as url:
-        command.downgrade(alembic_config(url), "base")  # the helper hands it over migrated
-        _round_trip(url)
-
-
-def _short_measurements_revalidated(url: str) -> None:
+def test_short_measurements_stored_before_become_valid(empty_database: str) -> None:
     """Migration 0007 on measurements stored before it: `short` alone, with the preset's minimum
     runs, becomes valid; the downgrade restores them."""
+    url = empty_database
     config = alembic_config(url)
     command.upgrade(config, "0006_collections")
     engine = make_engine(url)
@@ -91,12 +96,3 @@ def _short_measurements_revalidated(url: str) -> None:
     finally:
         engine.dispose()
 
-
-def test_short_measurements_stored_before_become_valid_on_sqlite(tmp_path: Any) -> None:
-    _short_measurements_revalidated(f"sqlite:///{tmp_path / 'short.db'}")
-
-
-def test_short_measurements_stored_before_become_valid_on_postgres() -> None:
-    with temporary_postgres_database(POSTGRES_ADMIN_URL, "latfarm_short") as url:
-        command.downgrade(alembic_config(url), "base")  # the helper hands it over migrated
-        _short_measurements_revalidated(url)

@@ -359,13 +359,15 @@ class LatencyPredictor:
         samples, per_network = self.target.samples, self.target.per_network
         if len(samples) < SUSPECT_MIN_SAMPLES:
             return []
-        residual, variance = np.zeros(len(samples)), np.zeros(len(samples))
-        for i, key in enumerate(samples):
+        keys = list(samples)
+        design, _ = self.design(keys, per_network)
+        residual, variance = np.zeros(len(keys)), np.zeros(len(keys))
+        for i, key in enumerate(keys):
             others = self._adapt({k: ms for k, ms in samples.items() if k != key}, self.target.name, per_network)
             assert others.target is not None  # _adapt always fits
-            mean, std = others.target.log_ms(self.design([key], per_network)[0])
+            mean, std = others.target.log_ms(design[i:i + 1])
             residual[i], variance[i] = np.log(samples[key]) - mean[0], std[0] ** 2
-        return [key for key, odds in zip(samples, off_log_odds(residual, variance)) if odds > 0]
+        return [key for key, odds in zip(keys, off_log_odds(residual, variance)) if odds > 0]
 
     # ---- persistence ------------------------------------------------------------------------
 

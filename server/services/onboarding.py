@@ -121,12 +121,14 @@ def _adapt_if_measured(session: Session, onboarding_id: int) -> None:
 
 def after_adaptation(session: Session, settings: Settings, onboarding: Onboarding, row: Predictor,
                      model: LatencyPredictor, seed: int = 0) -> None:
-    """Record the round; while the budget allows and the mean relative uncertainty over the space
-    is above the target, measure next the networks whose measurements most cut the predictor's
-    uncertainty (`LatencyPredictor.most_informative`), none already requested; else the device
-    is ready.
+    """Record the round; measure twice more each sample measured once that the fit finds suspect
+    (`LatencyPredictor.suspect_samples`: adaptation then takes the median of the three); else,
+    while the budget allows and the mean relative uncertainty over the space is above the target,
+    measure next the networks whose measurements most cut the predictor's uncertainty
+    (`LatencyPredictor.most_informative`), none already requested; else the device is ready.
 
-    The budget counts architectures measured, flagged measurements included: each cost a run."""
+    The budget counts architectures measured, flagged measurements included: each cost a run; a
+    re-measurement adds no architecture."""
     requested = set(session.scalars(
         select(Architecture.key).join(Job, Job.architecture_id == Architecture.id)
         .where(Job.onboarding_id == onboarding.id)

@@ -35,11 +35,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from predictor import LatencyPredictor, get_sampler, metrics
+from predictor import get_sampler, metrics
 from predictor.bench.data import load_space_table, memoised_space
-from predictor.bench.lodo import CONFIG, KS, SPACES
+from predictor.bench.lodo import KS, SPACES, fold_base
 from predictor.datasets import find_datasets
-from predictor.reference import LatencyTable
 
 
 def log_errors(space_name: str, every: int, ks: list[int], seeds: int) -> dict[tuple[str, int, int], np.ndarray]:
@@ -50,10 +49,7 @@ def log_errors(space_name: str, every: int, ks: list[int], seeds: int) -> dict[t
     devices = sorted(table.latencies)
     out = {}
     for device in devices[::every]:
-        others = [d for d in devices if d != device]
-        with np.errstate(divide="ignore"):
-            reference = LatencyTable(table.keys, others, np.log(table.matrix(others)).astype(np.float32))
-        base = LatencyPredictor.fit(space, reference, config=CONFIG)
+        base = fold_base(space, table, device)
         truth = table.device_truth(device)
         keys = list(truth)
         position = {key: i for i, key in enumerate(table.keys)}

@@ -23,11 +23,10 @@ import argparse
 import numpy as np
 import torch
 
-from predictor import LatencyPredictor, get_sampler
+from predictor import get_sampler
 from predictor.bench.data import load_space_table, memoised_space
-from predictor.bench.lodo import CONFIG, SPACES
+from predictor.bench.lodo import SPACES, fold_base
 from predictor.datasets import find_datasets
-from predictor.reference import LatencyTable
 
 
 def main() -> None:
@@ -46,9 +45,7 @@ def main() -> None:
         devices = sorted(table.latencies)
         caught, tried, clean = 0, 0, []
         for device in devices[::args.every]:
-            others = [d for d in devices if d != device]
-            reference = LatencyTable(table.keys, others, np.log(table.matrix(others)).astype(np.float32))
-            base = LatencyPredictor.fit(space, reference, config=CONFIG)
+            base = fold_base(space, table, device)
             truth = table.device_truth(device)
             for seed in range(args.seeds):
                 picked = get_sampler("default").select(space, args.k, seed=seed, predictor=base,

@@ -27,8 +27,9 @@ from predictor.datasets import find_datasets
 from predictor.model import LatencyPredictor, TrainConfig
 from predictor.reference import LatencyTable
 from predictor.samplers import get_sampler
+from predictor.spaces import SearchSpace
 
-from .data import load_space_table, memoised_space
+from .data import SpaceTable, load_space_table, memoised_space
 from .methods import Method, TaskContext, get_methods
 from .run import append_rows
 
@@ -90,9 +91,7 @@ def run_lodo(
         others = tuple(d for d in sorted(table.latencies) if d != device)
         if progress is not None:
             progress(count, total, f"{space_name}: pre-training without {device}")
-        with np.errstate(divide="ignore"):
-            reference_table = LatencyTable(table.keys, list(others), np.log(table.matrix(others)).astype(np.float32))
-        base = LatencyPredictor.fit(space, reference_table, config=config)
+        base = fold_base(space, table, device, config)
         context = TaskContext(space, others, base, {key: i for i, key in enumerate(table.keys)}, table.matrix(others))
         truth = table.device_truth(device)
         keys = list(truth)
@@ -120,6 +119,14 @@ def run_lodo(
 
         write_lodo_report(out)
     return LodoResult(out, written, targets)
+
+
+def fold_base(space: SearchSpace, table: SpaceTable, device: str, config: TrainConfig = CONFIG) -> LatencyPredictor:
+    """The base of `device`'s fold: pre-trained on every other device of `table`."""
+    others = [d for d in sorted(table.latencies) if d != device]
+    with np.errstate(divide="ignore"):
+        reference = LatencyTable(table.keys, others, np.log(table.matrix(others)).astype(np.float32))
+    return LatencyPredictor.fit(space, reference, config=config)
 
 
 def _scores(method: Method, context: TaskContext, device: str, samples: dict[str, float], keys: list[str],

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from predictor import LatencyPredictor, get_sampler, metrics
+from predictor import get_sampler, metrics
 from predictor.bench.data import load_space_table, memoised_space
-from predictor.bench.lodo import COLUMNS, CONFIG, METHODS, RAW_FILE, run_lodo
+from predictor.bench.lodo import COLUMNS, METHODS, RAW_FILE, fold_base, run_lodo
 from predictor.datasets import find_datasets
-from predictor.reference import LatencyTable
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +51,7 @@ def test_uncertainty_ranks_the_errors_on_held_out_reference_devices() -> None:
     space = memoised_space(table.space, table.keys)
     shaped, flat, covered = [], [], []
     for device in sorted(table.latencies)[::8]:
-        others = [d for d in sorted(table.latencies) if d != device]
-        reference = LatencyTable(table.keys, others, np.log(table.matrix(others)).astype(np.float32))
-        base = LatencyPredictor.fit(space, reference, config=CONFIG)
+        base = fold_base(space, table, device)
         truth = table.device_truth(device)
         picked = get_sampler("random").select(space, 20, seed=0, candidates=list(truth))
         adapted = base.adapt({key: truth[key] for key in picked}, name=device, per_network=False)
@@ -81,9 +78,7 @@ def test_a_mis_measured_sample_is_suspect_and_measured_right_it_is_not() -> None
     table = load_space_table(find_datasets(), "fbnet")
     space = memoised_space(table.space, table.keys)
     device = "raspi4"
-    others = [d for d in sorted(table.latencies) if d != device]
-    reference = LatencyTable(table.keys, others, np.log(table.matrix(others)).astype(np.float32))
-    base = LatencyPredictor.fit(space, reference, config=CONFIG)
+    base = fold_base(space, table, device)
     truth = table.device_truth(device)
     picked = get_sampler("default").select(space, 20, seed=0, predictor=base, candidates=list(truth))
     samples = {key: truth[key] for key in picked}

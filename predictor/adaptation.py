@@ -176,8 +176,8 @@ the same benches:
   but LODO NB201 with every device .944/.952/.957/.975 and the 90 % coverage at k=20 .907.
 
 Shaping the uncertainty further was tried on the full LODO bench and rejected: Spearman of the
-std against |error| at k = 5/10/20/50 is .266/.255/.205/.189 on NB201 and .109/.116/.103/.063 on
-FBNet as it stands, and no signal added more than .03 at k=20:
+std against |error| at k = 5/10/20/50 was .266/.255/.205/.189 on NB201 and .109/.116/.103/.063 on
+FBNet (before the Occam factor below), and no signal added more than .03 at k=20:
 - the noise growing as the predicted latency falls (times exp(-z/4), z the prediction
   standardised over the space): .222 and .106 at k=20; the disagreement to the power 1: .209
   and .109;

@@ -29,6 +29,7 @@ from agent.client import ServerClient
 from agent.protocol import Preset, Runtime, TimingProtocol
 from agent.settings import ENV_VARS, AgentSettings
 from predictor.datasets import find_datasets
+from server.services.onboarding import REMEASUREMENTS
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("LATFARM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -87,6 +88,12 @@ def write_dist_info(root: Path, distribution: str, spaces: dict[str, str]) -> No
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.1.0\n")
     lines = "".join(f"{name} = {target}\n" for name, target in spaces.items())
     (info / "entry_points.txt").write_text(f"[latfarm.spaces]\n{lines}")
+
+
+def onboarding_jobs(samples: int, rounds: list[dict[str, Any]]) -> int:
+    """The jobs an onboarding of `samples` architectures runs: one each, and `REMEASUREMENTS`
+    more for each architecture a round re-measures (a suspect or untrusted sample)."""
+    return samples + REMEASUREMENTS * sum(len(round_["remeasuring"]) for round_ in rounds)
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float = 120, poll_s: float = 0.3) -> Any:

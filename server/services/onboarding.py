@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol import Preset
@@ -20,6 +20,7 @@ from server.models import (
     Device,
     Job,
     JobStatus,
+    Measurement,
     Onboarding,
     OnboardingStatus,
     Predictor,
@@ -33,7 +34,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 #: architectures measured per active-learning round
 ACTIVE_STEP = 5
-#: further measurements of a suspect sample
+#: further measurements of a suspect or untrusted sample
 REMEASUREMENTS = 2
 
 
@@ -121,8 +122,9 @@ def _adapt_if_measured(session: Session, onboarding_id: int) -> None:
 
 def after_adaptation(session: Session, settings: Settings, onboarding: Onboarding, row: Predictor,
                      model: LatencyPredictor, seed: int = 0) -> None:
-    """Record the round; measure twice more each sample measured once that the fit finds suspect
-    (`LatencyPredictor.suspect_samples`: adaptation then takes the median of the three); else,
+    """Record the round; measure twice more each architecture measured once whose measurement the
+    agent did not trust or whose sample the fit finds suspect (`_to_measure_again`: adaptation
+    then takes the median of the trusted ones); else,
     while the budget allows and the mean relative uncertainty over the space is above the target,
     measure next the networks whose measurements most cut the predictor's uncertainty
     (`LatencyPredictor.most_informative`), none already requested; else the device is ready.
@@ -142,13 +144,14 @@ def after_adaptation(session: Session, settings: Settings, onboarding: Onboardin
     # a collection whose every member was measured leaves nothing uncertain (and a mean of nothing is NaN)
     uncertainty = float(relative.mean()) if pool else 0.0
     onboarding.predictor_id = row.id
-    recheck = _suspects_measured_once(session, onboarding, model)
+    recheck = _to_measure_again(session, settings, onboarding, model)
     onboarding.rounds = [*onboarding.rounds,
                          {"samples": len(requested), "uncertainty": round(uncertainty, 4), "predictor_id": row.id,
                           "remeasuring": recheck}]
     if recheck:
         # a suspect sample is measured twice more and the median of the three kept: a mis-measured
-        # one is corrected, a true surprise confirmed, and nothing is dropped
+        # one is corrected, a true surprise confirmed, and nothing is dropped; an untrusted one
+        # (left out of the fit) gets two more chances to count
         onboarding.status = OnboardingStatus.measuring
         for key in recheck:
             target = jobs.Target(architecture_id=ensure_architecture(session, model.space, key).id)
@@ -166,17 +169,23 @@ def after_adaptation(session: Session, settings: Settings, onboarding: Onboardin
     onboarding.status, onboarding.finished_at = OnboardingStatus.ready, utcnow()
 
 
-def _suspects_measured_once(session: Session, onboarding: Onboarding, model: LatencyPredictor) -> list[str]:
-    """The onboarding's architectures measured once whose sample the adapted `model` finds likelier
+def _to_measure_again(session: Session, settings: Settings, onboarding: Onboarding,
+                      model: LatencyPredictor) -> list[str]:
+    """The onboarding's architectures measured once that adaptation could not take at face value:
+    the agent did not trust the measurement (`unstable`, `drift`: left out of the fit unless
+    `train_on_flagged`; a busy host flags many, and an onboarding of 6 models adapted on the 3
+    left ranked the other 6 at rho -0.71), or the adapted `model` finds the sample likelier
     mis-measured than not (`LatencyPredictor.suspect_samples`)."""
     suspects = set(model.suspect_samples())
-    if not suspects:
-        return []
-    jobs_per_key = session.execute(
-        select(Architecture.key, func.count()).join(Job, Job.architecture_id == Architecture.id)
+    measured = session.execute(
+        select(Architecture.key, func.count(Job.id), func.sum(case((Measurement.valid.is_(False), 1), else_=0)))
+        .join(Job, Job.architecture_id == Architecture.id)
+        .outerjoin(Measurement, Measurement.id == Job.measurement_id)
         .where(Job.onboarding_id == onboarding.id).group_by(Architecture.key)
     ).all()
-    return sorted(key for key, count in jobs_per_key if count == 1 and model.network_key(key) in suspects)
+    left_out = not settings.train_on_flagged
+    return sorted(key for key, runs, untrusted in measured
+                  if runs == 1 and ((untrusted and left_out) or model.network_key(key) in suspects))
 
 
 def fail(session: Session, onboarding_id: int, error: str) -> None:

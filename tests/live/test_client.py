@@ -28,7 +28,7 @@ from server.cli.local import running_agent, running_server
 from server.db import make_engine, make_session_factory, session_scope, upgrade
 from server.services.datasets import import_datasets
 from server.settings import Settings
-from tests.helpers import ADMIN_TOKEN, DATASETS, REPO, wait_until
+from tests.helpers import ADMIN_TOKEN, DATASETS, REPO, onboarding_jobs, wait_until
 
 REFERENCE_DEVICES = ["pixel3", "raspi4", "titan_rtx_1"]
 KEYS = ["|nor_conv_1x1~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|avg_pool_3x3~1|nor_conv_1x1~2|",
@@ -142,8 +142,9 @@ def run_nas_code(farm: FarmClient, api: httpx.Client, server_url: str, device: s
 
     progress: list[tuple[int, int]] = []
     onboarding = farm.onboard(device, "nb201", samples=2, preset="quick", on_progress=lambda *p: progress.append(p))
-    assert onboarding.status == "ready" and onboarding.jobs_total == 2 and onboarding.predictor_id is not None
-    assert progress[-1] == (2, 2)
+    jobs = onboarding_jobs(2, [round_.model_dump() for round_ in onboarding.rounds])
+    assert onboarding.status == "ready" and onboarding.jobs_total == jobs and onboarding.predictor_id is not None
+    assert progress[-1] == (jobs, jobs)
     adapted = farm.predictor(onboarding.predictor_id)
     assert adapted.kind == "adapted" and adapted.device == device and adapted.parent_id == base.id
 
@@ -160,14 +161,16 @@ def run_nas_code(farm: FarmClient, api: httpx.Client, server_url: str, device: s
     assert whole.by_architecture()[KEYS[0]] == pytest.approx(prediction.by_architecture()[KEYS[0]])
 
     measured = list(farm.jobs(onboarding=onboarding.id))
-    assert len(measured) == 2 and all(job.status == "done" and job.latency_ms for job in measured), measured
+    assert len(measured) == jobs and all(job.status == "done" and job.latency_ms for job in measured), measured
+    assert len({job.architecture for job in measured}) == 2  # an untrusted one is measured again
     first = measured[0]
     assert first.architecture is not None and first.artifact_sha256 is not None
+    trusted = [job.latency_ms for job in measured if job.architecture == first.architecture and job.valid]
     [again] = farm.submit(device, "nb201", [first.architecture], "quick")
-    if not first.valid:  # flagged unstable or drift (a busy host): measured again
+    if not trusted:  # every run flagged unstable or drift (a busy host): measured again
         assert not again.reused
     else:
-        assert again.reused and again.finished and again.latency_ms == first.latency_ms
+        assert again.reused and again.finished and again.latency_ms in trusted
 
     model = api.get(f"/artifacts/{first.artifact_sha256}").content
     artifact = farm.upload_artifact(model)

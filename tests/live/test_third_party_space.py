@@ -127,7 +127,8 @@ def test_an_installed_space_is_listed_pretrained_onboarded_and_predicted(farm_ur
             assert final["status"] == "ready", final
             print(f"onboarded with {SAMPLES} samples in {time.perf_counter() - started:.0f} s")
             sampled = api.get("/jobs", params={"onboarding": final["id"]}).json()["items"]
-            assert len(sampled) == SAMPLES and all(job["status"] == "done" and job["latency_ms"] > 0 and
+            assert len({job["architecture"] for job in sampled}) == SAMPLES  # an untrusted one is measured again
+            assert all(job["status"] == "done" and job["latency_ms"] > 0 and
                                                    job["space"] == SPACE for job in sampled)
             # architectures the predictor never saw, measured for the check only after the fit
             seen = {job["architecture"] for job in sampled}

@@ -413,12 +413,9 @@ def fit_device(name: str, design: np.ndarray, y: np.ndarray, n_reference: int, p
     for hypothesis in HYPOTHESES:
         direction_weights = mean_weights if hypothesis == "like" else np.zeros(n_reference)
         scales = grid[grid[:, 0] == 0] if hypothesis == "descriptors" else grid
-        direction = reference @ direction_weights
-        # a slope that explains all of the samples' variance is one standard deviation out
-        spread = float(np.var(direction))
-        slope_variance = float(np.var(y)) / spread if spread > 0 else 0.0
-        free = FREE_VARIANCE + slope_variance * np.outer(direction, direction)
-        evidence = _log_evidence(free + np.einsum("cb,bij->cij", scales, kernels), y - y.mean())
+        slope_variances, free = _direction_priors((reference @ direction_weights)[:, None], y)
+        slope_variance = float(slope_variances[0])
+        evidence = _log_evidence(free[0] + np.einsum("cb,bij->cij", scales, kernels), y - y.mean())
         best = int(np.argmax(evidence))
         # "like" took its direction from the samples: weigh it by how many references it had to
         # choose among
@@ -450,17 +447,22 @@ def _direction_log_factor(reference: np.ndarray, y: np.ndarray, kernels: np.ndar
     devices: log of the mean, over the devices, of each one's evidence as the direction alone (at
     `scales`), relative to the best one's; about -log(n_ref) when one device alone explains the
     samples, 0 when every device explains them alike."""
-    yc = y - y.mean()
-    spread = reference.var(axis=0)
-    usable = spread > 0
-    columns = reference[:, usable]
-    slope_variance = float(np.var(y)) / spread[usable]
-    base = FREE_VARIANCE + np.einsum("b,bij->ij", scales, kernels)
-    free = base[None] + slope_variance[:, None, None] * np.einsum("ic,jc->cij", columns, columns)
-    evidence = _log_evidence(free, yc)
+    _, free = _direction_priors(reference[:, reference.var(axis=0) > 0], y)
+    evidence = _log_evidence(free + np.einsum("b,bij->ij", scales, kernels), y - y.mean())
     if not np.isfinite(evidence).any():
         return 0.0
     return float(logsumexp(evidence) - evidence.max() - np.log(len(evidence)))
+
+
+def _direction_priors(directions: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each column of `directions` (n, c) taken as the prior direction: the variance of its
+    slope (one that explains all of the samples' variance is one standard deviation out; 0 for a
+    constant column) and the covariance of the samples that the free intercept and the slope
+    give, (c, n, n)."""
+    spread = directions.var(axis=0)
+    slope_variances = np.divide(float(np.var(y)), spread, out=np.zeros_like(spread), where=spread > 0)
+    return slope_variances, FREE_VARIANCE + slope_variances[:, None, None] * np.einsum("ic,jc->cij", directions,
+                                                                                         directions)
 
 
 def _posterior(design: np.ndarray, y: np.ndarray, n_reference: int, hypothesis: _Hypothesis,

@@ -386,9 +386,10 @@ class OnboardingRound(BaseModel):
     uncertainty: float = Field(description="mean relative uncertainty (std / prediction) over the space")
     predictor_id: int
     remeasuring: list[str] = Field(default_factory=list,
-                                   description="architectures whose sample this round's predictor found likelier "
-                                               "mis-measured than not: each is measured twice more and the median "
-                                               "of the three kept")
+                                   description="architectures measured once whose measurement the agent did "
+                                               "not trust (unstable, drift) or whose sample this round's predictor "
+                                               "found likelier mis-measured than not: each is measured twice more "
+                                               "and the median of its trusted measurements kept")
 
 
 class OnboardingOut(BaseModel):

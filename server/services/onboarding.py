@@ -131,10 +131,8 @@ def after_adaptation(session: Session, settings: Settings, onboarding: Onboardin
 
     The budget counts architectures measured, flagged measurements included: each cost a run; a
     re-measurement adds no architecture."""
-    requested = set(session.scalars(
-        select(Architecture.key).join(Job, Job.architecture_id == Architecture.id)
-        .where(Job.onboarding_id == onboarding.id)
-    ))
+    runs = _runs_per_architecture(session, onboarding)
+    requested = set(runs)
     members = collections.members(onboarding.collection) if onboarding.collection is not None else None
     requested_networks = {model.space.network_key(key) for key in requested}
     pool = [key for key in candidate_keys(model.space, seed, members)
@@ -144,7 +142,7 @@ def after_adaptation(session: Session, settings: Settings, onboarding: Onboardin
     # a collection whose every member was measured leaves nothing uncertain (and a mean of nothing is NaN)
     uncertainty = float(relative.mean()) if pool else 0.0
     onboarding.predictor_id = row.id
-    recheck = _to_measure_again(session, settings, onboarding, model)
+    recheck = _to_measure_again(runs, settings, model)
     onboarding.rounds = [*onboarding.rounds,
                          {"samples": len(requested), "uncertainty": round(uncertainty, 4), "predictor_id": row.id,
                           "remeasuring": recheck}]
@@ -169,23 +167,28 @@ def after_adaptation(session: Session, settings: Settings, onboarding: Onboardin
     onboarding.status, onboarding.finished_at = OnboardingStatus.ready, utcnow()
 
 
-def _to_measure_again(session: Session, settings: Settings, onboarding: Onboarding,
-                      model: LatencyPredictor) -> list[str]:
-    """The onboarding's architectures measured once that adaptation could not take at face value:
-    the agent did not trust the measurement (`unstable`, `drift`: left out of the fit unless
-    `train_on_flagged`; a busy host flags many, and an onboarding of 6 models adapted on the 3
-    left ranked the other 6 at rho -0.71), or the adapted `model` finds the sample likelier
-    mis-measured than not (`LatencyPredictor.suspect_samples`)."""
-    suspects = set(model.suspect_samples())
-    measured = session.execute(
+def _runs_per_architecture(session: Session, onboarding: Onboarding) -> dict[str, tuple[int, int]]:
+    """Per architecture the onboarding requested: its jobs, and how many of their measurements the
+    agent did not trust (`unstable`, `drift`)."""
+    rows = session.execute(
         select(Architecture.key, func.count(Job.id), func.sum(case((Measurement.valid.is_(False), 1), else_=0)))
         .join(Job, Job.architecture_id == Architecture.id)
         .outerjoin(Measurement, Measurement.id == Job.measurement_id)
         .where(Job.onboarding_id == onboarding.id).group_by(Architecture.key)
     ).all()
+    return {key: (jobs_run, untrusted) for key, jobs_run, untrusted in rows}
+
+
+def _to_measure_again(runs: dict[str, tuple[int, int]], settings: Settings, model: LatencyPredictor) -> list[str]:
+    """The architectures measured once (`runs`, `_runs_per_architecture`) that adaptation could
+    not take at face value: the agent did not trust the measurement (left out of the fit unless
+    `train_on_flagged`; a busy host flags many, and an onboarding of 6 models adapted on the 3
+    left ranked the other 6 at rho -0.71), or the adapted `model` finds the sample likelier
+    mis-measured than not (`LatencyPredictor.suspect_samples`)."""
+    suspects = set(model.suspect_samples())
     left_out = not settings.train_on_flagged
-    return sorted(key for key, runs, untrusted in measured
-                  if runs == 1 and ((untrusted and left_out) or model.network_key(key) in suspects))
+    return sorted(key for key, (jobs_run, untrusted) in runs.items()
+                  if jobs_run == 1 and ((untrusted and left_out) or model.network_key(key) in suspects))
 
 
 def fail(session: Session, onboarding_id: int, error: str) -> None:

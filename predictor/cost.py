@@ -122,11 +122,16 @@ def analytic_cost(space: SearchSpace, keys: Sequence[str]) -> tuple[np.ndarray, 
     return cost
 
 
-def summary_features(space: SearchSpace, keys: Sequence[str], features: np.ndarray) -> np.ndarray:
-    """Whole-architecture descriptors: the non-one-hot tail of `features` plus log MACs and log
-    parameters where the space has an analytic count. Few enough to fit from a handful of samples."""
-    tail = features[:, space.onehot_dim :].astype(np.float64)
+def summary_features(space: SearchSpace, keys: Sequence[str], features: np.ndarray,
+                     width: int | None = None) -> np.ndarray:
+    """Whole-architecture descriptors: the first `space.summary_dim` non-one-hot columns of
+    `features` plus log MACs and log parameters where the space has an analytic count. Few
+    enough to fit from a handful of samples. `width`: how many descriptors in all, where a
+    predictor was fitted with another count (older ones took every non-one-hot column)."""
     cost = space.analytic_cost(keys)
+    n_cost = 0 if cost is None else N_COST_DESCRIPTORS
+    n_summary = space.summary_dim if width is None else width - n_cost
+    tail = features[:, space.onehot_dim:][:, :n_summary].astype(np.float64)
     if cost is None:
         return tail
     macs, params = cost

@@ -218,7 +218,8 @@ class LatencyPredictor:
             return last[1], last[2]
         encoded = self._encoded(keys, per_network)
         features = self.space.features(encoded)
-        descriptors = (summary_features(self.space, encoded, features) - self.descriptor_mean) / self.descriptor_std
+        descriptors = summary_features(self.space, encoded, features, width=len(self.descriptor_mean))
+        descriptors = (descriptors - self.descriptor_mean) / self.descriptor_std
         block, measured = self._reference_block(keys, per_network, features)
         design = np.hstack([block, descriptors])
         self._last_design[per_network] = (memo, design, measured)

@@ -44,6 +44,9 @@ class SearchSpace(ABC):
     #: the features start with this many one-hot columns of per-position choices; the rest are
     #: whole-architecture summaries (op shares, depths, ...)
     onehot_dim: int
+    #: how many of those summaries, from the first, the few-shot adaptation regresses on
+    #: (`predictor.cost.summary_features`); None: all of them
+    summary_dim: ClassVar[int | None] = None
     #: a short description of a key, with an example (what `GET /api/v1/spaces` shows)
     key_format: ClassVar[str] = ""
     #: published latency tables ship for the space: `read_table_keys` reads its architectures and

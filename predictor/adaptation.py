@@ -271,6 +271,20 @@ benches: the twelve with the costs under a prior scale of their own (a second de
 the grid): dead-code .788/.882/.903/.915, no-dead-code .770/.859/.947/.944, random
 .893/.912/.936/.951; FBNet's descriptors without its op shares (the costs alone): GPUs
 .605/.620/.665/.690 against .663/.765/.877/.906.
+
+The costs followed: log MACs and parameters of the key as read (`SearchSpace.written_cost`), so
+where keys are read as written the convolutions on dead edges count, as they do on a device that
+charges for them (per network the key is the network's, and nothing changes). Same benches,
+before and after: dead-code targets .853/.890/.926/.932 to .891/.914/.945/.947, GPUs and the
+reverse .924/.937/.955/.967 to .923/.954/.964/.968, random .909/.929/.937/.958 to
+.902/.941/.947/.965, no-dead-code .776/.905/.926/.944 to .718/.928/.940/.956 (with every one of
+its 13 targets and 3 seeds, .833/.916 to .823/.907 at k = 5/10); LODO NB201 .952/.963/.966/.974
+to .948/.963/.970/.974, coverage at k=20 .932 to .935, Spearman(std, |error|)
+.219/.226/.193/.165 to .213/.211/.183/.166. Both steps together, with every target of the two
+dead-code splits and 3 seeds: dead-code (27 targets) .819/.886/.922/.942 to .851/.932/.956/.958,
+no-dead-code (13) .859/.924/.946/.948 to .823/.907/.929/.951: kept for the larger gain on the
+larger class and on LODO. (Tried before the descriptors were pruned, as a
+thirteenth descriptor beside the built network's MACs, it cost LODO: see the dead-code test above.)
 """
 
 from __future__ import annotations

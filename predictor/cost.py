@@ -94,11 +94,13 @@ def _fbnet_costs() -> tuple[Cost, np.ndarray, np.ndarray]:
     return fixed, macs, params
 
 
-def nb201_cost(space: nb.NB201Space, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """`NB201Space.analytic_cost`."""
+def nb201_cost(space: nb.NB201Space, keys: Sequence[str], dead_code: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """`NB201Space.analytic_cost`; with `dead_code`, `NB201Space.written_cost` (the convolutions
+    on edges no input-output path uses count too)."""
     ops, live = space.op_table(keys)
-    n1 = ((ops == nb.OPS.index("nor_conv_1x1")) & live).sum(axis=1).tolist()
-    n3 = ((ops == nb.OPS.index("nor_conv_3x3")) & live).sum(axis=1).tolist()
+    counted = np.ones_like(live) if dead_code else live
+    n1 = ((ops == nb.OPS.index("nor_conv_1x1")) & counted).sum(axis=1).tolist()
+    n3 = ((ops == nb.OPS.index("nor_conv_3x3")) & counted).sum(axis=1).tolist()
     costs = [_nb201_cost_of_convs(a, b) for a, b in zip(n1, n3)]
     return np.asarray([c[0] for c in costs], dtype=np.int64), np.asarray([c[1] for c in costs], dtype=np.int64)
 
@@ -125,10 +127,11 @@ def analytic_cost(space: SearchSpace, keys: Sequence[str]) -> tuple[np.ndarray, 
 def summary_features(space: SearchSpace, keys: Sequence[str], features: np.ndarray,
                      width: int | None = None) -> np.ndarray:
     """Whole-architecture descriptors: the first `space.summary_dim` non-one-hot columns of
-    `features` plus log MACs and log parameters where the space has an analytic count. Few
-    enough to fit from a handful of samples. `width`: how many descriptors in all, where a
-    predictor was fitted with another count (older ones took every non-one-hot column)."""
-    cost = space.analytic_cost(keys)
+    `features` plus log MACs and log parameters of the keys as written (`written_cost`) where the
+    space has an analytic count. Few enough to fit from a handful of samples. `width`: how many
+    descriptors in all, where a predictor was fitted with another count (older ones took every
+    non-one-hot column)."""
+    cost = space.written_cost(keys)
     n_cost = 0 if cost is None else N_COST_DESCRIPTORS
     n_summary = space.summary_dim if width is None else width - n_cost
     tail = features[:, space.onehot_dim:][:, :n_summary].astype(np.float64)

@@ -108,10 +108,15 @@ class SearchSpace(ABC):
         raise ValueError(f"no published table for the {self.name} space")
 
     def analytic_cost(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
-        """(MACs, parameters) of each key as int64 arrays, worked out from the keys (fast enough
-        for whole spaces); None where the space has no analytic count. Where there is one, the
-        adaptation regresses on log MACs and log parameters too."""
+        """(MACs, parameters) of the network each key builds, as int64 arrays, worked out from
+        the keys (fast enough for whole spaces); None where the space has no analytic count."""
         return None
+
+    def written_cost(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """`analytic_cost` of every operation each key names, dead code included: what a device
+        that runs keys as written computes. Where there is one, the adaptation regresses on its
+        log MACs and log parameters (of a network's own key where it reads per network)."""
+        return self.analytic_cost(keys)
 
     @abstractmethod
     def graph(self, key: str) -> ArchGraph:

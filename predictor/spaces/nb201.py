@@ -204,6 +204,11 @@ class NB201Space(SearchSpace):
 
         return nb201_cost(self, keys)
 
+    def written_cost(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        from predictor.cost import nb201_cost
+
+        return nb201_cost(self, keys, dead_code=True)
+
     def network_key(self, key: str) -> str:
         """The cell with dead edges removed, up to relabelling its intermediate nodes: 8,765
         networks among the 15,625 keys (every disconnected cell builds the same one)."""

@@ -44,5 +44,6 @@ def test_a_gpu_charging_for_dead_code_is_ranked_from_twenty_samples_by_reference
             adapted = base.adapt({key: truth[key] for key in picked}, name=device, per_network=None)
             assert adapted.target is not None and not adapted.target.per_network
             scores.append(metrics.spearman(adapted.predict(held_out)[0], np.asarray([truth[key] for key in held_out])))
-    # 0.958; 0.938 when the descriptors held the live op shares and the connected flag too
-    assert np.mean(scores) >= 0.95
+    # 0.970; 0.958 with the costs of the built network instead of the keys as written, 0.938 with
+    # the live op shares and the connected flag among the descriptors too
+    assert np.mean(scores) >= 0.96

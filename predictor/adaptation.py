@@ -2,7 +2,9 @@
 devices' latencies and a few architecture descriptors.
 
 The design row of an architecture is [reference devices' standardised log-latency (measured
-where the reference table has it, else predicted by the pre-trained network), descriptors]. A
+where the reference table has it, else predicted by the pre-trained network), descriptors (a
+few whole-architecture summaries and costs of the key as read,
+`predictor.cost.summary_features`)]. A
 new device's log-latency is
 
     y = a + b * (reference @ m) + reference @ w + descriptors @ v + noise
@@ -18,7 +20,8 @@ explained by them at all, b = 0 and w = 0 (the descriptors alone). Under each, t
 sigma are chosen by the marginal likelihood of the samples (empirical Bayes), so few samples
 keep the fit near the prior and more samples move it only as far as they support; the
 hypotheses are weighed by that likelihood (even odds a priori; "like" also pays the Occam
-factor of having picked its direction among the reference devices, see below), and the fit is their mixture,
+factor of having picked its direction among the reference devices, `_direction_log_factor`),
+and the fit is their mixture,
 kept as one Gaussian (its mean and covariance), which gives the uncertainty, noise included, for
 every architecture. m is fitted to the very samples it is scored on, so
 with few samples some reference always looks like the device; only a proper prior on b and the
@@ -37,254 +40,8 @@ similarity-weighted variance of its standardised latency across them, to the pow
 homoscedastic, so the predicted latencies are those of the plain model; only the uncertainty
 is shaped, and with it the picks of active learning.
 
-Chosen on the leave-one-device-out bench (10 NB201 devices, k = 5/10/20, 3 seeds; see
-docs/bench/lodo.md): the similarity mean (sharpness 50) over the learned mean of the
-reference regressions raised mean rho from 0.828/0.923/0.925 to 0.904/0.937/0.953 (sharpness
-20: 0.891/0.934/0.951); a plain ridge on the same reference latencies scored 0.860/0.926/0.930.
-The noise shape was chosen on the same bench (every 4th NB201 device, k = 5/10/20/50, 3
-seeds). Spearman of the predicted std against |error| rose from 0.21/0.28/0.26/0.29 with one
-noise for all to 0.35/0.43/0.39/0.33 with exponent 0.5, and the 90 % interval's coverage at
-k=20 from 0.86 to 0.88; exponent 1 gave 0.34/0.41/0.37/0.31 (coverage 0.91), 0.25 gave
-0.33/0.44/0.40/0.34 (coverage 0.87). Rejected on it: fitting with the shaped noise too, its
-exponent chosen by marginal likelihood (rho 0.933 against 0.935 at k=20) or fixed at 0.5
-(0.935, calibration 0.40: no better); shaping by the reference devices' leave-one-out
-residuals instead (calibration 0.27 at k=20); choosing by marginal likelihood between the
-learned prior covariance and an isotropic one (rho +0.001).
-
-The floor as a scale, not a bound on the noise the evidence may choose, was chosen on the
-same bench (15 NB201 and 11 FBNet devices: every 4th of each space's sorted list, the names
-pooled across the two spaces; k = 5/10/20/50, 3 seeds) and on
-`benchmarks/unlike_references.py` (few references, none like the target; reference devices
-only). With the floor inside the evidence, sigma^2 sat on it, and no block that explains more
-could win. NB201 mean rho went from 0.912/0.926/0.944/0.951 to 0.911/0.935/0.947/0.955,
-FBNet from 0.864/0.920/0.926/0.933 to 0.870/0.919/0.926/0.935, the 90 % interval's coverage
-at k=20 from 0.886 to 0.925 (NB201) and 0.949 to 0.954 (FBNet), Spearman(std, |error|) at
-k=20 from 0.371 to 0.392 (NB201); unlike references, targets that charge for dead code from
-0.723/0.743/0.786/0.830 to 0.728/0.767/0.807/0.858, GPUs from non-GPUs and the reverse from
-0.854/0.887/0.911/0.924 to 0.823/0.894/0.916/0.924 (k=5 lower). No floor at all (with
-the op block below) gave the same means with a coverage of 0.74 at k=20 on NB201. Rejected on
-the same two benches:
-- an op block (the space's standardised one-hot encoding, its own scale by evidence): within
-  0.005 of the above everywhere, rarely chosen;
-- the scales chosen by leave-one-out predictive likelihood instead of the evidence: 0.933
-  against 0.947 on NB201 at k=20, 0.841/0.908 against 0.894/0.924 for GPUs unlike references
-  at k = 10/50;
-- no similarity mean (b = 0; m is fitted to the same samples, so the evidence overrates it
-  where no reference is like the target): unlike references, dead-code targets rose to
-  0.790/0.826/0.841/0.867, but NB201 fell to 0.756/0.893/0.920/0.942 and FBNet to
-  0.641/0.872/0.908/0.931;
-- choosing per device between the two by leave-one-out error: dead-code targets
-  0.723/0.791/0.832/0.867, but NB201 0.909/0.918/0.943/0.950 and FBNet 0.844/0.895/0.917/0.934.
-
-The two hypotheses, the proper prior on b and their even odds were chosen on the same two
-benches, after the floor above. NB201 mean rho 0.912/0.936/0.947/0.955 (one hypothesis, a flat
-b: 0.911/0.935/0.947/0.955), FBNet 0.863/0.917/0.926/0.935 (0.870/0.919/0.926/0.935); unlike
-references, dead-code targets 0.751/0.791/0.818/0.862 (0.728/0.767/0.807/0.858), GPUs from
-non-GPUs and the reverse 0.826/0.901/0.917/0.925 (0.823/0.894/0.916/0.924). Tried and rejected:
-- the proper prior on b alone, no alternative: dead-code targets 0.735/0.774/0.812/0.859;
-- odds of 0.9 for "like the references": 0.738/0.778/0.813/0.859 there, LODO within 0.005;
-- the alternative with b's flat prior: at k=5, NB201 0.889 and FBNet 0.772 at even odds, FBNet
-  0.845 at 0.9 (the flat prior's Occam factor hands few samples to "unlike");
-- one hypothesis per reference device (each alone as the prior mean) besides "unlike": k=5
-  NB201 0.839, FBNet 0.670; with the similarity mean as a third, 0.893 and 0.775;
-- log MACs as the prior direction of a third hypothesis (a third of the odds each): within
-  0.007 of the above on every figure of both benches;
-- "unlike" with a prior direction of its own, the descriptors' regression of the average
-  reference device (instead of none, or beside it at a quarter of the odds each): LODO within
-  0.005, dead-code targets 0.744/0.780/0.804/0.856 and 0.748/0.785/0.809/0.859;
-- the similarity sharpness, checked again under the two hypotheses: 25 gave NB201
-  0.914/0.936/0.945/0.952 and FBNet 0.875/0.917/0.928/0.938, 100 gave 0.907/0.936/0.944/0.955
-  and 0.851/0.912/0.923/0.933; unlike references, both within 0.005 of 50.
-
-Every figure above was measured with stratified samples. The default samples are now the design
-sampler's (`predictor.samplers.DesignSampler`, chosen on the same benches after the steps above,
-its figures there): the picks that most cut the uncertainty of this model's prior
-(`prior_informative_rows`).
-
-The floor's share was first the mean over all reference devices. Weighting it by m instead was
-chosen on a LODO subset (every 4th of the pooled, sorted NB201 and FBNet device names: 9 NB201
-and 8 FBNet targets; design samples, 3 seeds) and the unlike-references
-bench: the 90 % interval's coverage at k=20 went from 0.977 to 0.933 on FBNet (one device's
-errors: 0.0001 in squared log-latency against a floored noise of 0.0023) and stayed 0.924 on
-NB201; unlike references, from 0.962 to 0.939 (dead-code targets) and 0.940 to 0.919 (GPUs).
-No rho moves: the floor scales the uncertainty only. Rejected on the same benches: the median
-share (coverage 0.906 FBNet, 0.924 NB201, 0.955 and 0.920 unlike); averaging the posterior over
-the whole scale grid by evidence instead of the likeliest point, evenly over the grid (NB201
-rho at k=5 0.953 against 0.946, GPUs unlike references 0.907 against 0.884, but dead-code
-targets at k=10 0.870 against 0.872, and the synthetic unlike-every-reference test of
-tests/predictor/test_adaptation.py fell from 0.98 to 0.83 mean rho) or with even odds on
-leaving each block out (0.952 and 0.903 at k=5, the synthetic test 0.89, dead-code targets at
-k=10 0.860); a prior on the descriptor weights learned from the reference devices' own
-descriptor regressions (dead-code targets 0.753/0.850/0.883/0.922 against
-0.773/0.872/0.903/0.925).
-
-The third hypothesis (the reference block left out, the descriptors alone) was added last, on
-the same LODO subset and on the unlike-references bench with every target and 3 seeds: LODO
-within 0.001 of the two hypotheses on every figure (NB201 0.946/0.964/0.964/0.976, FBNet
-0.955/0.963/0.972/0.979 at k = 5/10/20/50); unlike references, dead-code targets from
-0.793/0.871/0.919/0.940 to 0.803/0.877/0.920/0.941, GPUs from non-GPUs and the reverse from
-0.825/0.914/0.937/0.945 to 0.828/0.917/0.938/0.945. Rejected on the same benches: the third
-hypothesis in place of "unlike" (dead-code targets 0.794/0.873/0.919/0.940, GPUs
-0.830/0.916/0.937/0.944); scoring "like" by evidence with m fitted to the other samples for
-each sample's row (a leave-one-out direction, so the evidence is not flattered by a direction
-picked on the same samples): NB201 at k=5 0.941 against 0.946, GPUs unlike references
-0.821/0.910/0.937/0.946.
-
-The descriptor scales reached 0.1 until the cross-space bench (`latfarm bench cross-space`:
-FBNet's devices held out, the graph-level predictor pre-trained on the other spaces) showed the
-evidence choosing that cap under every hypothesis on a device (gold_6226: rho 0.869 against the
-FLOPs ridge's 0.902; with the grid to 10, 0.917). The wider grid changed no figure of the LODO
-subset or of the unlike-references bench (every target, 3 seeds) in the third decimal.
-
-A device that timed every key as written (a reference table's) may have charged for dead code
-or run only the built network; the NB201 tables hold both kinds. Read as written, a device of
-the second kind adapted from references of the first is told that dead code costs what it cost
-them. So the samples test it (`LatencyPredictor.adapt(per_network=None)`, what the benches
-use): the fit on the reference devices' per-network latencies is kept when its marginal
-likelihood (`DeviceFit.log_evidence`), times the prior odds (`BUILT_NETWORK_LOG_ODDS`, the
-tables' own share), beats the as-written fit's. The marginal likelihood averages the evidence
-over the scale grid: the first version took each fit's best point of the grid, which flatters
-a design that fits a few samples by chance, and needed odds of e^-3 to stop reading charging
-devices per network. Chosen on the LODO subset (NB201; FBNet's keys hold no dead code) and on
-`benchmarks/unlike_references.py` (its defaults: every 3rd target, 2 seeds), mean rho at
-k = 5 / 10 / 20 / 50:
-
-| the test | LODO subset NB201 | no-dead-code | dead-code |
-|---|---|---|---|
-| best point, odds e^-3 (before) | .942/.958/.967/.970 | .759/.843/.914/.935 | .783/.875/.905/.925 |
-| marginal, even odds | .922/.933/.962/.969 | .861/.913/.952/– | .782/.870/.900/– |
-| marginal, e^-1.5 | | .763/.849/.929/– | .783/.875/.900/– |
-| **marginal, 13/27 (e^-0.73)** | .943/.957/.965/.969 | .801/.849/.950/.944 | .783/.875/.900/.925 |
-
-Random references went from .902/.915/.940/.948 to .902/.915/.940/.954, GPUs from
-.894/.937/.943/.959 to .910/.937/.940/.965.
-
-With every device in turn (`latfarm bench predictor --lodo`) NB201 went from
-.944/.956/.965/.973 to .945/.955/.962/.971 (seed spread .005-.015). Even odds cost the LODO
-subset .020 at k=5: 1080ti_1 fell from .983 to .904 and titanx_1 from .976 to .887, devices that
-charge read per network. Which reading was taken, every 2nd NB201 device (LODO, design samples,
-2 seeds): of 26 runs per k on devices that charge, 1, 1, 0 and 0 were read per network at
-k = 5 / 10 / 20 / 50 (0 at the best point and e^-3); of 14 on devices that do not, 2, 2, 5 and 7
-(0, 1, 4 and 5 before). Forcing the per-network reading on the no-dead-code split (what a
-perfect test would do) gives .909/.946/.952/.954: the room left at k = 5 and 10. Rejected on
-the same benches:
-- the two readings averaged by their posterior probability instead of keeping the likelier:
-  no-dead-code .866/.915/.948/.943 and dead-code .779/.869/.898/.923, but the LODO subset
-  .935/.948/.963/.970 (Spearman(std, |error|) rose to .255 at k=20, from .205);
-- log MACs counting the dead convolutions too, as one more descriptor: no-dead-code
-  .834/.895/.928/.944, dead-code .801/.891/.924/.937, random references .888/.924/.947/.946,
-  but LODO NB201 with every device .944/.952/.957/.975 and the 90 % coverage at k=20 .907.
-
-Shaping the uncertainty further was tried on the full LODO bench and rejected: Spearman of the
-std against |error| at k = 5/10/20/50 was .266/.255/.205/.189 on NB201 and .109/.116/.103/.063 on
-FBNet (before the Occam factor below), and no signal added more than .03 at k=20:
-- the noise growing as the predicted latency falls (times exp(-z/4), z the prediction
-  standardised over the space): .222 and .106 at k=20; the disagreement to the power 1: .209
-  and .109;
-- the samples' leave-one-out residuals, kernel-smoothed over the reference block (LODO subset,
-  9 NB201 and 8 FBNet targets): .186 against .169 and .119 against .092 at k=20;
-- where the dead-code reading is tested, the other reading's spread weighted by its probability:
-  NB201 .292/.278/.227/.203, coverage at k=20 .933; a farm device has no such reading, so it
-  would move the bench alone.
-`benchmarks/calibration_ceiling.py` says why: each architecture's error on the other held-out
-devices ranks a device's errors no better than this std does (NB201 .213, FBNet .072 at k=20),
-while the device's own errors under other samples do (.522 and .590): what is left is the
-device's, not the architectures'.
-
-Richer descriptor blocks, tried on the FBNet GPUs split of `benchmarks/unlike_references.py`
-(.662/.763/.877/.906 at k = 5/10/20/50 with the summary descriptors) and rejected: the pre-trained
-trunk's hidden features, their top 16 principal components over the table's keys (networks
-trained with the full configuration), .475/.672/.744/.886, or the top 4, .548/.708/.862/.884;
-the space's standardised one-hot op encoding in the same block, .443/.499/.586/.632.
-
-A sample the device mis-measured weighs as much as any other. One sample of k scaled by 1.5 / 2 /
-0.5 (every 4th device of the LODO bench, 3 seeds) moves FBNet's mean rho at k=20 from .972 to
-.939 / .875 / .866 and at k=10 from .970 to .757 / .696 / .636 (NB201 k=20: .956 to .946 / .932 /
-.913): FBNet's latencies span little, so one bad sample bends the fit, below one proxy device's
-(k=20 .956 clean, .958 / .958 / .932; k=10 .947, .911 / .900 / .816) and, at k=10, the table
-ridge's (.942, .850 / .800 / .791). Setting aside the samples
-whose leave-one-out residual makes them likelier outliers than not (prior 1 in 20, outliers
-spread with a log-latency variance of 1; only from 10 samples up: at k=5 it flagged good samples,
-NB201 .931 to .906) recovered most of it (FBNet k=20 .943 / .919 / .915, k=10 .839 / .902 / .920)
-at no cost on clean samples there, but on `benchmarks/unlike_references.py`, where the model is
-further from every device, it set good samples aside: FBNet GPUs at k=10 .763 to .706, NB201
-dead-code targets .875 to .852. Rejected. The agent keeps out measurements whose runs drift or
-scatter (`agent.quality`); a slowdown steady over a whole measurement passes both checks, and
-only the device's canary (every 50 jobs by default) can catch one that lasts. So onboarding
-measures a suspect sample twice more and keeps the median (`LatencyPredictor.suspect_samples`,
-`server.services.onboarding`): a true surprise costs two runs, never accuracy. The residual
-there is against the fit to the other samples with its scales chosen again; with the fit's own
-scales, a sample twice as slow widened the noise it was judged by and hid.
-
-"like" takes its direction from the very samples it is scored on, so its evidence at the best
-point of the grid was that of a direction known beforehand. It now pays for the pick
-(`_direction_log_factor`): the mean, over the reference devices, of each one's evidence as the
-direction alone, against the best one's; about -log(n_ref) when one device alone looks like the
-target, nothing when every device does. Measured before and after (k = 5 / 10 / 20 / 50):
-- unlike references (`benchmarks/unlike_references.py`, its defaults), NB201 dead-code targets
-  .783/.875/.900/.925 to .802/.884/.902/.925, no-dead-code .801/.849/.950/.944 to
-  .816/.853/.951/.944, GPUs and the reverse .910/.937/.940/.965 to .909/.935/.940/.965, random
-  .902/.915/.940/.954 to .906/.917/.940/.954; FBNet GPUs .662/.763/.877/.906 to
-  .663/.765/.877/.906, random .831/.854/.899/.911 to .839/.858/.900/.913;
-- the cross-space bench (`latfarm bench cross-space`), FBNet's space unseen .584/.807/.866/.871
-  to .603/.855/.865/.873, with the device also unseen .686/.812/.862/.871 to .767/.836/.861/.873;
-  NB201's space unseen .787/.812/.801/.810 to .787/.813/.802/.810 (above the FLOPs ridge at k=20
-  on 28 of 40 devices, from 26);
-- the test of tests/predictor/test_adaptation.py with 40 reference devices of noise and 5
-  samples, 0.946 to 0.991;
-- the cost, where references are many and alike: LODO with every device NB201
-  .945/.955/.962/.971 to .938/.955/.962/.971 (MAPE at k=5 8.7 % to 9.7 %), FBNet
-  .935/.941/.945/.952 to .938/.942/.946/.952; a synthetic device that follows one of 40
-  references, 5 samples: 0.879 to 0.812.
-Rejected on the same benches: the factor in the marginal likelihood too (the dead-code test's):
-LODO NB201 .939/.949/.964/.971, no-dead-code targets .796/.853/.951/.936; weighing the
-hypotheses by their evidence averaged over the grid instead of its best point (no factor):
-FBNet's space unseen .570/.797/.865/.871.
-
-NB201's descriptors were its features' whole summary tail (op shares as written, live op shares,
-whether the cell is connected) and the two costs: twelve columns, near-copies of one another, under
-one isotropic prior. On the dead-code split of `benchmarks/unlike_references.py` a ridge on the
-four free op shares alone, fitted to the same samples, beat the whole adaptation at k >= 10
-(.806/.930/.941/.954 against .802/.884/.902/.925): a device that charges for dead code runs the ops
-as written, which the references there cannot show, and the prior spread over the copies let the
-live shares and the costs take the weight. The descriptors are now the op shares of the key as
-read and the costs (`SearchSpace.summary_dim`): per network those are the built network's ops
-(the live shares repeated them), as written the ops a charging device runs. The descriptors-only
-hypothesis on its own, same samples, k = 5 / 10 / 20, by descriptor set:
-
-| descriptors | dead-code targets | no-dead-code targets |
-|---|---|---|
-| all twelve (before) | .836/.900/.917 | .843/.921/.950 |
-| op shares as written | .856/.928/.941 | .806/.919/.946 |
-| op shares as written and live | .823/.916/.927 | .809/.920/.945 |
-| live op shares and costs | .808/.846/.856 | .830/.905/.944 |
-| **op shares as written and costs** | .877/.913/.925 | .874/.925/.950 |
-| all twelve, whitened over the table | .679/.859/.880 | .732/.893/.949 |
-
-The whole adaptation, before and after, k = 5 / 10 / 20 / 50: unlike references, dead-code
-targets .802/.884/.902/.925 to .853/.890/.926/.932, no-dead-code .816/.853/.951/.944 to
-.776/.905/.926/.944, GPUs and the reverse .909/.935/.940/.965 to .924/.937/.955/.967, random
-.906/.917/.940/.954 to .909/.929/.937/.958; LODO with every NB201 device .938/.955/.962/.971 to
-.952/.963/.966/.974 (MAPE at k=5 9.7 % to 8.9 %), the 90 % interval's coverage at k=20 .922 to
-.932, Spearman(std, |error|) .282/.269/.212/.191 to .219/.226/.193/.165. Rejected on the same
-benches: the twelve with the costs under a prior scale of their own (a second descriptor scale on
-the grid): dead-code .788/.882/.903/.915, no-dead-code .770/.859/.947/.944, random
-.893/.912/.936/.951; FBNet's descriptors without its op shares (the costs alone): GPUs
-.605/.620/.665/.690 against .663/.765/.877/.906.
-
-The costs followed: log MACs and parameters of the key as read (`SearchSpace.written_cost`), so
-where keys are read as written the convolutions on dead edges count, as they do on a device that
-charges for them (per network the key is the network's, and nothing changes). Same benches,
-before and after: dead-code targets .853/.890/.926/.932 to .891/.914/.945/.947, GPUs and the
-reverse .924/.937/.955/.967 to .923/.954/.964/.968, random .909/.929/.937/.958 to
-.902/.941/.947/.965, no-dead-code .776/.905/.926/.944 to .718/.928/.940/.956 (with every one of
-its 13 targets and 3 seeds, .833/.916 to .823/.907 at k = 5/10); LODO NB201 .952/.963/.966/.974
-to .948/.963/.970/.974, coverage at k=20 .932 to .935, Spearman(std, |error|)
-.219/.226/.193/.165 to .213/.211/.183/.166. Both steps together, with every target of the two
-dead-code splits and 3 seeds: dead-code (27 targets) .819/.886/.922/.942 to .851/.932/.956/.958,
-no-dead-code (13) .859/.924/.946/.948 to .823/.907/.929/.951: kept for the larger gain on the
-larger class and on LODO. (Tried before the descriptors were pruned, as a
-thirteenth descriptor beside the built network's MACs, it cost LODO: see the dead-code test above.)
+How each setting was chosen, on held-out reference devices only, with the validation figures
+behind it and what was tried and rejected: docs/adaptation.md.
 """
 
 from __future__ import annotations

@@ -187,7 +187,7 @@ class NB201Space(SearchSpace):
     # the op shares of the key as read: a device's own network's ops where it is read per network
     # (the live shares repeat them there), the ops a device charging for dead code runs where keys
     # are read as written; the live shares and the connected flag spread the descriptors' prior
-    # over near-copies (predictor.adaptation's docstring has the figures)
+    # over near-copies (docs/adaptation.md has the figures)
     summary_dim = len(OPS)
     key_format = "NAS-Bench-201 arch string, one op~input per edge: |nor_conv_3x3~0|+|skip_connect~0|none~1|+|...|"
     has_reference_tables = True

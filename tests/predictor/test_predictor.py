@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 
 from predictor import LatencyPredictor, TrainConfig, get_sampler, get_space
 from predictor.adaptation import prior_design
-from predictor.cost import analytic_cost
+from predictor.cost import analytic_cost, summary_features
 from predictor.metrics import spearman
 from predictor.reference import LatencyTable
 from predictor.samplers import DESIGN_POOL, FALLBACK_SAMPLER, SAMPLERS, DefaultSampler, sampler_for
@@ -269,6 +269,26 @@ def test_a_format4_checkpoint_loads_and_answers_as_before(base: LatencyPredictor
     np.testing.assert_allclose(loaded.predict(keys)[0], device.predict(keys)[0], rtol=1e-6)
     assert loaded.reference is not None and device.reference is not None
     assert loaded.reference.network_keys == device.reference.network_keys
+
+
+def test_a_predictor_saved_with_every_summary_column_keeps_regressing_on_them(base: LatencyPredictor) -> None:
+    """NB201 predictors saved before its descriptors were cut to `summary_dim` hold one mean and
+    std per column of the whole summary tail (live op shares and the connected flag too): loaded,
+    their designs keep those columns, so an adapted device answers with the coefficients it was
+    fitted with."""
+    table_keys = SPACE.sample(500, seed=4)
+    every_column = SPACE.feature_dim - SPACE.onehot_dim + 2  # and log MACs, log parameters
+    wide = summary_features(SPACE, table_keys, SPACE.features(table_keys), width=every_column)
+    assert wide.shape[1] > len(base.descriptor_mean)
+    state = torch.load(io.BytesIO(base.to_bytes()), weights_only=True)
+    state["descriptor_mean"], state["descriptor_std"] = map(torch.from_numpy, (wide.mean(axis=0), wide.std(axis=0)))
+    old = LatencyPredictor.load(_saved(state))
+    keys = SPACE.sample(40, seed=9)
+    assert old.design(keys, per_network=True)[0].shape[1] == len(old.reference_devices) + wide.shape[1]
+    device = old.adapt(dict(zip(keys[:15], synthetic_ms(keys[:15], np.array([0, 0.1, 0.5, 0.8, 0.2]), 1.0))))
+    assert device.target is not None and len(device.target.coef) == 1 + len(old.reference_devices) + wide.shape[1]
+    again = LatencyPredictor.load(device.to_bytes())
+    np.testing.assert_allclose(again.predict(keys)[0], device.predict(keys)[0], rtol=1e-6)
 
 
 def test_a_fit_saved_before_the_noise_was_shaped_keeps_one_noise(base: LatencyPredictor) -> None:

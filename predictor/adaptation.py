@@ -134,6 +134,12 @@ class DeviceFit:
     #: over the grid (evenly), up to a constant that only the samples set (so fits of the same
     #: samples compare); NaN: not known (older checkpoints)
     log_evidence: float = float("nan")
+    #: for a device whose dead code's cost the samples were left to tell
+    #: (`LatencyPredictor.adapt(per_network=None)`): its fit under the other reading of the keys
+    #: and that reading's posterior probability; predictions are the two readings' mixture.
+    #: None: the device is read one way only
+    other_reading: DeviceFit | None = None
+    other_reading_probability: float = 0.0
 
     def noise_of(self, design: np.ndarray) -> np.ndarray:
         """The variance of log-latency the model does not explain, per design row."""

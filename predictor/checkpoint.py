@@ -8,8 +8,9 @@ networks and sampler choices as they were, no measured table (the networks fill 
 latency), the prior learned again from the networks on first use, and an adapted target's
 bootstrap fits turned into the Gaussian they sample (mean and covariance of the fits, no extra
 noise). A target fit saved before its noise was shaped by the reference devices' disagreement
-(no `similarity`) keeps one noise for every architecture; a prior saved with one unexplained
-share for all reference devices gives each that share.
+(no `similarity`) keeps one noise for every architecture, and one saved before a device could be
+read two ways (no `other_reading`) is read one way; a prior saved with one unexplained share for
+all reference devices gives each that share.
 """
 
 from __future__ import annotations
@@ -78,12 +79,7 @@ def save(parts: Parts, file: str | PathLike[str] | BinaryIO) -> None:
         },
         "prior": None if parts.prior is None else {"cov": _tensor(parts.prior.cov),
                                                    "unexplained": _tensor(parts.prior.unexplained_each)},
-        "target": None if target is None else {
-            "name": target.name, "coef": _tensor(target.coef), "cov": _tensor(target.cov), "noise": target.noise,
-            "scales": list(target.scales), "samples": target.samples, "per_network": target.per_network,
-            "similarity": None if target.similarity is None else _tensor(target.similarity),
-            "noise_scale": target.noise_scale, "log_evidence": target.log_evidence,
-        },
+        "target": None if target is None else _target_state(target),
         "preferred_samplers": dict(parts.preferred_samplers),
         "sampler_scores": {name: dict(per_k) for name, per_k in parts.sampler_scores.items()},
     }
@@ -118,6 +114,17 @@ def load(file: str | PathLike[str] | BinaryIO | bytes) -> Parts:
                  dict(state.get("sampler_scores") or {}), prior)
 
 
+def _target_state(target: DeviceFit) -> dict[str, Any]:
+    return {
+        "name": target.name, "coef": _tensor(target.coef), "cov": _tensor(target.cov), "noise": target.noise,
+        "scales": list(target.scales), "samples": target.samples, "per_network": target.per_network,
+        "similarity": None if target.similarity is None else _tensor(target.similarity),
+        "noise_scale": target.noise_scale, "log_evidence": target.log_evidence,
+        "other_reading": None if target.other_reading is None else _target_state(target.other_reading),
+        "other_reading_probability": target.other_reading_probability,
+    }
+
+
 def _joined(keys: list[str]) -> str:
     """Keys as one string: unpickling a list of 15,625 strings with `weights_only` took 10x longer."""
     if any("\n" in key for key in keys):
@@ -148,11 +155,14 @@ def _target(target: dict[str, Any] | None, version: str) -> DeviceFit | None:
         return None
     if version in _TABLE_FORMATS:
         # a format-5 fit saved before the noise was shaped has no similarity: one noise for all
+        # and one saved before a device could be read two ways has no other reading
         similarity = target.get("similarity")
         return DeviceFit(target["name"], target["coef"].numpy(), target["cov"].numpy(), float(target["noise"]),
                          tuple(target["scales"]), dict(target["samples"]), bool(target["per_network"]),
                          None if similarity is None else similarity.numpy().astype(np.float64),
-                         float(target.get("noise_scale", 1.0)), float(target.get("log_evidence", float("nan"))))
+                         float(target.get("noise_scale", 1.0)), float(target.get("log_evidence", float("nan"))),
+                         _target(target.get("other_reading"), version),
+                         float(target.get("other_reading_probability", 0.0)))
     # bootstrap fits (n_boot, n_design) and intercepts (n_boot,): the Gaussian they sample
     fits = np.hstack([target["intercept"].numpy()[:, None], target["coef"].numpy()]).astype(np.float64)
     return DeviceFit(target["name"], fits.mean(axis=0), np.cov(fits, rowvar=False), 0.0,

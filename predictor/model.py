@@ -12,7 +12,8 @@ One network, one latency: a device onboarded through the farm runs the network i
 builds, so keys that build the same network (`SearchSpace.network_key`) get one prediction
 and their samples count once. Devices that timed every key as written (the reference tables)
 are adapted with `per_network=None`: whether their dead code cost anything is for the samples
-to say (`LatencyPredictor.adapt`).
+to say, and the predictions average the two readings by their probability
+(`LatencyPredictor.adapt`).
 
 Pre-training also settles which sampler should pick a new device's samples, by validation on
 the reference devices alone (`predictor.validation`); the winner per sample count is stored as
@@ -28,6 +29,7 @@ from os import PathLike
 from typing import BinaryIO
 
 import numpy as np
+from scipy.special import expit
 
 from predictor import checkpoint
 from predictor.adaptation import (
@@ -51,6 +53,8 @@ __all__ = ["LatencyPredictor", "Prediction", "TrainConfig"]
 
 #: architectures the prior is learned over when the predictor holds no reference table
 PRIOR_SAMPLE = 4000
+#: a reading of a device's keys less probable than this is left out of its predictions
+NEGLIGIBLE_READING = 1e-3
 
 
 @dataclass(frozen=True)
@@ -256,15 +260,18 @@ class LatencyPredictor:
         if device is None or (self.target is not None and device == self.target.name):
             if self.target is None:
                 raise ValueError("a base predictor needs `device`: one of its reference devices")
-            per_network = self.target.per_network
-            normalised = self._keys(keys, per_network)
-            # one answer per distinct network (or key): equal keys get equal predictions
-            positions: dict[str, int] = {}
-            inverse = np.asarray([positions.setdefault(key, len(positions)) for key in normalised], dtype=np.int64)
-            design, measured = self.design(list(positions), per_network)
-            log_ms, log_std = self.target.log_ms(design)
+            log_ms, log_std, measured_share = self._target_answer(self.target, keys)
+            other = self.target.other_reading
+            if other is not None:
+                # the two readings' mixture, kept as its mean and variance of log-latency
+                weight = self.target.other_reading_probability
+                other_log_ms, other_std, other_share = self._target_answer(other, keys)
+                mean = (1 - weight) * log_ms + weight * other_log_ms
+                log_std = np.sqrt((1 - weight) * (log_std**2 + (log_ms - mean) ** 2)
+                                  + weight * (other_std**2 + (other_log_ms - mean) ** 2))
+                log_ms, measured_share = mean, (1 - weight) * measured_share + weight * other_share
             ms = np.exp(log_ms)
-            return Prediction(ms[inverse], (ms * log_std)[inverse], measured.mean(axis=1)[inverse])
+            return Prediction(ms, ms * log_std, measured_share)
         if device not in self.reference_devices:
             raise ValueError(f"{device!r} is not a reference device of this predictor")
         col = self.reference_devices.index(device)
@@ -282,6 +289,17 @@ class LatencyPredictor:
         ms = np.exp(log_ms)
         return Prediction(ms, ms * log_std, measured.astype(np.float64))
 
+    def _target_answer(self, fit: DeviceFit, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per key, `fit`'s posterior mean and standard deviation of log-latency and the measured
+        share of the reference latencies they rest on; one answer per distinct network (per key
+        for a fit read as written), so equal keys get equal predictions."""
+        positions: dict[str, int] = {}
+        inverse = np.asarray([positions.setdefault(key, len(positions)) for key in self._keys(keys, fit.per_network)],
+                             dtype=np.int64)
+        design, measured = self.design(list(positions), fit.per_network)
+        log_ms, log_std = fit.log_ms(design)
+        return log_ms[inverse], log_std[inverse], measured.mean(axis=1)[inverse]
+
     # ---- few-shot adaptation ----------------------------------------------------------------
 
     def adapt(self, samples: Mapping[str, float], name: str = "target", *,
@@ -292,10 +310,12 @@ class LatencyPredictor:
         do), so samples of keys building one network are one measurement of it (their
         log-mean); False, it timed each key as written and its dead code cost what the reference
         devices' did; None, it timed each key as written and whether its dead code cost anything
-        is tested: the fit on the reference devices' per-network latencies is kept when the
-        samples' evidence for it, at the prior odds `BUILT_NETWORK_LOG_ODDS`, beats the
-        as-written fit's. The test needs samples of distinct networks (what samplers draw);
-        others are read as written.
+        is for the samples to say: the device is fitted both ways (per network, and as
+        written), the two readings are weighed by the samples' evidence at the prior odds
+        `BUILT_NETWORK_LOG_ODDS`, and predictions are their mixture (`DeviceFit.other_reading`;
+        the target is the likelier reading's fit, which active learning and `suspect_samples`
+        read). The test needs samples of distinct networks (what samplers draw); others are read
+        as written.
         """
         if per_network is not None:
             return self._adapt(samples, name, per_network)
@@ -304,8 +324,15 @@ class LatencyPredictor:
             return as_written
         built = self._adapt(samples, name, per_network=True)
         assert built.target is not None and as_written.target is not None  # _adapt always fits
-        ran_built_networks = built.target.log_evidence + BUILT_NETWORK_LOG_ODDS > as_written.target.log_evidence
-        return built if ran_built_networks else as_written
+        built_probability = float(expit(built.target.log_evidence + BUILT_NETWORK_LOG_ODDS
+                                        - as_written.target.log_evidence))
+        likelier, other = (built, as_written) if built_probability > 0.5 else (as_written, built)
+        weight = min(built_probability, 1 - built_probability)
+        if weight < NEGLIGIBLE_READING:
+            return likelier
+        assert likelier.target is not None and other.target is not None
+        likelier.target = replace(likelier.target, other_reading=other.target, other_reading_probability=weight)
+        return likelier
 
     def _adapt(self, samples: Mapping[str, float], name: str, per_network: bool) -> LatencyPredictor:
         grouped: dict[str, list[float]] = {}

@@ -378,18 +378,27 @@ def test_one_network_gets_one_latency_on_a_farm_device(base: LatencyPredictor) -
     assert len(doubled.target.samples) == len(device.target.samples)
 
 
-def test_the_samples_tell_whether_a_device_that_timed_keys_as_written_charged_for_dead_code() -> None:
-    """`adapt(per_network=None)`, on reference devices that charge for dead operations (they
-    count every op as written, and their table holds each key's dead-code-free twin, so the
-    charge shows): a device timed the same way is read as written; one that ran only the built
-    networks is read per network, so the keys building one network share its latency."""
-    twins = [key for key in SPACE.sample(800, seed=21) if SPACE.is_connected(key)]
-    keys = list(dict.fromkeys(twins + [SPACE.live_key(key) for key in twins]))
+#: connected NB201 keys, some with dead code, whose dead-code-free twins the charging base's table holds too
+TWINS = [key for key in SPACE.sample(800, seed=21) if SPACE.is_connected(key)]
+
+
+@pytest.fixture(scope="module")
+def charging_base() -> LatencyPredictor:
+    """Pre-trained on reference devices that charge for dead operations (they count every op as
+    written, and their table holds each key's dead-code-free twin, so the charge shows)."""
+    keys = list(dict.fromkeys(TWINS + [SPACE.live_key(key) for key in TWINS]))
     rng = np.random.default_rng(1)
     rows = [(key, f"ref{d}", float(ms)) for d in range(4)
             for key, ms in zip(keys, synthetic_ms(keys, np.r_[0.0, rng.uniform(1.0, 3.0, 4)], 1.0))]
     torch.manual_seed(0)
-    charging_base = LatencyPredictor.pretrain(SPACE, rows, config=TINY_UNVALIDATED)
+    return LatencyPredictor.pretrain(SPACE, rows, config=TINY_UNVALIDATED)
+
+
+def test_the_samples_tell_whether_a_device_that_timed_keys_as_written_charged_for_dead_code(
+        charging_base: LatencyPredictor) -> None:
+    """`adapt(per_network=None)`: a device timed as the charging references were is read as
+    written; one that ran only the built networks is read per network, so the keys building one
+    network share its latency."""
     cost = np.array([0.0, 0.5, 1.8, 2.7, 0.9])
     networks: dict[str, str] = {}
     for key in SPACE.sample(3000, seed=11):  # distinct networks, half of them with dead code
@@ -402,12 +411,37 @@ def test_the_samples_tell_whether_a_device_that_timed_keys_as_written_charged_fo
     running_networks = charging_base.adapt(built, per_network=None)
     assert charging.target is not None and not charging.target.per_network
     assert running_networks.target is not None and running_networks.target.per_network
-    dead = next(key for key in twins if SPACE.live_key(key) != key)
+    dead = next(key for key in TWINS if SPACE.live_key(key) != key)
     answers = running_networks.predict([dead, SPACE.live_key(dead)])[0]
     assert answers[0] == answers[1]
     # told how the device timed, the predictor takes it at its word
     told = charging_base.adapt(built, per_network=False).target
     assert told is not None and not told.per_network
+
+
+def test_a_device_its_samples_leave_in_doubt_is_predicted_by_both_readings(charging_base: LatencyPredictor) -> None:
+    """Samples of networks without dead code cannot tell whether the device charged for it: its
+    prediction is the two readings' mixture by their probability (the mean of log-latency, and
+    a variance that holds the readings' disagreement), and a checkpoint keeps it."""
+    live = [key for key in TWINS if SPACE.live_key(key) == key]
+    samples = dict(zip(live[:8], synthetic_ms(live[:8], np.array([0.0, 0.5, 1.8, 2.7, 0.9]), 0.8)))
+    device = charging_base.adapt(samples, per_network=None)
+    target = device.target
+    assert target is not None and target.other_reading is not None
+    assert target.other_reading.per_network != target.per_network
+    weight = target.other_reading_probability
+    assert 1e-3 <= weight <= 0.5
+    dead = [key for key in TWINS if SPACE.live_key(key) != key]
+    likelier = charging_base.adapt(samples, per_network=target.per_network).prediction(dead)
+    other = charging_base.adapt(samples, per_network=not target.per_network).prediction(dead)
+    mixture = device.prediction(dead)
+    assert np.log(mixture.ms) == pytest.approx((1 - weight) * np.log(likelier.ms) + weight * np.log(other.ms))
+    readings_variance = (1 - weight) * (likelier.std / likelier.ms) ** 2 + weight * (other.std / other.ms) ** 2
+    disagreement = np.abs(np.log(likelier.ms / other.ms)) > 0.05
+    assert disagreement.any()
+    assert np.all((mixture.std / mixture.ms)[disagreement] ** 2 > readings_variance[disagreement])
+    reloaded = LatencyPredictor.load(device.to_bytes()).prediction(dead)
+    assert reloaded.ms == pytest.approx(mixture.ms) and reloaded.std == pytest.approx(mixture.std)
 
 
 def test_active_learning_picks_unmeasured_networks_that_cut_the_uncertainty_most(base: LatencyPredictor) -> None:

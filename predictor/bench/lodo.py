@@ -39,7 +39,7 @@ COLUMNS = ("space", "device", "method", "k", "seed", "spearman", "kendall", "map
 SPACES = ("nb201", "fbnet")
 KS = (5, 10, 20, 50)
 SEEDS = 3
-METHODS = ("ours", "one_proxy", "table_ridge", "flops")
+METHODS = ("ours", "ours_per_network", "one_proxy", "table_ridge", "flops")
 CONFIG = TrainConfig(members=1, epochs=2, sampler_folds=0)
 #: progress(done, total, description), counted in (device, k, seed) cells
 Progress = Callable[[int, int, str], None]

@@ -47,6 +47,7 @@ behind it and what was tried and rejected: docs/adaptation.md.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -235,9 +236,7 @@ def fit_device(name: str, design: np.ndarray, y: np.ndarray, n_reference: int, p
     probability = np.exp(log_odds - log_odds.max())
     probability /= probability.sum()
     fits = [_posterior(design, y, n_reference, h, prior) for h in hypotheses]
-    coef = sum(p * mean for p, (mean, _) in zip(probability, fits))
-    # the mixture's covariance: each fit's own, plus the spread of the fits' means about `coef`
-    cov = sum(p * (fit_cov + np.outer(mean - coef, mean - coef)) for p, (mean, fit_cov) in zip(probability, fits))
+    coef, cov = mixture_moments(probability, [mean for mean, _ in fits], [fit_cov for _, fit_cov in fits])
     sigma = float(probability @ [h.sigma for h in hypotheses])
     # the floor on the noise scales every variance of the model alike: the uncertainty grows, the
     # mean stays the one the evidence chose
@@ -248,6 +247,17 @@ def fit_device(name: str, design: np.ndarray, y: np.ndarray, n_reference: int, p
     return DeviceFit(name, coef, inflation * cov, inflation * sigma,
                      (likeliest.tau_r, likeliest.tau_d, likeliest.sigma), samples, per_network, mean_weights,
                      noise_scale, float(logsumexp([h.log_marginal for h in hypotheses]) - np.log(len(hypotheses))))
+
+
+def mixture_moments(probability: Sequence[float], means: Sequence[np.ndarray],
+                    covariances: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and covariance of a mixture of Gaussians weighted by `probability`: each
+    component's covariance plus the spread of its mean about the mixture's. `covariances` are
+    matrices, or for means taken element by element, variances."""
+    mean = sum(p * m for p, m in zip(probability, means))
+    spread = np.outer if np.ndim(covariances[0]) == 2 else np.multiply
+    cov = sum(p * (c + spread(m - mean, m - mean)) for p, m, c in zip(probability, means, covariances))
+    return np.asarray(mean), np.asarray(cov)
 
 
 def _direction_log_factor(reference: np.ndarray, y: np.ndarray, kernels: np.ndarray, scales: np.ndarray) -> float:

@@ -39,6 +39,7 @@ from predictor.adaptation import (
     ReferencePrior,
     fit_device,
     informative_rows,
+    mixture_moments,
     off_log_odds,
     prior_informative_rows,
     reference_prior,
@@ -260,18 +261,15 @@ class LatencyPredictor:
         if device is None or (self.target is not None and device == self.target.name):
             if self.target is None:
                 raise ValueError("a base predictor needs `device`: one of its reference devices")
-            log_ms, log_std, measured_share = self._target_answer(self.target, keys)
+            log_ms, log_var, measured_share = self._target_answer(self.target, keys)
             other = self.target.other_reading
             if other is not None:
-                # the two readings' mixture, kept as its mean and variance of log-latency
-                weight = self.target.other_reading_probability
-                other_log_ms, other_std, other_share = self._target_answer(other, keys)
-                mean = (1 - weight) * log_ms + weight * other_log_ms
-                log_std = np.sqrt((1 - weight) * (log_std**2 + (log_ms - mean) ** 2)
-                                  + weight * (other_std**2 + (other_log_ms - mean) ** 2))
-                log_ms, measured_share = mean, (1 - weight) * measured_share + weight * other_share
+                weights = (1 - self.target.other_reading_probability, self.target.other_reading_probability)
+                other_log_ms, other_var, other_share = self._target_answer(other, keys)
+                log_ms, log_var = mixture_moments(weights, (log_ms, other_log_ms), (log_var, other_var))
+                measured_share = weights[0] * measured_share + weights[1] * other_share
             ms = np.exp(log_ms)
-            return Prediction(ms, ms * log_std, measured_share)
+            return Prediction(ms, ms * np.sqrt(log_var), measured_share)
         if device not in self.reference_devices:
             raise ValueError(f"{device!r} is not a reference device of this predictor")
         col = self.reference_devices.index(device)
@@ -290,15 +288,15 @@ class LatencyPredictor:
         return Prediction(ms, ms * log_std, measured.astype(np.float64))
 
     def _target_answer(self, fit: DeviceFit, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per key, `fit`'s posterior mean and standard deviation of log-latency and the measured
-        share of the reference latencies they rest on; one answer per distinct network (per key
-        for a fit read as written), so equal keys get equal predictions."""
+        """Per key, `fit`'s posterior mean and variance of log-latency and the measured share of
+        the reference latencies they rest on; one answer per distinct network (per key for a fit
+        read as written), so equal keys get equal predictions."""
         positions: dict[str, int] = {}
         inverse = np.asarray([positions.setdefault(key, len(positions)) for key in self._keys(keys, fit.per_network)],
                              dtype=np.int64)
         design, measured = self.design(list(positions), fit.per_network)
         log_ms, log_std = fit.log_ms(design)
-        return log_ms[inverse], log_std[inverse], measured.mean(axis=1)[inverse]
+        return log_ms[inverse], log_std[inverse] ** 2, measured.mean(axis=1)[inverse]
 
     # ---- few-shot adaptation ----------------------------------------------------------------
 

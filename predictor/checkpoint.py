@@ -154,8 +154,8 @@ def _target(target: dict[str, Any] | None, version: str) -> DeviceFit | None:
     if target is None:
         return None
     if version in _TABLE_FORMATS:
-        # a format-5 fit saved before the noise was shaped has no similarity: one noise for all
-        # and one saved before a device could be read two ways has no other reading
+        # a format-5 fit saved before the noise was shaped has no similarity (one noise for all),
+        # one saved before a device could be read two ways no other reading
         similarity = target.get("similarity")
         return DeviceFit(target["name"], target["coef"].numpy(), target["cov"].numpy(), float(target["noise"]),
                          tuple(target["scales"]), dict(target["samples"]), bool(target["per_network"]),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from predictor.reference import DEAD_CODE_THRESHOLD
+
 from .lodo import RAW_FILE
 from .methods import METHODS
 
@@ -90,8 +92,6 @@ def _table(summary: dict[tuple[str, str, int], dict[str, float]], space: str) ->
 
 def _farm_reading(rows: list[dict[str, str]], dead_code_cost: dict[str, float]) -> str:
     """`ours` against `FARM_READING` on the NB201 devices that ran the built networks."""
-    from predictor.reference import DEAD_CODE_THRESHOLD
-
     ran_networks = {device for device, cost in dead_code_cost.items() if cost <= DEAD_CODE_THRESHOLD}
     picked = [row for row in rows if row["space"] == "nb201" and row["device"] in ran_networks
               and row["method"] in ("ours", FARM_READING)]
@@ -122,8 +122,6 @@ def _dead_code_cost(datasets: Path | None) -> dict[str, float]:
 
 
 def _dead_code(dead_code_cost: dict[str, float]) -> str:
-    from predictor.reference import DEAD_CODE_THRESHOLD
-
     lines = ["## Does dead code cost? (NB201 reference tables)", "",
              "Mean log-latency excess of keys holding dead code (edges no input-output path uses) over the same "
              f"network timed without it; above {DEAD_CODE_THRESHOLD:.0%} a device is taken to charge for it, and its "

@@ -4,8 +4,18 @@ For each target device, a base predictor is pre-trained on the other devices of 
 the base's default sampler draws k samples from every architecture the target measured (the
 whole space, as a user's device would be sampled), and each method predicts the rest. This is
 the bench the predictor's settings are chosen on: only reference devices take part, never a
-12-task test device. Rows go to `lodo.csv`, one per (space, device, method, k, seed); rows
-already there are not recomputed, so an interrupted run resumes.
+12-task test device. Rows go to `lodo.csv`, one per (space, reading, device, method, k, seed);
+rows already there are not recomputed, so an interrupted run resumes.
+
+Each target is read two ways where the space has keys that build one network (NB201):
+- `as_timed`: the published table as its device timed it, every key as written (dead code and
+  all). `ours` leaves it to the samples whether the device's dead code cost anything
+  (`LatencyPredictor.adapt(per_network=None)`).
+- `per_network`: the device as the farm would have measured it, each network once: every key
+  gets its network's latency on the device (`MeasuredReference`: the mean over the keys
+  building it, over those without dead code on a device that charges for it). `ours` reads it
+  per network, as the farm reads its devices; the baselines read the reference devices per
+  network too; the keys of a sampled network are measured, not held out.
 
 With the tables covering every architecture, the adaptation reads every reference latency of
 the held-out architectures from the table (`measured_share` is recorded: 1.0 means the network
@@ -25,7 +35,7 @@ import numpy as np
 from predictor import metrics
 from predictor.datasets import find_datasets
 from predictor.model import LatencyPredictor, TrainConfig
-from predictor.reference import LatencyTable
+from predictor.reference import LatencyTable, MeasuredReference
 from predictor.samplers import get_sampler
 from predictor.spaces import SearchSpace
 
@@ -34,12 +44,14 @@ from .methods import Method, TaskContext, get_methods
 from .run import append_rows
 
 RAW_FILE = "lodo.csv"
-COLUMNS = ("space", "device", "method", "k", "seed", "spearman", "kendall", "mape", "within10", "coverage90",
+COLUMNS = ("space", "reading", "device", "method", "k", "seed", "spearman", "kendall", "mape", "within10", "coverage90",
            "calibration_rho", "measured_share")
 SPACES = ("nb201", "fbnet")
 KS = (5, 10, 20, 50)
 SEEDS = 3
-METHODS = ("ours", "ours_per_network", "one_proxy", "table_ridge", "flops")
+METHODS = ("ours", "one_proxy", "table_ridge", "flops")
+#: how a target's latencies are read (see above); `per_network` only where keys share networks
+READINGS = ("as_timed", "per_network")
 CONFIG = TrainConfig(members=1, epochs=2, sampler_folds=0)
 #: progress(done, total, description), counted in (device, k, seed) cells
 Progress = Callable[[int, int, str], None]
@@ -75,11 +87,12 @@ def run_lodo(
     plan = []
     for space_name in spaces:
         table = load_space_table(root, space_name)
+        readings = READINGS if _shares_networks(table) else READINGS[:1]
         for device in sorted(table.latencies):
             if devices is not None and device not in devices:
                 continue
-            todo = [(k, s) for k in ks for s in range(seeds)
-                    if any((space_name, device, m.name, k, s) not in done
+            todo = [(reading, k, s) for reading in readings for k in ks for s in range(seeds)
+                    if any((space_name, reading, device, m.name, k, s) not in done
                            for m in method_list if m.supports(space_name))]
             if todo:
                 plan.append((space_name, device, todo))
@@ -88,31 +101,29 @@ def run_lodo(
     for space_name, device, todo in plan:
         table = load_space_table(root, space_name)
         space = memoised_space(table.space, table.keys)
-        others = tuple(d for d in sorted(table.latencies) if d != device)
         if progress is not None:
             progress(count, total, f"{space_name}: pre-training without {device}")
         base = fold_base(space, table, device, config)
-        context = TaskContext(space, others, base, {key: i for i, key in enumerate(table.keys)}, table.matrix(others))
-        truth = table.device_truth(device)
-        keys = list(truth)
         sampler = get_sampler("default")
-        for k, seed in todo:
-            picked = sampler.select(space, k, seed=seed, predictor=base, candidates=keys)
-            chosen = set(picked)
-            held_out = [key for key in keys if key not in chosen]
-            measured = np.asarray([truth[key] for key in held_out])
-            samples = {key: truth[key] for key in picked}
-            rows = []
-            for method in method_list:
-                if not method.supports(space_name) or (space_name, device, method.name, k, seed) in done:
-                    continue
-                rows.append((space_name, device, method.name, k, seed,
-                             *_scores(method, context, device, samples, held_out, measured, seed)))
-            append_rows(out / RAW_FILE, COLUMNS, rows)
-            written += len(rows)
-            count += 1
-            if progress is not None:
-                progress(count, total, f"{space_name}: {device}")
+        for reading in dict.fromkeys(reading for reading, _, _ in todo):
+            context, truth = read_device(reading, space, table, device, base)
+            keys = list(truth)
+            for k, seed in [(k, seed) for r, k, seed in todo if r == reading]:
+                picked = sampler.select(space, k, seed=seed, predictor=base, candidates=keys)
+                held_out = _held_out(keys, picked, base.network_key if context.per_network else None)
+                samples = {key: truth[key] for key in picked}
+                measured = np.asarray([truth[key] for key in held_out])
+                rows = []
+                for method in method_list:
+                    if not method.supports(space_name) or (space_name, reading, device, method.name, k, seed) in done:
+                        continue
+                    rows.append((space_name, reading, device, method.name, k, seed,
+                                 *_scores(method, context, device, samples, held_out, measured, seed)))
+                append_rows(out / RAW_FILE, COLUMNS, rows)
+                written += len(rows)
+                count += 1
+                if progress is not None:
+                    progress(count, total, f"{space_name}: {device} ({reading.replace('_', ' ')})")
         targets.append(device)
     if report:
         from .lodo_report import write_lodo_report
@@ -129,6 +140,46 @@ def fold_base(space: SearchSpace, table: SpaceTable, device: str, config: TrainC
     return LatencyPredictor.fit(space, reference, config=config)
 
 
+def _shares_networks(table: SpaceTable) -> bool:
+    """Whether some keys of the table build one network (so a device can be read per network)."""
+    space = table.space
+    return len({space.network_key(key) for key in table.keys}) < len(table.keys)
+
+
+def read_device(reading: str, space: SearchSpace, table: SpaceTable, device: str,
+          base: LatencyPredictor) -> tuple[TaskContext, dict[str, float]]:
+    """What the methods get under `reading`: the task context (the train devices' latencies, per
+    network or as timed) and the target's latency of each key it measured."""
+    others = tuple(d for d in sorted(table.latencies) if d != device)
+    truth = table.device_truth(device)
+    if reading == "as_timed":
+        return TaskContext(space, others, base, {key: i for i, key in enumerate(table.keys)},
+                           table.matrix(others), per_network=None), truth
+    if base.reference is None:
+        raise ValueError("the per-network reading needs the base's measured reference table")
+    reference = base.reference
+    network_of = {key: int(reference.network_of_row[reference.row[key]]) for key in table.keys}
+    with np.errstate(divide="ignore"):
+        own_table = LatencyTable(table.keys, [device], np.log(table.matrix([device])).astype(np.float32))
+    own = MeasuredReference.of(space, own_table)
+    if own.network_keys != reference.network_keys:
+        raise ValueError("the fold base's reference table is not over the space table's keys")
+    network_ms = np.exp(own.network_log_ms[:, 0].astype(np.float64))
+    context = TaskContext(space, others, base, network_of, np.exp(reference.network_log_ms.astype(np.float64)),
+                          per_network=True)
+    return context, {key: float(network_ms[network_of[key]]) for key in truth}
+
+
+def _held_out(keys: list[str], picked: list[str], network_key: Callable[[str], str] | None) -> list[str]:
+    """The keys scored: those not picked, or read per network (`network_key`), those whose
+    network was not measured."""
+    if network_key is None:
+        chosen = set(picked)
+        return [key for key in keys if key not in chosen]
+    measured = {network_key(key) for key in picked}
+    return [key for key in keys if network_key(key) not in measured]
+
+
 def _scores(method: Method, context: TaskContext, device: str, samples: dict[str, float], keys: list[str],
             truth: np.ndarray, seed: int) -> tuple[str, ...]:
     prediction = method.predict(context, device, samples, keys, seed)
@@ -143,8 +194,11 @@ def _scores(method: Method, context: TaskContext, device: str, samples: dict[str
     return tuple("" if np.isnan(v) else f"{v:.6f}" for v in values)
 
 
-def _done(path: Path) -> set[tuple[str, str, str, int, int]]:
+def _done(path: Path) -> set[tuple[str, str, str, str, int, int]]:
     if not path.is_file():
         return set()
     with open(path, newline="") as handle:
-        return {(r["space"], r["device"], r["method"], int(r["k"]), int(r["seed"])) for r in csv.DictReader(handle)}
+        rows = csv.DictReader(handle)
+        if rows.fieldnames is not None and "reading" not in rows.fieldnames:
+            raise ValueError(f"{path} was written before the per-network reading: rerun with --fresh")
+        return {(r["space"], r["reading"], r["device"], r["method"], int(r["k"]), int(r["seed"])) for r in rows}

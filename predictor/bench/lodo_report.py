@@ -17,21 +17,28 @@ from .methods import METHODS
 MARKDOWN_FILE = "lodo.md"
 PLOT_FILE = "lodo.png"
 METRICS = ("spearman", "kendall", "mape", "within10", "coverage90", "calibration_rho")
-#: the method that reads the device per network, as the farm does: reported on the devices that
-#: ran the built networks only (on the others it is wrong by design)
-FARM_READING = "ours_per_network"
+#: what a section of the report says of a reading (`predictor.bench.lodo.READINGS`)
+READING_NOTES = {
+    "as_timed": "",
+    "per_network": "Each network timed once, as the farm measures a device: every key the target measured "
+                   "is given its network's latency on it (the mean over the keys building it; on a device "
+                   "that charges for dead code, over those without any), `ours` reads the device per network "
+                   "as the farm does, the baselines read the reference devices per network too, and the keys "
+                   "of a sampled network are measured, not scored.",
+}
+Cell = tuple[str, str, str, int]  # (space, reading, method, k)
 
 
-def summarise(rows: list[dict[str, str]]) -> dict[tuple[str, str, int], dict[str, float]]:
-    """(space, method, k) -> mean of each metric over devices and seeds, the spread over seeds
-    of the device-mean rho, and the counts of devices and seeds."""
-    grouped: dict[tuple[str, str, int], list[dict[str, str]]] = defaultdict(list)
+def summarise(rows: list[dict[str, str]]) -> dict[Cell, dict[str, float]]:
+    """(space, reading, method, k) -> mean of each metric over devices and seeds, the spread over
+    seeds of the device-mean rho, and the counts of devices and seeds."""
+    grouped: dict[Cell, list[dict[str, str]]] = defaultdict(list)
     for row in rows:
-        grouped[(row["space"], row["method"], int(row["k"]))].append(row)
+        grouped[(row["space"], row["reading"], row["method"], int(row["k"]))].append(row)
     out = {}
     for key, cell in grouped.items():
         summary = {m: _mean([r[m] for r in cell]) for m in METRICS}
-        if METHODS[key[1]].ranks_only:  # older rows scored its relative errors too
+        if METHODS[key[2]].ranks_only:  # older rows scored its relative errors too
             summary["mape"] = summary["within10"] = math.nan
         by_seed: dict[str, list[float]] = defaultdict(list)
         for r in cell:
@@ -49,15 +56,11 @@ def _mean(values: list[str]) -> float:
     return float(np.mean(numbers)) if numbers else math.nan
 
 
-def write_lodo_report(out_dir: str | Path,
-                      datasets: Path | None = None) -> dict[tuple[str, str, int], dict[str, float]]:
+def write_lodo_report(out_dir: str | Path, datasets: Path | None = None) -> dict[Cell, dict[str, float]]:
     out = Path(out_dir)
     with open(out / RAW_FILE, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    summary = summarise([row for row in rows if row["method"] != FARM_READING])
-    dead_code_cost = _dead_code_cost(datasets)
-    (out / MARKDOWN_FILE).write_text(_markdown(summary) + _farm_reading(rows, dead_code_cost)
-                                     + _dead_code(dead_code_cost))
+        summary = summarise(list(csv.DictReader(handle)))
+    (out / MARKDOWN_FILE).write_text(_markdown(summary) + _dead_code(_dead_code_cost(datasets)))
     _plot(out / PLOT_FILE, summary)
     return summary
 
@@ -66,43 +69,39 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _markdown(summary: dict[tuple[str, str, int], dict[str, float]]) -> str:
+def _sections(summary: dict[Cell, dict[str, float]]) -> list[tuple[str, str]]:
+    """The (space, reading) pairs of the summary, as timed first."""
+    return sorted({(space, reading) for space, reading, _, _ in summary}, key=lambda sr: (sr[1] != "as_timed", sr))
+
+
+def _title(space: str, reading: str) -> str:
+    return space if reading == "as_timed" else f"{space}, {reading.replace('_', ' ')}"
+
+
+def _markdown(summary: dict[Cell, dict[str, float]]) -> str:
     lines = ["# Leave-one-device-out bench", "",
              "Every reference device of a space in turn is the target; the base is pre-trained on the others; "
              "k samples drawn by the base's default sampler from all the target's architectures, the rest scored. "
              "Means over devices and seeds; spread: std over seeds of the device-mean rho. "
              "Written by `latfarm bench predictor --lodo` from lodo.csv.", ""]
-    for space in sorted({s for s, _, _ in summary}):
-        lines += [f"## {space}", "", *_table(summary, space), ""]
-    return "\n".join(lines)
+    for space, reading in _sections(summary):
+        note = READING_NOTES.get(reading, "")
+        lines += [f"## {_title(space, reading)}", "", *([note, ""] if note else []),
+                  *_table(summary, space, reading), ""]
+    return "\n".join(lines) + "\n"
 
 
-def _table(summary: dict[tuple[str, str, int], dict[str, float]], space: str) -> list[str]:
+def _table(summary: dict[Cell, dict[str, float]], space: str, reading: str) -> list[str]:
     lines = ["| method | k | devices | seeds | rho | spread | tau | MAPE % | ±10 % | 90 % coverage | rho(std, err) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    ours_first = sorted(summary.items(), key=lambda item: (item[0][1] != "ours", item[0][1], item[0][2]))
-    for (s, method, k), row in ours_first:
-        if s != space:
+    ours_first = sorted(summary.items(), key=lambda item: (item[0][2] != "ours", item[0][2], item[0][3]))
+    for (s, r, method, k), row in ours_first:
+        if (s, r) != (space, reading):
             continue
         lines.append(f"| {method} | {k} | {row['devices']} | {row['seeds']} | {_fmt(row['spearman'])} | "
                      f"{_fmt(row['spread'])} | {_fmt(row['kendall'])} | {_fmt(row['mape'], 1)} | "
                      f"{_fmt(row['within10'])} | {_fmt(row['coverage90'])} | {_fmt(row['calibration_rho'])} |")
     return lines
-
-
-def _farm_reading(rows: list[dict[str, str]], dead_code_cost: dict[str, float]) -> str:
-    """`ours` against `FARM_READING` on the NB201 devices that ran the built networks."""
-    ran_networks = {device for device, cost in dead_code_cost.items() if cost <= DEAD_CODE_THRESHOLD}
-    picked = [row for row in rows if row["space"] == "nb201" and row["device"] in ran_networks
-              and row["method"] in ("ours", FARM_READING)]
-    if not any(row["method"] == FARM_READING for row in picked):
-        return ""
-    return "\n".join([
-        "## Read per network, as the farm reads a device (NB201)", "",
-        "The NB201 reference devices that do not charge for dead code (below) ran the networks the keys build, as a "
-        f"device measured through the farm does. `{FARM_READING}` reads them so (keys of one network share a "
-        "latency), `ours` leaves it to the samples; the same samples.", "",
-        *_table(summarise(picked), "nb201"), "", ""])
 
 
 def _dead_code_cost(datasets: Path | None) -> dict[str, float]:
@@ -132,24 +131,26 @@ def _dead_code(dead_code_cost: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(path: Path, summary: dict[tuple[str, str, int], dict[str, float]]) -> None:
+def _plot(path: Path, summary: dict[Cell, dict[str, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    spaces = sorted({s for s, _, _ in summary})
-    fig, axes = plt.subplots(1, len(spaces), figsize=(4.2 * len(spaces), 3.2), squeeze=False)
-    for ax, space in zip(axes[0], spaces):
-        for method in sorted({m for s, m, _ in summary if s == space}):
-            ks = sorted(k for s, m, k in summary if s == space and m == method)
-            means = [summary[(space, method, k)]["spearman"] for k in ks]
-            spreads = np.nan_to_num([summary[(space, method, k)]["spread"] for k in ks])
+    sections = _sections(summary)
+    fig, axes = plt.subplots(1, len(sections), figsize=(4.2 * len(sections), 3.2), squeeze=False)
+    for ax, (space, reading) in zip(axes[0], sections):
+        cells = [(m, k) for s, r, m, k in summary if (s, r) == (space, reading)]
+        for method in sorted({m for m, _ in cells}):
+            ks = sorted(k for m, k in cells if m == method)
+            means = [summary[(space, reading, method, k)]["spearman"] for k in ks]
+            spreads = np.nan_to_num([summary[(space, reading, method, k)]["spread"] for k in ks])
             ax.errorbar(ks, means, yerr=spreads, marker="o", ms=3, capsize=2, label=method)
         ax.set_xscale("log")
-        ax.set_xticks(sorted({k for s, _, k in summary if s == space}))
+        ax.set_xticks(sorted({k for _, k in cells}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_title(f"{space}: leave one device out", fontsize=9)
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"{_title(space, reading)}: leave one device out", fontsize=9)
         ax.set_xlabel("k (measured samples)", fontsize=8)
         ax.set_ylabel("mean Spearman rho", fontsize=8)
         ax.grid(alpha=0.3)

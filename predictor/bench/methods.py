@@ -37,6 +37,10 @@ class TaskContext:
     #: ms of each key on each train device (NaN where unmeasured); `reference_ms` reads it
     reference_index: dict[str, int] = field(repr=False, default_factory=dict)
     reference_table: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0)))
+    #: how the test devices' keys are read (`LatencyPredictor.adapt`): None, as their tables
+    #: timed them, the samples testing whether dead code cost anything; True, per network, as
+    #: the farm measures a device (the reference latencies are then per network too)
+    per_network: bool | None = None
 
     def reference_ms(self, keys: Sequence[str]) -> np.ndarray:
         """(len(keys), len(train_devices)) ms of the train devices, NaN where unmeasured."""
@@ -69,8 +73,6 @@ class Method(ABC):
     spaces: tuple[str, ...] | None = None
     #: its answers rank architectures but are not in ms (relative errors mean nothing)
     ranks_only: bool = False
-    #: whether a bench runs it when no methods are named
-    by_default: bool = True
 
     def supports(self, space: str) -> bool:
         return self.spaces is None or space in self.spaces
@@ -87,17 +89,13 @@ class Ours(Method):
     name = "ours"
     sampler = "default"
     needs_base = True
-    #: how the device's keys are read (`LatencyPredictor.adapt`): the bench's devices are
-    #: reference-table columns, which timed every key as written, so the samples test whether
-    #: their dead code cost anything
-    per_network: bool | None = None
 
     def predict(self, context: TaskContext, device: str, samples: Mapping[str, float],
                 keys: Sequence[str], seed: int) -> Prediction:
         if context.base is None:
             raise ValueError(f"{self.name} needs a base predictor")
         start = time.perf_counter()
-        adapted = context.base.adapt(dict(samples), name=device, per_network=self.per_network)
+        adapted = context.base.adapt(dict(samples), name=device, per_network=context.per_network)
         adapt_s = time.perf_counter() - start
         prediction = adapted.prediction(list(keys))
         extras = {"adapt_s": adapt_s, "measured_share_min": float(prediction.measured_share.min())}
@@ -109,17 +107,6 @@ class OursRandom(Ours):
 
     name = "ours_random"
     sampler = "random"
-
-
-class OursPerNetwork(Ours):
-    """The same predictor reading the device per network, as the farm reads a device it measured
-    (keys building one network share a latency): on the NB201 reference devices that ran the
-    built networks (no charge for dead code), what a user's device gets."""
-
-    name = "ours_per_network"
-    per_network = True
-    spaces = ("nb201",)  # no other space's keys hold dead code: there it is `ours`
-    by_default = False
 
 
 class Flops(Method):
@@ -259,13 +246,13 @@ def ridge_fit_predict(x: np.ndarray, y: np.ndarray, x_new: np.ndarray,
 
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Ours, OursRandom, OursPerNetwork, Flops, OneProxy, TableRidge, Scratch, LookupTable)
+    cls.name: cls for cls in (Ours, OursRandom, Flops, OneProxy, TableRidge, Scratch, LookupTable)
 }
 
 
 def get_methods(names: Sequence[str] | None = None) -> list[Method]:
-    """Fresh instances of the named methods (those run by default when None), in the order given."""
-    names = [name for name, cls in METHODS.items() if cls.by_default] if names is None else list(names)
+    """Fresh instances of the named methods (all when None), in the order given."""
+    names = list(METHODS) if names is None else list(names)
     unknown = [name for name in names if name not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)}")

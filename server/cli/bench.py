@@ -70,8 +70,7 @@ def predictor(
     tasks: Annotated[str | None, typer.Option(help="comma-separated tasks, e.g. N0,F3; default all twelve")] = None,
     k: Annotated[list[str] | None, typer.Option("--k", help="measured samples per device: --k 5 10 20")] = None,
     seeds: Annotated[int, typer.Option(help="seeds per (device, k)")] = 3,
-    methods: Annotated[str | None, typer.Option(
-        help="comma-separated methods; default all but ours_per_network (the farm's reading)")] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods; default all")] = None,
     out: Annotated[Path | None, typer.Option(
         help="output folder; default docs/bench (docs/bench/quick with --quick)")] = None,
     quick: Annotated[bool, typer.Option(

@@ -147,7 +147,7 @@ def _shares_networks(table: SpaceTable) -> bool:
 
 
 def read_device(reading: str, space: SearchSpace, table: SpaceTable, device: str,
-          base: LatencyPredictor) -> tuple[TaskContext, dict[str, float]]:
+                base: LatencyPredictor) -> tuple[TaskContext, dict[str, float]]:
     """What the methods get under `reading`: the task context (the train devices' latencies, per
     network or as timed) and the target's latency of each key it measured."""
     others = tuple(d for d in sorted(table.latencies) if d != device)
@@ -155,16 +155,15 @@ def read_device(reading: str, space: SearchSpace, table: SpaceTable, device: str
     if reading == "as_timed":
         return TaskContext(space, others, base, {key: i for i, key in enumerate(table.keys)},
                            table.matrix(others), per_network=None), truth
-    if base.reference is None:
-        raise ValueError("the per-network reading needs the base's measured reference table")
     reference = base.reference
-    network_of = {key: int(reference.network_of_row[reference.row[key]]) for key in table.keys}
+    if reference is None or reference.table.keys != table.keys:
+        raise ValueError("the per-network reading needs the fold base's measured table, over the space table's keys")
     with np.errstate(divide="ignore"):
         own_table = LatencyTable(table.keys, [device], np.log(table.matrix([device])).astype(np.float32))
-    own = MeasuredReference.of(space, own_table)
-    if own.network_keys != reference.network_keys:
-        raise ValueError("the fold base's reference table is not over the space table's keys")
+    # the target's networks are the references': the same keys, so the base's grouping serves
+    own = MeasuredReference(space, own_table, reference.network_keys, reference.network_of_row, reference.dead)
     network_ms = np.exp(own.network_log_ms[:, 0].astype(np.float64))
+    network_of = {key: int(reference.network_of_row[row]) for key, row in reference.row.items()}
     context = TaskContext(space, others, base, network_of, np.exp(reference.network_log_ms.astype(np.float64)),
                           per_network=True)
     return context, {key: float(network_ms[network_of[key]]) for key in truth}

@@ -19,7 +19,6 @@ PLOT_FILE = "lodo.png"
 METRICS = ("spearman", "kendall", "mape", "within10", "coverage90", "calibration_rho")
 #: what a section of the report says of a reading (`predictor.bench.lodo.READINGS`)
 READING_NOTES = {
-    "as_timed": "",
     "per_network": "Each network timed once, as the farm measures a device: every key the target measured "
                    "is given its network's latency on it (the mean over the keys building it; on a device "
                    "that charges for dead code, over those without any), `ours` reads the device per network "
@@ -60,7 +59,7 @@ def write_lodo_report(out_dir: str | Path, datasets: Path | None = None) -> dict
     out = Path(out_dir)
     with open(out / RAW_FILE, newline="") as handle:
         summary = summarise(list(csv.DictReader(handle)))
-    (out / MARKDOWN_FILE).write_text(_markdown(summary) + _dead_code(_dead_code_cost(datasets)))
+    (out / MARKDOWN_FILE).write_text(_markdown(summary) + _dead_code(datasets))
     _plot(out / PLOT_FILE, summary)
     return summary
 
@@ -104,7 +103,7 @@ def _table(summary: dict[Cell, dict[str, float]], space: str, reading: str) -> l
     return lines
 
 
-def _dead_code_cost(datasets: Path | None) -> dict[str, float]:
+def _dead_code(datasets: Path | None) -> str:
     """Per NB201 reference device: how much longer keys holding dead code took than the same
     network without it (the tables timed every cell as written)."""
     from predictor.datasets import find_datasets
@@ -117,17 +116,13 @@ def _dead_code_cost(datasets: Path | None) -> dict[str, float]:
     with np.errstate(divide="ignore"):
         log_ms = np.log(table.matrix(devices)).astype(np.float32)
     cost = MeasuredReference.of(table.space, LatencyTable(table.keys, devices, log_ms)).dead_code_cost
-    return dict(zip(devices, map(float, cost)))
-
-
-def _dead_code(dead_code_cost: dict[str, float]) -> str:
     lines = ["## Does dead code cost? (NB201 reference tables)", "",
              "Mean log-latency excess of keys holding dead code (edges no input-output path uses) over the same "
              f"network timed without it; above {DEAD_CODE_THRESHOLD:.0%} a device is taken to charge for it, and its "
              "per-network latency is read from dead-code-free keys only.", "",
              "| device | excess | charges |", "|---|---|---|"]
-    lines += [f"| {device} | {100 * cost:+.1f} % | {'yes' if cost > DEAD_CODE_THRESHOLD else 'no'} |"
-              for device, cost in dead_code_cost.items()]
+    lines += [f"| {d} | {100 * c:+.1f} % | {'yes' if c > DEAD_CODE_THRESHOLD else 'no'} |"
+              for d, c in zip(devices, cost)]
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +29,39 @@ def held_out_keys(exclude: set[str], n: int, seed: int) -> list[str]:
     return [key for key in candidates if key not in exclude][:n]
 
 
-def scatter_plot(path: Path, measured: np.ndarray, predicted: np.ndarray, title: str) -> None:
+@dataclass(frozen=True)
+class CheckScore:
+    """Predicted against measured latency over some of the held-out architectures."""
+
+    n: int
+    rho: float
+    mape: float  # %
+
+
+def check_score(measured: np.ndarray, predicted: np.ndarray) -> CheckScore | None:
+    """Spearman's rho and the mean absolute percentage error; None below 3 points, where a rank
+    correlation says nothing."""
+    if len(measured) < 3:
+        return None
+    return CheckScore(len(measured), float(spearmanr(measured, predicted).statistic),
+                      float(np.mean(np.abs(predicted - measured) / measured) * 100))
+
+
+def scatter_plot(path: Path, measured: np.ndarray, predicted: np.ndarray, trusted: np.ndarray, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(5, 5), dpi=120)
-    axes.scatter(measured, predicted, s=14, alpha=0.8)
+    axes.scatter(measured[trusted], predicted[trusted], s=14, alpha=0.8, label="trusted measurement")
+    axes.scatter(measured[~trusted], predicted[~trusted], s=14, alpha=0.8, facecolors="none", edgecolors="tab:orange",
+                 label="flagged (unstable or drifting runs)")
     low, high = min(measured.min(), predicted.min()) * 0.9, max(measured.max(), predicted.max()) * 1.1
     axes.plot([low, high], [low, high], color="grey", linewidth=1, linestyle="--")
     axes.set(xlabel="measured latency (ms)", ylabel="predicted latency (ms)", title=title, xlim=(low, high),
              ylim=(low, high))
+    axes.legend(loc="upper left", fontsize="small")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -80,20 +102,27 @@ def run_demo(out: Path, samples: int, check: int, seed: int, console: Console,
         keys = held_out_keys(sampled, check, seed)
         with progress_bar() as progress:
             jobs = client.measure(device, SPACE, keys, on_progress=track(progress, "measure held-out set"))
-        done = {key: job.latency_ms for key, job in zip(keys, jobs) if job.status == "done"}
+        done = {key: job for key, job in zip(keys, jobs) if job.status == "done" and job.latency_ms is not None}
         # the onboarded predictor: the held-out measurements re-adapt the device's predictor as they arrive
         prediction = client.predict(device, SPACE, list(done), onboarding.predictor_id)
 
-    measured = np.asarray(list(done.values()))
+    measured = np.asarray([job.latency_ms for job in done.values()], dtype=np.float64)
     predicted = np.asarray(prediction.latency_ms)
-    rho = float(spearmanr(measured, predicted).statistic)
-    mape = float(np.mean(np.abs(predicted - measured) / measured) * 100)
+    # a flagged measurement's median is in doubt (the farm neither trains on nor reuses it): the
+    # check is scored on all of them and on the trusted ones alone
+    trusted = np.asarray([bool(job.valid) for job in done.values()], dtype=bool)
+    overall, on_trusted = check_score(measured, predicted), check_score(measured[trusted], predicted[trusted])
+    if overall is None:
+        raise SystemExit(f"only {len(done)} of {len(keys)} held-out measurements finished: nothing to check against")
     plot = out / "demo_scatter.png"
-    scatter_plot(plot, measured, predicted, f"{device}: rho={rho:.3f}, MAPE={mape:.1f}%")
+    scatter_plot(plot, measured, predicted, trusted, f"{device}: rho={overall.rho:.3f}, MAPE={overall.mape:.1f}%")
     console.rule("result")
-    console.print(f"held-out architectures measured: {len(done)} of {len(keys)}")
-    console.print(f"Spearman rho (predicted vs measured): [bold]{rho:.3f}[/]")
-    console.print(f"mean absolute percentage error:       [bold]{mape:.1f}%[/]")
+    console.print(f"held-out architectures measured: {len(done)} of {len(keys)}, {int(trusted.sum())} trusted "
+                  f"({len(done) - int(trusted.sum())} flagged: their runs scattered or drifted on this host)")
+    trusted_rho = f"{on_trusted.rho:.3f}" if on_trusted else "–"
+    trusted_mape = f"{on_trusted.mape:.1f}%" if on_trusted else "–"
+    console.print(f"Spearman rho (predicted vs measured): [bold]{overall.rho:.3f}[/]   trusted only: {trusted_rho}")
+    console.print(f"mean absolute percentage error:       [bold]{overall.mape:.1f}%[/]   trusted only: {trusted_mape}")
     console.print(f"scatter plot: {plot.resolve()}")
     console.print(f"explore: LATFARM_DATABASE_URL={settings.database_url} latfarm server  → http://127.0.0.1:8000/docs")
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s")

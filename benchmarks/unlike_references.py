@@ -22,6 +22,10 @@ fitted to the same samples alone, the 12-task bench's baseline) predict the rest
 Prints one line per k:
 
     unlike-references nb201 dead-code k=20: n=N ours rho=X scratch rho=Y
+
+`--hypotheses` also adapts each run under each of the adaptation's hypotheses alone
+(`predictor.adaptation.HYPOTHESES`) and adds their mean rho and the per-run best of them
+("oracle"): how much the evidence's weighing of the hypotheses leaves on the table.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 from collections.abc import Callable
+from unittest import mock
 
 import numpy as np
 import torch
 
-from predictor import LatencyPredictor, get_sampler, metrics
+from predictor import LatencyPredictor, adaptation, get_sampler, metrics
 from predictor.bench.data import load_space_table, memoised_space
 from predictor.bench.lodo import CONFIG, SPACES
 from predictor.bench.methods import Scratch, TaskContext
@@ -67,6 +72,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--references", type=int, default=5)
     parser.add_argument("--every", type=int, default=3, help="every n-th target device of the split")
+    parser.add_argument("--hypotheses", action="store_true",
+                        help="also score each hypothesis of the adaptation alone, and the per-run best of them")
     args = parser.parse_args()
     torch.set_num_threads(1)
     splits = args.split or [split for split in SPLITS if args.space == "nb201" or split not in DEAD_CODE_SPLITS]
@@ -102,10 +109,24 @@ def main() -> None:
                     baseline = scratch.predict(context, device, samples, held_out, seed).ms
                     scores[k]["ours"].append(metrics.spearman(ours, measured))
                     scores[k]["scratch"].append(metrics.spearman(baseline, measured))
+                    if args.hypotheses:
+                        alone = [_alone(base, hypothesis, samples, device, held_out, measured)
+                                 for hypothesis in adaptation.HYPOTHESES]
+                        for hypothesis, rho in zip(adaptation.HYPOTHESES, alone):
+                            scores[k][hypothesis].append(rho)
+                        scores[k]["oracle"].append(max(alone))
         for k in args.k:
             print(f"unlike-references {args.space} {split} k={k}: n={len(scores[k]['ours'])} "
-                  f"ours rho={np.mean(scores[k]['ours']):.3f} scratch rho={np.mean(scores[k]['scratch']):.3f}",
+                  + " ".join(f"{method} rho={np.mean(rhos):.3f}" for method, rhos in scores[k].items()),
                   flush=True)
+
+
+def _alone(base: LatencyPredictor, hypothesis: str, samples: dict[str, float], device: str, held_out: list[str],
+           measured: np.ndarray) -> float:
+    """Held-out rho of the adaptation with `hypothesis` its only one."""
+    with mock.patch.object(adaptation, "HYPOTHESES", (hypothesis,)):
+        predicted = base.adapt(samples, name=device, per_network=None).predict(held_out)[0]
+    return metrics.spearman(predicted, measured)
 
 
 if __name__ == "__main__":

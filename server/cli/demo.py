@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from scipy.stats import spearmanr
 
 from agent.capabilities import default_device_name
 from agent.protocol import Runtime
 from latfarm import FarmClient
+from predictor import metrics
 from predictor.spaces import get_space
 from server.cli.local import running_agent, running_server
 from server.cli.output import progress_bar, track
@@ -33,7 +33,6 @@ def held_out_keys(exclude: set[str], n: int, seed: int) -> list[str]:
 class CheckScore:
     """Predicted against measured latency over some of the held-out architectures."""
 
-    n: int
     rho: float
     mape: float  # %
 
@@ -43,8 +42,7 @@ def check_score(measured: np.ndarray, predicted: np.ndarray) -> CheckScore | Non
     correlation says nothing."""
     if len(measured) < 3:
         return None
-    return CheckScore(len(measured), float(spearmanr(measured, predicted).statistic),
-                      float(np.mean(np.abs(predicted - measured) / measured) * 100))
+    return CheckScore(metrics.spearman(predicted, measured), metrics.mape(predicted, measured))
 
 
 def scatter_plot(path: Path, measured: np.ndarray, predicted: np.ndarray, trusted: np.ndarray, title: str) -> None:

@@ -36,20 +36,15 @@ import numpy as np
 import torch
 
 from predictor import get_sampler, metrics
-from predictor.bench.data import load_space_table, memoised_space
-from predictor.bench.lodo import KS, SPACES, fold_base
-from predictor.datasets import find_datasets
+from predictor.bench.lodo import KS, SPACES, folds
 
 
 def log_errors(space_name: str, every: int, ks: list[int], seeds: int) -> dict[tuple[str, int, int], np.ndarray]:
     """Per (device, k, seed): |log error| over the space's keys (NaN where sampled) and, after it,
     the predicted relative std (same layout), stacked as rows 0 and 1."""
-    table = load_space_table(find_datasets(), space_name)
-    space = memoised_space(table.space, table.keys)
-    devices = sorted(table.latencies)
     out = {}
-    for device in devices[::every]:
-        base = fold_base(space, table, device)
+    for fold in folds(space_name, every):
+        space, table, base, device = fold.space, fold.table, fold.base, fold.device
         truth = table.device_truth(device)
         keys = list(truth)
         position = {key: i for i, key in enumerate(table.keys)}

@@ -24,9 +24,7 @@ import numpy as np
 import torch
 
 from predictor import get_sampler
-from predictor.bench.data import load_space_table, memoised_space
-from predictor.bench.lodo import SPACES, fold_base
-from predictor.datasets import find_datasets
+from predictor.bench.lodo import SPACES, folds
 
 
 def main() -> None:
@@ -40,13 +38,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     for space_name in args.space:
-        table = load_space_table(find_datasets(), space_name)
-        space = memoised_space(table.space, table.keys)
-        devices = sorted(table.latencies)
         caught, tried, clean = 0, 0, []
-        for device in devices[::args.every]:
-            base = fold_base(space, table, device)
-            truth = table.device_truth(device)
+        for fold in folds(space_name, args.every):
+            space, base, device = fold.space, fold.base, fold.device
+            truth = fold.table.device_truth(device)
             for seed in range(args.seeds):
                 picked = get_sampler("default").select(space, args.k, seed=seed, predictor=base,
                                                        candidates=list(truth))

@@ -26,7 +26,7 @@ training changes no score of this bench.
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +138,25 @@ def fold_base(space: SearchSpace, table: SpaceTable, device: str, config: TrainC
     with np.errstate(divide="ignore"):
         reference = LatencyTable(table.keys, others, np.log(table.matrix(others)).astype(np.float32))
     return LatencyPredictor.fit(space, reference, config=config)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One target of the bench: a device of the space's table and the base pre-trained without it."""
+
+    space: SearchSpace
+    table: SpaceTable
+    device: str
+    base: LatencyPredictor
+
+
+def folds(space_name: str, every: int = 1, config: TrainConfig = CONFIG) -> Iterator[Fold]:
+    """Every `every`-th device of the space's published table, in name order, as the target of a
+    fold (`fold_base`): what the validation scripts under benchmarks/ iterate over."""
+    table = load_space_table(find_datasets(), space_name)
+    space = memoised_space(table.space, table.keys)
+    for device in sorted(table.latencies)[::every]:
+        yield Fold(space, table, device, fold_base(space, table, device, config))
 
 
 def _shares_networks(table: SpaceTable) -> bool:

@@ -66,7 +66,12 @@ def _onboarding_samples(session: Session, onboarding: Onboarding, train_on_flagg
     """The onboarding's measurements in the order they were chosen, one sample per architecture
     (the median of its measurements: a suspect sample is measured again); those whose flags put
     their median in doubt (unstable, drift) only if `train_on_flagged`, or when too few are left
-    without them: a noisy host flags most runs, and adapting on them beats failing."""
+    without them: a noisy host flags most runs, and adapting on them beats failing.
+
+    An architecture whose every measurement was flagged is left out, not kept at their median: on
+    reference devices (`benchmarks/flagged_samples.py`, 4 of 10 samples flagged) a sample off by a
+    log-latency sd of 0.1 already costs FBNet more than losing it (rho 0.953 against 0.959), and
+    the three flagged medians of one architecture spread by about that much on a noisy host."""
     measured = session.execute(
         select(Architecture.key, Measurement.latency_ms, Measurement.valid, Measurement.created_at)
         .join(Job, Job.measurement_id == Measurement.id)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from predictor import get_sampler, metrics
-from predictor.bench.lodo import SPACES, folds, read_device
+from predictor.bench.lodo import SPACES, folds, held_out_keys, read_device
 
 
 def main() -> None:
@@ -50,8 +50,7 @@ def main() -> None:
                 for seed in range(args.seeds):
                     picked = get_sampler("default").select(space, k, seed=seed, predictor=base,
                                                            candidates=list(truth))
-                    sampled_networks = {base.network_key(key) for key in picked}
-                    held_out = [key for key in truth if base.network_key(key) not in sampled_networks]
+                    held_out = held_out_keys(list(truth), picked, base.network_key)
                     measured = np.asarray([truth[key] for key in held_out])
                     rng = np.random.default_rng(seed)
                     flagged = rng.choice(picked, size=round(args.share * k), replace=False).tolist()

@@ -110,7 +110,7 @@ def run_lodo(
             keys = list(truth)
             for k, seed in [(k, seed) for r, k, seed in todo if r == reading]:
                 picked = sampler.select(space, k, seed=seed, predictor=base, candidates=keys)
-                held_out = _held_out(keys, picked, base.network_key if context.per_network else None)
+                held_out = held_out_keys(keys, picked, base.network_key if context.per_network else None)
                 samples = {key: truth[key] for key in picked}
                 measured = np.asarray([truth[key] for key in held_out])
                 rows = []
@@ -188,7 +188,7 @@ def read_device(reading: str, space: SearchSpace, table: SpaceTable, device: str
     return context, {key: float(network_ms[network_of[key]]) for key in truth}
 
 
-def _held_out(keys: list[str], picked: list[str], network_key: Callable[[str], str] | None) -> list[str]:
+def held_out_keys(keys: list[str], picked: list[str], network_key: Callable[[str], str] | None) -> list[str]:
     """The keys scored: those not picked, or read per network (`network_key`), those whose
     network was not measured."""
     if network_key is None:

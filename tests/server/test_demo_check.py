@@ -25,11 +25,18 @@ def test_check_score_needs_three_points() -> None:
     assert check_score(np.asarray([1.0, 2.0]), np.asarray([1.0, 2.0])) is None
 
 
-def test_scatter_plot_draws_trusted_and_flagged_points(tmp_path: Path) -> None:
+def test_scatter_plot_marks_the_flagged_points(tmp_path: Path) -> None:
     measured = np.asarray([0.3, 1.0, 2.0, 4.0])
-    trusted = np.asarray([False, True, True, False])
-    for mask, name in ((trusted, "mixed.png"), (np.zeros(4, dtype=bool), "all_flagged.png")):
-        path = tmp_path / name
-        scatter_plot(path, measured, measured * 1.1, mask, "device: rho=1.000")
-        with Image.open(path) as image:
-            assert image.format == "PNG" and image.size == (600, 600)
+    plots = {"all_trusted": np.ones(4, dtype=bool), "mixed": np.asarray([False, True, True, False]),
+             "all_flagged": np.zeros(4, dtype=bool)}
+    for name, trusted in plots.items():
+        scatter_plot(tmp_path / f"{name}.png", measured, measured * 1.1, trusted, "device: rho=1.000")
+    # the legend shows both markers on every plot: count the flagged markers' orange (tab:orange at
+    # alpha 0.8 over white) instead
+    shares = {}
+    for name in plots:
+        with Image.open(tmp_path / f"{name}.png") as image:
+            assert image.format == "PNG"
+            pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+        shares[name] = int((np.abs(pixels - np.asarray([255, 153, 62])).sum(axis=2) < 40).sum())
+    assert shares["all_trusted"] < shares["mixed"] < shares["all_flagged"]

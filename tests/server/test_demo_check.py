@@ -33,10 +33,10 @@ def test_scatter_plot_marks_the_flagged_points(tmp_path: Path) -> None:
         scatter_plot(tmp_path / f"{name}.png", measured, measured * 1.1, trusted, "device: rho=1.000")
     # the legend shows both markers on every plot: count the flagged markers' orange (tab:orange at
     # alpha 0.8 over white) instead
-    shares = {}
+    orange_pixels = {}
     for name in plots:
         with Image.open(tmp_path / f"{name}.png") as image:
             assert image.format == "PNG"
             pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
-        shares[name] = int((np.abs(pixels - np.asarray([255, 153, 62])).sum(axis=2) < 40).sum())
-    assert shares["all_trusted"] < shares["mixed"] < shares["all_flagged"]
+        orange_pixels[name] = int((np.abs(pixels - np.asarray([255, 153, 62])).sum(axis=2) < 40).sum())
+    assert orange_pixels["all_trusted"] < orange_pixels["mixed"] < orange_pixels["all_flagged"]

@@ -22,6 +22,7 @@ the mean over devices and folds) and the mean absolute percentage error:
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,36 +32,36 @@ from predictor import LatencyPredictor, metrics
 from predictor.datasets import find_datasets
 from predictor.graph.bench import GRAPH_CONFIG, SpacePool, load_pool
 from predictor.graph.space import OnnxSpace
-from predictor.spaces import get_space, reference_spaces
+from predictor.spaces import SearchSpace, get_space, reference_spaces
 
 
 def fold_scores(pool: SpacePool, onnx_space: OnnxSpace, folds: int, seed: int) -> dict[str, list[tuple[float, float]]]:
     """Per encoding, (rho, MAPE) for every (fold, device)."""
-    space = get_space(pool.space)
+    # each encoding's space, and how a table key is named in it
+    encodings: dict[str, tuple[SearchSpace, Callable[[str], str]]] = {
+        "own": (get_space(pool.space), lambda key: key), "graph": (onnx_space, pool.sha.__getitem__)}
     order = np.random.default_rng(seed).permutation(len(pool.keys))
-    scores: dict[str, list[tuple[float, float]]] = {"own": [], "graph": []}
+    scores: dict[str, list[tuple[float, float]]] = {name: [] for name in encodings}
     for fold in np.array_split(order, folds):
-        test = [pool.keys[i] for i in fold]
-        train = set(pool.keys) - set(test)
-        rows = [(key, device, ms) for device, per_key in pool.latencies.items()
-                for key, ms in per_key.items() if key in train]
-        bases = {"own": (LatencyPredictor.pretrain(space, rows, config=GRAPH_CONFIG), lambda key: key),
-                 "graph": (LatencyPredictor.pretrain(onnx_space, [(pool.sha[key], d, ms) for key, d, ms in rows],
-                                                     config=GRAPH_CONFIG), lambda key: pool.sha[key])}
-        for encoding, (base, key_of) in bases.items():
+        test = {pool.keys[i] for i in fold}
+        for name, (space, named) in encodings.items():
+            rows = [(named(key), device, ms) for device, per_key in pool.latencies.items()
+                    for key, ms in per_key.items() if key not in test]
+            base = LatencyPredictor.pretrain(space, rows, config=GRAPH_CONFIG)
             for device, truth in pool.latencies.items():
-                held = [key for key in test if key in truth]
+                held = [key for key in pool.keys if key in test and key in truth]
                 if len(held) < 3:
                     continue
-                predicted, _ = base.predict([key_of(key) for key in held], device=device)
+                predicted, _ = base.predict([named(key) for key in held], device=device)
                 measured = np.asarray([truth[key] for key in held])
-                scores[encoding].append((metrics.spearman(predicted, measured), metrics.mape(predicted, measured)))
+                scores[name].append((metrics.spearman(predicted, measured), metrics.mape(predicted, measured)))
     return scores
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--space", nargs="+", default=[space.name for space in reference_spaces()])
+    tabled = [space.name for space in reference_spaces()]
+    parser.add_argument("--space", nargs="+", choices=tabled, default=tabled)
     parser.add_argument("--archs", type=int, default=250, help="architectures of each space's table")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)

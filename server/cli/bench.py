@@ -143,8 +143,10 @@ def cross_space(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads; default torch's")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Transfer to an unseen search space: the graph-level (onnx) predictor pre-trained on the other
-    spaces, adapted from k samples, against a FLOPs ridge and the in-space predictor.
+    """Transfer to an unseen search space: the onnx predictor against a FLOPs ridge and in-space.
+
+    The graph-level (onnx) predictor is pre-trained on the other spaces and adapted from k samples
+    of the held-out one; a FLOPs ridge on the same samples and the in-space predictor run beside it.
 
     Writes cross_space.csv (raw rows, resumable) and cross_space.md to --out and prints the latter.
     """

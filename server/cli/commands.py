@@ -194,8 +194,9 @@ def onboard(
     "latfarm spaces --json | jq '.[] | select(.base_predictor_id == null) | .name'",
 ))
 def spaces(as_json: JsonFlag = False) -> None:
-    """The installed search spaces (latfarm's own and installed packages'): size, key format,
-    reference devices, base predictor."""
+    """The installed search spaces: size, key format, reference devices, base predictor.
+
+    Lists latfarm's own spaces and those of installed packages (entry-point group latfarm.spaces)."""
     from server.services.runtime import describe_spaces
 
     result = describe_spaces(settings_from_env())
@@ -267,8 +268,10 @@ def server(
     "LATFARM_DATABASE_URL=postgresql://latfarm@db/latfarm latfarm worker",
 ))
 def worker() -> None:
-    """Run a training worker: pre-training and adaptation tasks from the database, one at a time,
-    until interrupted. `latfarm server` runs one in each of its processes unless LATFARM_WORKER=false."""
+    """Run a training worker: pre-training and adaptation tasks from the database.
+
+    Takes them one at a time until interrupted. `latfarm server` runs one in each of its processes
+    unless LATFARM_WORKER=false."""
     from server.background.training_worker import TrainingWorker
     from server.db import make_engine, make_session_factory, upgrade
     from server.logs import configure_logging

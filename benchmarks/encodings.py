@@ -43,13 +43,14 @@ def fold_scores(pool: SpacePool, onnx_space: OnnxSpace, folds: int, seed: int) -
     order = np.random.default_rng(seed).permutation(len(pool.keys))
     scores: dict[str, list[tuple[float, float]]] = {name: [] for name in encodings}
     for fold in np.array_split(order, folds):
-        test = {pool.keys[i] for i in fold}
+        test = [pool.keys[i] for i in fold]
+        tested = set(test)
         for name, (space, named) in encodings.items():
             rows = [(named(key), device, ms) for device, per_key in pool.latencies.items()
-                    for key, ms in per_key.items() if key not in test]
+                    for key, ms in per_key.items() if key not in tested]
             base = LatencyPredictor.pretrain(space, rows, config=GRAPH_CONFIG)
             for device, truth in pool.latencies.items():
-                held = [key for key in pool.keys if key in test and key in truth]
+                held = [key for key in test if key in truth]
                 if len(held) < 3:
                     continue
                 predicted, _ = base.predict([named(key) for key in held], device=device)
